@@ -1,0 +1,254 @@
+"""Anchor and delta files: ordinary safetensors files, readable by `safe_open`, with dws metadata in the header.
+
+Anchor (``anchors/vNNNNNNNN.safetensors``): every tensor in bf16 under its checkpoint name; header
+``{"format": "pt", "dws_kind": "anchor", "version": "N"}`` -- an ordinary checkpoint transformers can load.
+
+Delta (``deltas/vNNNNNNNN.safetensors``): header ``format="dws-delta"``, ``dws_kind="delta"``, ``encoding``,
+``version``, ``base``, ``changed`` (elements), ``total`` (elements in the model) and ``tensors`` -- JSON
+``{name: {"shape": [...], "params": {...}}}`` for each changed tensor. The arrays of tensor ``name`` are stored as
+``name`` (suffix "") or ``name.<suffix>`` (``raw``: ``.indices`` int32, ``.values`` BF16).
+
+A ``raw`` delta also carries TRL's keys (``sparse="True"``, ``model_version``, ``changed_params``), so it *is* TRL's
+layout; and files written by TRL's delta-sync branch (those keys only: ``{name}.indices`` int32, ``{name}.values``
+bf16; anchors with ``sparse="False"``) are read too, taking shapes from the caller (the manifest's model identity).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
+
+from shared.codec import DecodedTensor, check_positions, get_encoding
+from shared.errors import FormatError
+
+DELTA_FORMAT = "dws-delta"
+MAX_HEADER_BYTES = 64 << 20  # a hostile 8-byte length prefix must not make us allocate gigabytes
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy uint16 view of a CPU bf16 tensor."""
+    if t.dtype != torch.bfloat16:
+        raise TypeError(f"expected bf16, got {t.dtype}")
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bits(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    """One tensor's change between two versions, as the publisher found it."""
+
+    shape: tuple[int, ...]
+    positions: np.ndarray  # int64 flat positions, sorted
+    new_bits: np.ndarray  # uint16
+    base_bits: np.ndarray  # uint16
+
+
+@dataclass
+class PatchFile:
+    """A decoded anchor or delta. For deltas, `tensors` maps name -> DecodedTensor; for anchors -> dense bf16."""
+
+    kind: str  # "anchor" | "delta"
+    version: int
+    base: int | None
+    encoding: str | None
+    shapes: dict[str, tuple[int, ...]]
+    tensors: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> int:
+        if self.kind == "anchor":
+            return sum(int(np.prod(s)) for s in self.shapes.values())
+        return sum(int(t.positions.size) for t in self.tensors.values())
+
+
+def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int, total: int,
+                 encoding: str = "compact") -> bytes:
+    """Serialise a delta. Only tensors with at least one changed element are stored."""
+    enc = get_encoding(encoding)
+    arrays: dict[str, torch.Tensor] = {}
+    info: dict[str, dict] = {}
+    changed = 0
+    for name in sorted(changes):
+        ch = changes[name]
+        if ch.positions.size == 0:
+            continue
+        numel = int(np.prod(ch.shape))
+        out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, numel)
+        for suffix, arr in out.arrays.items():
+            key = f"{name}.{suffix}" if suffix else name
+            if suffix == "values" and arr.dtype == np.uint16:
+                arrays[key] = from_bits(arr)
+            else:
+                arrays[key] = torch.from_numpy(np.ascontiguousarray(arr))
+        info[name] = {"shape": list(ch.shape), "params": out.params}
+        changed += int(ch.positions.size)
+    meta = {
+        "format": DELTA_FORMAT,
+        "dws_kind": "delta",
+        "encoding": encoding,
+        "version": str(version),
+        "base": str(base),
+        "changed": str(changed),
+        "total": str(total),
+        "tensors": json.dumps(info, separators=(",", ":")),
+    }
+    if encoding == "raw":
+        # TRL's delta-sync readers look for exactly these keys.
+        meta.update({"sparse": "True", "model_version": str(version), "changed_params": json.dumps(sorted(info))})
+    return st_save(arrays, metadata=meta)
+
+
+def write_anchor(tensors: Mapping[str, torch.Tensor], dest: str | Path, *, version: int) -> int:
+    """Write an anchor to a local file (anchors are model-sized: never held twice in memory). Returns its size."""
+    for name, t in tensors.items():
+        if t.dtype != torch.bfloat16:
+            raise TypeError(f"anchor tensor {name} must be bf16, got {t.dtype}")
+    st_save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(dest),
+                 metadata={"format": "pt", "dws_kind": "anchor", "version": str(version)})
+    return Path(dest).stat().st_size
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"{path.name}: not a safetensors file (truncated)")
+        n = int.from_bytes(raw, "little")
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{path.name}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES} allowed")
+        try:
+            return json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{path.name}: safetensors header is not valid JSON") from None
+
+
+def _int(meta: Mapping[str, str], key: str, path: Path) -> int:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        raise FormatError(f"{path.name}: header metadata lacks an integer {key!r}") from None
+
+
+def read_patch_file(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                    base: int | None = None) -> PatchFile:
+    """Decode an anchor or delta (ours or TRL's). `shapes` is needed only for TRL deltas, which do not store them.
+
+    Raises FormatError for anything malformed; nothing is applied here, so a bad file can never be half-applied.
+    """
+    path = Path(path)
+    header = _header(path)
+    meta: dict[str, str] = header.get("__metadata__") or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            kind = meta.get("dws_kind")
+            if kind is None and "sparse" in meta:  # TRL's layout
+                kind = "delta" if meta["sparse"].lower() == "true" else "anchor"
+            if kind is None:
+                kind = "anchor"  # an ordinary checkpoint: every tensor in full
+            if kind == "anchor":
+                version = int(meta.get("version", meta.get("model_version", "0")))
+                tensors = {k: f.get_tensor(k) for k in keys}
+                bad = [k for k, t in tensors.items() if t.dtype != torch.bfloat16]
+                if bad:
+                    raise FormatError(f"{path.name}: anchor tensors must be bf16; {bad[:3]} are not")
+                return PatchFile("anchor", version, None, None, {k: tuple(t.shape) for k, t in tensors.items()},
+                                 tensors, meta)
+            if kind != "delta":
+                raise FormatError(f"{path.name}: unknown dws_kind {kind!r}")
+            if meta.get("format") == DELTA_FORMAT:
+                return _read_dws_delta(f, keys, meta, path)
+            return _read_trl_delta(f, keys, meta, path, shapes, base)
+    except SafetensorError as exc:
+        raise FormatError(f"{path.name}: unreadable safetensors file ({exc})") from None
+
+
+def _read_dws_delta(f, keys, meta, path) -> PatchFile:
+    version, base = _int(meta, "version", path), _int(meta, "base", path)
+    if base >= version:
+        raise FormatError(f"{path.name}: base {base} is not older than version {version}")
+    enc = get_encoding(meta.get("encoding", ""))
+    try:
+        info = json.loads(meta["tensors"])
+        assert isinstance(info, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise FormatError(f"{path.name}: header metadata 'tensors' is missing or not a JSON object") from None
+    keyset = set(keys)
+    out: dict[str, DecodedTensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, entry in info.items():
+        try:
+            shape = tuple(int(s) for s in entry["shape"])
+            params = dict(entry.get("params", {}))
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path.name}: bad entry for tensor {name!r}") from None
+        if any(s < 0 for s in shape):
+            raise FormatError(f"{path.name}: negative dimension in {name!r}")
+        arrays = {}
+        for key in keyset:
+            if key == name or (key.startswith(name + ".") and "." not in key[len(name) + 1:]):
+                suffix = key[len(name) + 1:] if key != name else ""
+                t = f.get_tensor(key)
+                arrays[suffix] = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+        numel = int(np.prod(shape))
+        out[name] = enc.decode(arrays, params, numel)
+        shapes[name] = shape
+    return PatchFile("delta", version, base, enc.name, shapes, out, meta)
+
+
+def _read_trl_delta(f, keys, meta, path, shapes, base) -> PatchFile:
+    version = _int(meta, "model_version", path)
+    try:
+        names = json.loads(meta.get("changed_params", "null"))
+    except ValueError:
+        names = None
+    if names is None:
+        names = sorted({k[: -len(".indices")] for k in keys if k.endswith(".indices")})
+    if shapes is None:
+        raise FormatError(f"{path.name}: a TRL-layout delta does not store shapes; pass the model's shapes")
+    enc = get_encoding("raw")
+    out, out_shapes = {}, {}
+    for name in names:
+        if name not in shapes:
+            raise FormatError(f"{path.name}: tensor {name!r} is not part of the model")
+        if f"{name}.indices" not in keys or f"{name}.values" not in keys:
+            raise FormatError(f"{path.name}: tensor {name!r} lacks .indices or .values")
+        idx = f.get_tensor(f"{name}.indices")
+        val = f.get_tensor(f"{name}.values")
+        if val.dtype != torch.bfloat16:
+            raise FormatError(f"{path.name}: {name}.values must be bf16, got {val.dtype}")
+        numel = int(np.prod(shapes[name]))
+        arrays = {"indices": idx.reshape(-1).numpy(), "values": val.reshape(-1).view(torch.int16).numpy().view(np.uint16)}
+        dec = enc.decode(arrays, {}, numel)
+        # TRL writes positions in the order torch.nonzero returns them (sorted); re-check anyway.
+        check_positions(dec.positions, numel)
+        out[name], out_shapes[name] = dec, tuple(shapes[name])
+    return PatchFile("delta", version, base if base is not None else version - 1, "trl-raw", out_shapes, out, meta)
+
+
+def file_kind_summary(pf: PatchFile, nbytes: int) -> dict:
+    """What `dws inspect` prints."""
+    changed = pf.changed
+    return {
+        "kind": pf.kind,
+        "version": pf.version,
+        "base": pf.base,
+        "encoding": pf.encoding,
+        "tensors": len(pf.tensors),
+        "changed_elements": changed,
+        "bytes": nbytes,
+        "bytes_per_changed_element": round(nbytes / changed, 4) if changed else None,
+    }

@@ -1,0 +1,134 @@
+"""Every encoding round-trips bit-exactly, for any shape, density and bit pattern (property tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared.codec import ENCODINGS, get_encoding, rice_decode, rice_encode
+from shared.errors import FormatError
+from shared.formats import TensorChange, bits, encode_delta, read_patch_file
+
+# bf16 bit patterns chosen to hurt: +-0, the smallest/largest subnormals, +-1, max finite, +-inf, NaNs.
+ADVERSARIAL = np.array([0x0000, 0x8000, 0x0001, 0x807F, 0x007F, 0x3F80, 0xBF80, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80,
+                        0x7FC0, 0xFFFF, 0x7F81], dtype=np.uint16)
+
+shapes = st.one_of(st.just(()), st.just((1,)), st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple))
+
+
+@st.composite
+def tensor_changes(draw):
+    shape = draw(shapes)
+    numel = int(np.prod(shape))
+    density = draw(st.sampled_from([0.0, 0.001, 0.05, 0.5, 0.99, 1.0]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    base = rng.choice(ADVERSARIAL, numel) if draw(st.booleans()) else rng.integers(0, 2**16, numel, dtype=np.uint16)
+    mask = rng.random(numel) < density
+    if density == 1.0:
+        mask[:] = True
+    positions = np.flatnonzero(mask).astype(np.int64)
+    style = draw(st.sampled_from(["ulp", "random", "adversarial"]))
+    new = base.copy()
+    if style == "ulp":
+        new[positions] = base[positions] + rng.choice(np.array([1, 2, 65535, 65534], np.uint16), positions.size)
+    elif style == "random":
+        new[positions] = rng.integers(0, 2**16, positions.size, dtype=np.uint16)
+    else:
+        new[positions] = rng.choice(ADVERSARIAL, positions.size)
+    keep = new[positions] != base[positions]  # a "change" that rewrites the same bits is not a change
+    return shape, base, new, positions[keep]
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=tensor_changes())
+def test_encoding_roundtrip_is_bit_exact(encoding, case):
+    shape, base, new, positions = case
+    numel = int(np.prod(shape))
+    enc = get_encoding(encoding)
+    out = enc.encode(positions, new[positions], base[positions], numel)
+    dec = enc.decode(out.arrays, out.params, numel)
+    assert np.array_equal(dec.positions, positions)
+    got = dec.resolve(base[dec.positions] if dec.needs_base else None)
+    assert got.dtype == np.uint16 and np.array_equal(got, new[positions])
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cases=st.lists(tensor_changes(), min_size=1, max_size=4))
+def test_delta_file_roundtrip(tmp_path, encoding, cases):
+    changes, bases, news = {}, {}, {}
+    for i, (shape, base, new, positions) in enumerate(cases):
+        name = f"model.layers.{i}.weight"
+        changes[name] = TensorChange(shape, positions, new[positions], base[positions])
+        bases[name], news[name] = base, new
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(encode_delta(changes, version=7, base=6, total=sum(b.size for b in bases.values()),
+                                  encoding=encoding))
+    pf = read_patch_file(path)
+    assert (pf.kind, pf.version, pf.base, pf.encoding) == ("delta", 7, 6, encoding)
+    expected = {n for n, c in changes.items() if c.positions.size}
+    assert set(pf.tensors) == expected
+    for name in expected:
+        dec = pf.tensors[name]
+        rebuilt = bases[name].copy()
+        rebuilt[dec.positions] = dec.resolve(bases[name][dec.positions] if dec.needs_base else None)
+        assert np.array_equal(rebuilt, news[name])
+        assert pf.shapes[name] == tuple(changes[name].shape)
+
+
+def test_rice_streams_roundtrip_extremes():
+    # (The encoder picks k to minimise size, so the unary stream stays below numel / 2**k bits.)
+    for gaps, ks in ((np.zeros(1000, np.uint64), (0, 1, 7)), (np.array([2**40, 0, 5], np.uint64), (36, 41, 62)),
+                     (np.arange(300, dtype=np.uint64), (0, 3, 9))):
+        for k in ks:
+            u, r = rice_encode(gaps, k)
+            assert np.array_equal(rice_decode(u, r, gaps.size, k), gaps)
+
+
+def test_compact_rejects_out_of_range_positions():
+    enc = get_encoding("compact")
+    out = enc.encode(np.array([3, 9]), np.array([1, 2], np.uint16), np.array([0, 0], np.uint16), 10)
+    with pytest.raises(FormatError, match="out of range"):
+        enc.decode(out.arrays, out.params, 9)  # same stream, a smaller tensor: position 9 no longer fits
+
+
+def test_compact_rejects_truncated_payload():
+    enc = get_encoding("compact")
+    pos = np.arange(0, 1000, 3)
+    out = enc.encode(pos, np.ones(pos.size, np.uint16), np.zeros(pos.size, np.uint16), 1000)
+    arrays = {"": out.arrays[""][:-5]}
+    with pytest.raises(FormatError):
+        enc.decode(arrays, out.params, 1000)
+
+
+def test_raw_rejects_unsorted_and_wrong_dtype():
+    enc = get_encoding("raw")
+    with pytest.raises(FormatError, match="increasing"):
+        enc.decode({"indices": np.array([5, 2], np.int32), "values": np.zeros(2, np.uint16)}, {}, 10)
+    with pytest.raises(FormatError, match="int32"):
+        enc.decode({"indices": np.array([1.0, 2.0]), "values": np.zeros(2, np.uint16)}, {}, 10)
+
+
+def test_unknown_encoding_is_a_clear_error():
+    with pytest.raises(FormatError, match="unknown delta encoding 'zip'"):
+        get_encoding("zip")
+
+
+def test_compact_is_much_smaller_than_raw_on_ulp_changes():
+    rng = np.random.default_rng(1)
+    numel = 200_000
+    base = torch.randn(numel).mul(0.02).to(torch.bfloat16)
+    pos = np.flatnonzero(rng.random(numel) < 0.01)
+    b = bits(base)
+    new = b[pos] + rng.choice(np.array([1, 65535], np.uint16), pos.size)
+    sizes = {}
+    for name in ("raw", "compact"):
+        out = get_encoding(name).encode(pos, new, b[pos], numel)
+        sizes[name] = sum(a.nbytes for a in out.arrays.values()) / pos.size
+    assert sizes["raw"] == 6.0
+    assert sizes["compact"] < sizes["raw"] / 4

@@ -1,0 +1,119 @@
+"""Anchor/delta files: ordinary safetensors, TRL's layout read too, hostile files rejected with FormatError."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save, save_file
+
+from shared.errors import FormatError
+from shared.follower import apply_to_state
+from shared.formats import TensorChange, encode_delta, read_patch_file, write_anchor
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": (torch.randn(8, 4, generator=g) * 0.02).bfloat16(),
+            "b.bias": (torch.randn(5, generator=g) * 0.02).bfloat16()}
+
+
+def test_anchor_is_an_ordinary_checkpoint(tmp_path):
+    st = _state()
+    write_anchor(st, tmp_path / "a.safetensors", version=3)
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["a.weight", "b.bias"]
+        assert f.metadata()["format"] == "pt"
+        assert torch.equal(f.get_tensor("a.weight"), st["a.weight"])
+    pf = read_patch_file(tmp_path / "a.safetensors")
+    assert (pf.kind, pf.version) == ("anchor", 3)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "compact"])
+def test_delta_lists_with_safe_open_and_says_what_it_is(tmp_path, encoding):
+    st = _state()
+    b = st["a.weight"].view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    pos = np.array([0, 5, 31])
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(encode_delta({"a.weight": TensorChange((8, 4), pos, b[pos] + 1, b[pos])}, version=4, base=3,
+                                  total=37, encoding=encoding))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert list(f.keys())
+    assert meta["format"] == "dws-delta" and meta["encoding"] == encoding
+    assert (meta["version"], meta["base"], meta["changed"], meta["total"]) == ("4", "3", "3", "37")
+    if encoding == "raw":  # it is TRL's layout too
+        assert meta["sparse"] == "True" and meta["model_version"] == "4"
+        assert json.loads(meta["changed_params"]) == ["a.weight"]
+        with safe_open(str(path), framework="pt") as f:
+            assert f.get_tensor("a.weight.indices").dtype == torch.int32
+            assert f.get_tensor("a.weight.values").dtype == torch.bfloat16
+
+
+def test_reads_trl_delta_sync_layout(tmp_path):
+    """A file as TRL's delta-sync branch writes it: {name}.indices int32, {name}.values bf16, sparse header."""
+    st = _state()
+    new = {k: v.clone() for k, v in st.items()}
+    flat = new["a.weight"].view(-1)
+    idx = torch.tensor([1, 2, 30], dtype=torch.int32)
+    flat[idx.long()] = torch.tensor([0.5, -0.25, 1e-3]).bfloat16()
+    blob = save({"a.weight.indices": idx, "a.weight.values": flat[idx.long()].clone()},
+                metadata={"sparse": "True", "model_version": "12", "changed_params": json.dumps(["a.weight"])})
+    path = tmp_path / "trl.safetensors"
+    path.write_bytes(blob)
+    with pytest.raises(FormatError, match="shapes"):
+        read_patch_file(path)
+    pf = read_patch_file(path, shapes={k: tuple(v.shape) for k, v in st.items()}, base=11)
+    assert (pf.kind, pf.version, pf.base) == ("delta", 12, 11)
+    apply_to_state(st, pf)
+    assert all(torch.equal(st[k], new[k]) for k in st)
+
+
+def test_reads_trl_anchor(tmp_path):
+    st = _state()
+    save_file(st, str(tmp_path / "anchor.safetensors"), metadata={"sparse": "False", "model_version": "20"})
+    pf = read_patch_file(tmp_path / "anchor.safetensors")
+    assert (pf.kind, pf.version) == ("anchor", 20)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "truncated"),
+    ((10**12).to_bytes(8, "little") + b"{}", "larger than"),
+    ((5).to_bytes(8, "little") + b"{nope", "not valid JSON"),
+])
+def test_hostile_files_are_rejected(tmp_path, content, match):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(FormatError, match=match):
+        read_patch_file(path)
+
+
+def test_out_of_range_raw_indices_rejected(tmp_path):
+    blob = save({"a.weight.indices": torch.tensor([0, 32], dtype=torch.int32),
+                 "a.weight.values": torch.zeros(2, dtype=torch.bfloat16)},
+                metadata={"format": "dws-delta", "dws_kind": "delta", "encoding": "raw", "version": "2", "base": "1",
+                          "tensors": json.dumps({"a.weight": {"shape": [8, 4], "params": {}}})})
+    (tmp_path / "d.safetensors").write_bytes(blob)
+    with pytest.raises(FormatError, match="out of range"):
+        read_patch_file(tmp_path / "d.safetensors")
+
+
+def test_delta_base_must_be_older(tmp_path):
+    (tmp_path / "d.safetensors").write_bytes(encode_delta({}, version=3, base=3, total=1))
+    with pytest.raises(FormatError, match="not older"):
+        read_patch_file(tmp_path / "d.safetensors")
+
+
+def test_apply_validates_before_writing(tmp_path):
+    st = _state()
+    before = {k: v.clone() for k, v in st.items()}
+    b = st["a.weight"].view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    changes = {"a.weight": TensorChange((8, 4), np.array([0]), b[[0]] + 1, b[[0]]),
+               "zzz.unknown": TensorChange((2,), np.array([1]), np.array([7], np.uint16), np.array([0], np.uint16))}
+    (tmp_path / "d.safetensors").write_bytes(encode_delta(changes, version=1, base=0, total=39))
+    with pytest.raises(FormatError, match="zzz.unknown"):
+        apply_to_state(st, read_patch_file(tmp_path / "d.safetensors"))
+    assert all(torch.equal(st[k], before[k]) for k in st), "a rejected patch must leave every tensor untouched"

