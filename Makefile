@@ -49,7 +49,7 @@ demo: venv-trainer
 	@$(VENV)/trainer/bin/python -m shared.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL))
 
 bench: venv-trainer
-	@$(VENV)/trainer/bin/python -m shared.bench $(BENCH_FLAGS)
+	@$(VENV)/trainer/bin/python bench/run.py $(BENCH_FLAGS)
 
 spaces:
 	@echo "make spaces: coming in issue 9 (Docker Spaces and one-command deploy)"

@@ -1,0 +1,33 @@
+"""`make bench --quick` must keep working (the full run is manual). No timing is asserted: only that it runs, that
+every format is measured on the same deltas, and that the compact deltas decode bit-exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_quick_runs_and_reports_every_format(tmp_path):
+    out = tmp_path / "results.json"
+    plot = tmp_path / "results.png" if importlib.util.find_spec("matplotlib") else ""
+    proc = subprocess.run([sys.executable, str(REPO / "bench/run.py"), "--quick", "--repeats", "1", "--seq", "16",
+                           "--out", str(out), "--plot", str(plot)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["mode"] == "quick" and res["scenarios"]
+    for sc in res["scenarios"]:
+        for d in sc["deltas"]:
+            assert d["bit_exact"] is True
+            b = d["bytes"]
+            assert set(b) == {"full_bf16", "trl_raw", "raw_zstd", "compact", "entropy_floor"}
+            assert b["entropy_floor"] <= b["compact"] < b["trl_raw"] < b["full_bf16"]
+    assert "| scenario |" in proc.stdout
+    assert "GPU rows: no GPU" in proc.stdout or "GPU (" in proc.stdout
+    if plot:
+        assert plot.stat().st_size > 1000
