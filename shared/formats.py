@@ -143,8 +143,9 @@ def _int(meta: Mapping[str, str], key: str, path: Path) -> int:
 
 
 def read_patch_file(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
-                    base: int | None = None) -> PatchFile:
-    """Decode an anchor or delta (ours or TRL's). `shapes` is needed only for TRL deltas, which do not store them.
+                    base: int | None = None, allow_unknown_shapes: bool = False) -> PatchFile:
+    """Decode an anchor or delta (ours or TRL's). `shapes` is needed only for TRL deltas, which do not store them;
+    `allow_unknown_shapes` lets a caller that range-checks positions itself (the vLLM plugin) read them without.
 
     Raises FormatError for anything malformed; nothing is applied here, so a bad file can never be half-applied.
     """
@@ -171,7 +172,7 @@ def read_patch_file(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] |
                 raise FormatError(f"{path.name}: unknown dws_kind {kind!r}")
             if meta.get("format") == DELTA_FORMAT:
                 return _read_dws_delta(f, keys, meta, path)
-            return _read_trl_delta(f, keys, meta, path, shapes, base)
+            return _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes)
     except SafetensorError as exc:
         raise FormatError(f"{path.name}: unreadable safetensors file ({exc})") from None
 
@@ -209,7 +210,7 @@ def _read_dws_delta(f, keys, meta, path) -> PatchFile:
     return PatchFile("delta", version, base, enc.name, shapes, out, meta)
 
 
-def _read_trl_delta(f, keys, meta, path, shapes, base) -> PatchFile:
+def _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes) -> PatchFile:
     version = _int(meta, "model_version", path)
     try:
         names = json.loads(meta.get("changed_params", "null"))
@@ -217,25 +218,32 @@ def _read_trl_delta(f, keys, meta, path, shapes, base) -> PatchFile:
         names = None
     if names is None:
         names = sorted({k[: -len(".indices")] for k in keys if k.endswith(".indices")})
-    if shapes is None:
+    if shapes is None and not allow_unknown_shapes:
         raise FormatError(f"{path.name}: a TRL-layout delta does not store shapes; pass the model's shapes")
     enc = get_encoding("raw")
     out, out_shapes = {}, {}
     for name in names:
-        if name not in shapes:
+        if shapes is None:
+            # The caller (the vLLM plugin) range-checks against the served model, which knows every shape.
+            shape = (2**62,)
+        elif name not in shapes:
             raise FormatError(f"{path.name}: tensor {name!r} is not part of the model")
+        else:
+            shape = tuple(shapes[name])
         if f"{name}.indices" not in keys or f"{name}.values" not in keys:
             raise FormatError(f"{path.name}: tensor {name!r} lacks .indices or .values")
         idx = f.get_tensor(f"{name}.indices")
         val = f.get_tensor(f"{name}.values")
         if val.dtype != torch.bfloat16:
             raise FormatError(f"{path.name}: {name}.values must be bf16, got {val.dtype}")
-        numel = int(np.prod(shapes[name]))
+        numel = int(np.prod(shape))
         arrays = {"indices": idx.reshape(-1).numpy(), "values": val.reshape(-1).view(torch.int16).numpy().view(np.uint16)}
         dec = enc.decode(arrays, {}, numel)
         # TRL writes positions in the order torch.nonzero returns them (sorted); re-check anyway.
         check_positions(dec.positions, numel)
-        out[name], out_shapes[name] = dec, tuple(shapes[name])
+        out[name] = dec
+        if shapes is not None:
+            out_shapes[name] = shape
     return PatchFile("delta", version, base if base is not None else version - 1, "trl-raw", out_shapes, out, meta)
 
 
@@ -252,3 +260,9 @@ def file_kind_summary(pf: PatchFile, nbytes: int) -> dict:
         "bytes": nbytes,
         "bytes_per_changed_element": round(nbytes / changed, 4) if changed else None,
     }
+
+
+def read_for_replica(path: str) -> PatchFile:
+    """The decoder the vLLM plugin uses (`decoder="shared.formats:read_for_replica"`): shapes come from the served
+    model, against which the plugin validates every name and position before writing."""
+    return read_patch_file(path, allow_unknown_shapes=True)

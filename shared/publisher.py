@@ -28,7 +28,7 @@ import torch
 
 from shared.bucket import Bucket, open_bucket
 from shared.digest import weights_digest
-from shared.errors import ModelMismatchError, NonFiniteWeightsError, PublishError
+from shared.errors import DwsError, ModelMismatchError, NonFiniteWeightsError, PublishError
 from shared.formats import TensorChange, bits, encode_delta, write_anchor
 from shared.manifest import (
     FileEntry,
@@ -115,6 +115,7 @@ class Publisher:
         self._shapes = self._manifest.model.shapes if self._manifest else None
         self._prev_version: int | None = self._manifest.latest if self._manifest else None
         self._last_queued = self._prev_version
+        self._rebuild_tried = False
         self._errors: list[BaseException] = []
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
@@ -224,11 +225,20 @@ class Publisher:
         from shared.follower import Follower
 
         log.info("rebuilding v%d from the bucket to continue its history", self._manifest.latest)
-        version, state = Follower(self.bucket).materialize()
+        try:
+            version, state = Follower(self.bucket).materialize()
+        except DwsError as exc:
+            # History we cannot reproduce bit-exactly cannot be diffed against: the next version goes out as an
+            # anchor, which also heals every replica.
+            log.warning("cannot rebuild v%d from the bucket (%s); publishing the next version as an anchor",
+                        self._manifest.latest, exc)
+            self._prev_version = self._manifest.latest
+            return
         self._prev, self._prev_version = state, version
 
     def _publish_now(self, version: int, snap: dict[str, torch.Tensor], snapshot_s: float) -> PublishReport:
-        if self._manifest is not None and self._prev is None:
+        if self._manifest is not None and self._prev is None and not self._rebuild_tried:
+            self._rebuild_tried = True
             self._load_previous()
         total = sum(t.numel() for t in snap.values())
         t0 = time.perf_counter()

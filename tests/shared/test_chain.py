@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 
+from dws_testing import TinyTrainer
+
 import pytest
 import torch
 
@@ -17,31 +19,6 @@ from shared.follower import Follower
 from shared.manifest import MANIFEST_PATH, Manifest, read_manifest
 from shared.publisher import Publisher
 from shared.verify import verify_bucket
-
-
-class TinyTrainer:
-    """fp32 master weights + AdamW, real forward/backward passes on random token batches."""
-
-    def __init__(self, model_dir, *, lr=3e-6, seed=0):
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def step(self, n=1):
-        for _ in range(n):
-            ids = torch.randint(0, 256, (2, 24), generator=self.gen)
-            self.model(input_ids=ids, labels=ids).loss.backward()
-            self.opt.step()
-            self.opt.zero_grad()
-
-    def params(self):
-        return dict(self.model.named_parameters())
-
-    def bf16(self):
-        return {n: p.detach().to(torch.bfloat16).clone() for n, p in self.model.named_parameters()}
 
 
 def same(a, b):
@@ -264,3 +241,15 @@ def test_empty_bucket_is_a_clear_error(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(ChainError, match="no manifest"):
         Follower(tmp_path / "b").sync_state({}, None)
+
+
+def test_restart_on_a_bucket_with_a_broken_latest_delta_publishes_an_anchor(history):
+    bucket_dir, states, trainer, _ = history
+    _damage(bucket_dir, "deltas/v00000009.safetensors", "corrupt")
+    pub = Publisher(bucket_dir)
+    trainer.step()
+    pub.publish(trainer.params(), 10)
+    pub.flush()
+    assert pub.reports[-1].kinds == ("anchor",), "history it cannot reproduce is not diffed against"
+    st = {}
+    assert Follower(bucket_dir).sync_state(st, None) == 10 and same(st, trainer.bf16())
