@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dws_testing import REPO, free_port
 
 
 class VllmServer:
@@ -32,7 +25,7 @@ class VllmServer:
 
     def __init__(self, model_dir: Path, log_path: Path, *, max_model_len: int = 512, extra_args=()) -> None:
         self.model = str(model_dir)
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = dict(os.environ)
