@@ -13,7 +13,7 @@ MODEL ?=
 help:
 	@echo "make demo   - run the whole system locally (tiny model, local-folder bucket)"
 	@echo "make test   - build the per-Space venvs if needed and run every test suite"
-	@echo "make bench  - payload / encode / apply benchmarks (results in bench/results.json)"
+	@echo "make bench  - payload / encode / pause benchmarks (results in bench/*.json, plot bench/results.png)"
 	@echo "make spaces - deploy the three Hugging Face Spaces (needs HF_TOKEN)"
 
 $(addprefix venv-,$(SPACES)): venv-%:
@@ -48,8 +48,11 @@ test: test-shared test-env test-rollout test-trainer test-e2e
 demo: venv-trainer
 	@$(VENV)/trainer/bin/python -m shared.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL))
 
-bench: venv-trainer
+# Payload/encode/decode on a Qwen3-0.6B-shaped model (trainer venv), then the replica half: pause, apply, latency
+# and memory through a real gateway + vLLM (rollout venv), loader and direct apply paths.
+bench: venv-trainer venv-rollout
 	@$(VENV)/trainer/bin/python bench/run.py $(BENCH_FLAGS)
+	@for mode in loader direct; do $(VENV)/rollout/bin/python bench/replica.py --apply-mode $$mode --out bench/replica-$$mode.json || exit 1; done
 
 spaces:
 	@echo "make spaces: coming in issue 9 (Docker Spaces and one-command deploy)"

@@ -194,7 +194,8 @@ def run(args) -> dict:
     gpu = None
     for name, lr, gap, n_deltas in scenarios:
         model.load_state_dict(base_state)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        # foreach=False: the fused multi-tensor path holds temporaries the size of the model (0.6B: +2.4 GB).
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
         prev = snapshot(model)
         deltas = []
         for i in range(n_deltas):

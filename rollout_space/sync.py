@@ -69,6 +69,7 @@ class Syncer:
         self.poll_interval = poll_interval
         self.state = SyncState()
         self.paused = False
+        self.syncing = False
         self._nudge = asyncio.Event()
         self._lock = asyncio.Lock()
         self._avoid_deltas = False  # set after a failed delta path: next round goes through an anchor
@@ -121,40 +122,49 @@ class Syncer:
     # ------------------------------------------------------------------------------------------------ one round
     async def sync_once(self) -> SyncRecord | None:
         async with self._lock:
-            m: Manifest | None = await asyncio.to_thread(self.follower.manifest)
-            if m is None:
-                return None
-            st = self.state
-            st.latest_version, st.latest_digest = m.latest, m.latest_digest
-            if st.served_version == m.latest:
-                return None
-            current = None if self._avoid_deltas else st.served_version
-            plan: SyncPlan = self.follower.plan(current, manifest=m)
-            rec = SyncRecord(started=time.time(), plan=plan.describe(), from_version=st.served_version,
-                             to_version=plan.target, bytes=plan.bytes)
             try:
-                t0 = time.perf_counter()
-                files = await asyncio.to_thread(self.follower.fetch, plan)
-                # Decode and validate before the pause: a hostile or broken delta never gets near the weights.
-                await asyncio.to_thread(lambda: [self.follower.decode(vf, manifest=m) for vf in files])
-                rec.download_s = time.perf_counter() - t0
-                await self._apply(files, plan, rec, m)
-                rec.ok = True
-                st.syncs += 1
-                self._avoid_deltas = False
-            except (DwsError, VllmError, OSError) as exc:
-                rec.error = f"{type(exc).__name__}: {exc}"
-                st.failures += 1
-                if not plan.from_anchor:
-                    self._avoid_deltas = True
-                    st.resyncs_from_anchor += 1
-                log.error("sync %s failed: %s (still serving v%s)", plan.describe(), rec.error, st.served_version)
+                return await self._sync_once()
             finally:
-                st.last = rec
-                st.history.append(rec)
-                keep = {s.path for s in plan.steps}
-                await asyncio.to_thread(self.follower.prune_cache, keep if not rec.ok else set())
-            return rec
+                self.syncing = False
+
+    async def _sync_once(self) -> SyncRecord | None:
+        m: Manifest | None = await asyncio.to_thread(self.follower.manifest)
+        if m is None:
+            return None
+        st = self.state
+        st.latest_version, st.latest_digest = m.latest, m.latest_digest
+        if st.served_version == m.latest:
+            return None
+        current = None if self._avoid_deltas else st.served_version
+        plan: SyncPlan = self.follower.plan(current, manifest=m)
+        # Until this round is fully recorded (digest measured, last_sync written), /status says so: a poller
+        # must not pair the new served_version with the previous round's record.
+        self.syncing = True
+        rec = SyncRecord(started=time.time(), plan=plan.describe(), from_version=st.served_version,
+                         to_version=plan.target, bytes=plan.bytes)
+        try:
+            t0 = time.perf_counter()
+            files = await asyncio.to_thread(self.follower.fetch, plan)
+            # Decode and validate before the pause: a hostile or broken delta never gets near the weights.
+            await asyncio.to_thread(lambda: [self.follower.decode(vf, manifest=m) for vf in files])
+            rec.download_s = time.perf_counter() - t0
+            await self._apply(files, plan, rec, m)
+            rec.ok = True
+            st.syncs += 1
+            self._avoid_deltas = False
+        except (DwsError, VllmError, OSError) as exc:
+            rec.error = f"{type(exc).__name__}: {exc}"
+            st.failures += 1
+            if not plan.from_anchor:
+                self._avoid_deltas = True
+                st.resyncs_from_anchor += 1
+            log.error("sync %s failed: %s (still serving v%s)", plan.describe(), rec.error, st.served_version)
+        finally:
+            st.last = rec
+            st.history.append(rec)
+            keep = {s.path for s in plan.steps}
+            await asyncio.to_thread(self.follower.prune_cache, keep if not rec.ok else set())
+        return rec
 
     async def _apply(self, files, plan: SyncPlan, rec: SyncRecord, m: Manifest) -> None:
         st = self.state
@@ -167,7 +177,7 @@ class Syncer:
             t_apply = time.perf_counter()
             for vf in files:
                 e = vf.entry
-                check = self.verify == "every" or e.base is None or e.version == plan.target
+                check = self.verify == "every" or e.base is None
                 info = {"path": str(vf.path), "kind": "anchor" if e.base is None else "delta", "version": e.version,
                         "base": e.base, "expected_digest": e.digest if check else None, "verify": check,
                         "decoder": "shared.formats:read_for_replica", "apply_mode": self.apply_mode}
@@ -228,6 +238,7 @@ class Syncer:
             "latest_version": st.latest_version, "latest_digest": st.latest_digest, "lag": lag,
             "syncs": st.syncs, "failures": st.failures, "resyncs_from_anchor": st.resyncs_from_anchor,
             "verify": self.verify, "apply_mode": self.apply_mode, "poll_interval_s": self.poll_interval, "paused": self.paused,
+            "syncing": self.syncing,
             "last_sync": asdict(st.last) if st.last else None,
             "recent_syncs": [asdict(r) for r in list(st.history)[-10:]],
         }

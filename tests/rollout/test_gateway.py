@@ -68,7 +68,7 @@ class Gateway:
             assert r.status_code == 200, r.text
             time.sleep(0.5)
             st = self.status()
-            if st["served_version"] == version and not st["paused"]:
+            if st["served_version"] == version and not st["syncing"]:
                 return st
         raise AssertionError(f"replica did not reach v{version}: {json.dumps(self.status())[:1500]}\n{self.tail()}")
 
