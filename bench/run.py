@@ -268,12 +268,16 @@ def table(rows: list[dict], gpu: dict | None) -> str:
 
 
 def plot(res: dict, rows: list[dict], out: Path) -> None:
+    """Left: bytes per version by format. Right (when bench/replica.py has run): inference pause by apply path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    replicas = [json.loads(p.read_text()) for p in sorted(out.parent.glob("replica-*.json"))]
+    fig, axes = plt.subplots(1, 2 if replicas else 1, figsize=(14 if replicas else 9, 4.5),
+                             gridspec_kw={"width_ratios": [3, 2]} if replicas else None, squeeze=False)
+    ax = axes[0][0]
     width = 0.8 / len(FORMATS)
     x = np.arange(len(rows))
     for i, f in enumerate(FORMATS):
@@ -282,8 +286,18 @@ def plot(res: dict, rows: list[dict], out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(x + width * (len(FORMATS) - 1) / 2, [r["scenario"] for r in rows])
     ax.set_ylabel("bytes per version (median, log)")
-    ax.set_title(f"dws payload per version by format — {res['model']['shape']} ({res['model']['parameters']:,} params)")
+    ax.set_title(f"payload by format — {res['model']['shape']} ({res['model']['parameters']:,} params)", fontsize=10)
     ax.legend(fontsize=8)
+    if replicas:
+        ax = axes[0][1]
+        labels = [f"{r['apply_mode']}\nverify {r.get('verify', 'every')}" for r in replicas]
+        xr = np.arange(len(replicas))
+        ax.bar(xr - 0.2, [1e3 * r["anchor"]["pause_s"] for r in replicas], 0.4, label="anchor (full reload)")
+        ax.bar(xr + 0.2, [1e3 * r["delta_median"]["pause_s"] for r in replicas], 0.4, label="delta (median)")
+        ax.set_xticks(xr, labels, fontsize=8)
+        ax.set_ylabel("inference pause per sync (ms)")
+        ax.set_title(f"pause by path — vLLM CPU, {replicas[0]['parameters'] / 1e6:.1f} M params", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -297,7 +311,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's results, run nothing")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        res = json.loads(Path(args.out).read_text())
+        plot(res, res["summary"], Path(args.plot))
+        return 0
     res = run(args)
     rows = summarize(res)
     res["summary"] = rows
