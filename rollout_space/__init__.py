@@ -1,1 +1,5 @@
-"""placeholder"""
+"""rollout_space: a vLLM replica that follows the bucket (DESIGN.md §4).
+
+`plugin`/`engine`/`weights` run inside vLLM (the `dws` weight-transfer backend); `vllm_proc`, `sync` and `gateway` run
+in the gateway process that owns vLLM. Entry point: `python -m rollout_space` / `dws rollout`.
+"""

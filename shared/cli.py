@@ -75,12 +75,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _space(module: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        extra = module.split("_")[0]  # rollout_space -> rollout, trainer_space -> trainer, env_space -> env
         try:
-            mod = importlib.import_module(module)
+            mod = importlib.import_module(f"{module}.__main__")  # the Space's entrypoint (python -m <module>)
+            return int(mod.main(args.rest) or 0)
         except ImportError as exc:
-            raise DwsError(f"{module} is not available in this environment ({exc}); install its extra, "
-                           f"e.g. pip install 'dws[{module.split('_')[0]}]'") from None
-        return int(mod.main(args.rest) or 0)
+            # Each Space has its own dependency set (DESIGN.md §2); say which one is missing instead of a traceback.
+            raise DwsError(f"{module} cannot run in this environment ({exc}); it needs the '{extra}' dependency set: "
+                           f"pip install 'dws[{extra}]'") from None
 
     return run
 
@@ -119,8 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SPACE_COMMANDS = ("rollout", "train", "env")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A Space's flags (including its own --help) belong to that Space's parser, not to ours.
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in SPACE_COMMANDS:
+        args.rest = [*unknown, *args.rest]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

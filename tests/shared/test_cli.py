@@ -93,3 +93,19 @@ def test_inspect_rejects_a_non_safetensors_file(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"hello world, not a model")
     proc = run("inspect", str(tmp_path / "x.safetensors"), ok=False)
     assert proc.returncode == 1 and "error" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command, module", [("rollout", "rollout_space"), ("train", "trainer_space"),
+                                             ("env", "env_space")])
+def test_space_entrypoints_help_or_say_what_is_missing(command, module):
+    """Each Space's command runs its own --help where its dependency set is installed, and otherwise says which
+    set is missing, in one line (this suite runs in the trainer and rollout venvs)."""
+    import importlib.util
+
+    proc = run(command, "--help", ok=False)
+    deps = {"rollout": "vllm", "train": "trl", "env": "openenv"}[command]
+    if importlib.util.find_spec(deps) is not None or command == "rollout":
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+    else:
+        assert proc.returncode == 1 and f"{module} cannot run in this environment" in proc.stderr
+        assert "Traceback" not in proc.stderr
