@@ -1,11 +1,16 @@
 """Helpers for every suite (imported as `dws_testing`; `tests/` is on sys.path through the root conftest).
 
 Only the standard library at module level: each suite runs in its own Space's venv, and the env venv has no torch.
+`Service` starts a Space's production command as a child on 127.0.0.1 and stops its whole process group.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +47,44 @@ class TinyTrainer:
 
     def bf16(self):
         return {n: p.detach().to(self.torch.bfloat16).clone() for n, p in self.model.named_parameters()}
+
+
+class Service:
+    """A child process serving HTTP on 127.0.0.1; waits for GET /health, stops by process group."""
+
+    def __init__(self, cmd: list[str], *, log: Path, env: dict | None = None, timeout: float = 600) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [c.replace("{PORT}", str(self.port)) for c in cmd]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        import httpx  # every Space's venv has it; imported here so this module stays stdlib-only at import
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise AssertionError(f"{cmd[2]} never became healthy\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def status(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/status", timeout=30).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)

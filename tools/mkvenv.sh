@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds .venv/<space> with that Space's dependency set (DESIGN.md §2: one venv per Space, as its image would have).
-# A venv whose stamp matches the current pyproject.toml is complete and left alone, so `make test` is cheap twice.
+# A venv whose stamp matches the current pyproject.toml (and package list) is complete and left alone, so `make test`
+# is cheap twice.
 set -euo pipefail
 space=${1:?usage: mkvenv.sh rollout|trainer|env}
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv/$space"
 stamp="$venv/.dws-ready"
-want="$(sha256sum "$root/pyproject.toml" "$0" | sha256sum | cut -c1-16)"
+# The editable install maps the top-level packages that exist when it runs: a new Space package must rebuild it too.
+want="$( (sha256sum "$root/pyproject.toml" "$0"; cd "$root" && ls -d -- */__init__.py) | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from dws_testing import REPO, TinyTrainer, free_port
+from dws_testing import Service, TinyTrainer
 from shared.bucket import open_bucket
 from shared.digest import weights_digest
 from shared.formats import TensorChange, encode_delta
@@ -29,33 +28,17 @@ TOKEN = "test-token-rollout"
 pytestmark = pytest.mark.slow
 
 
-class Gateway:
-    def __init__(self, model: Path, bucket: Path, logdir: Path, name: str, apply_mode: str = "loader"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = logdir / f"{name}.log"
-        env = dict(os.environ, DWS_API_KEY=TOKEN, PYTHONUNBUFFERED="1",
-                   VLLM_CACHE_ROOT=str(logdir / f"{name}-vllm-cache"))
-        cmd = [sys.executable, "-m", "rollout_space", "--model", str(model), "--bucket", str(bucket),
-               "--host", "127.0.0.1", "--port", str(self.port), "--poll-interval", "600", "--max-model-len", "512",
-               "--vllm-log", str(logdir / f"{name}-vllm.log"), "--no-ui", "--vllm-args=--enforce-eager",
-               "--apply-mode", apply_mode]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                if self.http.get("/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError("gateway never became healthy\n" + self.tail())
+class Gateway(Service):
+    """`python -m rollout_space` as the Space runs it, with a bearer token; moves only when nudged (POST /sync)."""
 
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+    def __init__(self, model: Path, bucket: Path, logdir: Path, name: str, apply_mode: str = "loader"):
+        super().__init__([sys.executable, "-m", "rollout_space", "--model", str(model), "--bucket", str(bucket),
+                          "--host", "127.0.0.1", "--port", "{PORT}", "--poll-interval", "600", "--max-model-len",
+                          "512", "--vllm-log", str(logdir / f"{name}-vllm.log"), "--no-ui",
+                          "--vllm-args=--enforce-eager", "--apply-mode", apply_mode],
+                         log=logdir / f"{name}.log",
+                         env={"DWS_API_KEY": TOKEN, "VLLM_CACHE_ROOT": str(logdir / f"{name}-vllm-cache")})
+        self.http = httpx.Client(base_url=self.url, timeout=120)
 
     def status(self) -> dict:
         return self.http.get("/status").json()
@@ -79,14 +62,6 @@ class Gateway:
 
     def model_name(self) -> str:
         return self.http.get("/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()["data"][0]["id"]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

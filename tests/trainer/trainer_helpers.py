@@ -3,56 +3,13 @@ started from its own Space's venv exactly as its image would run it (DESIGN.md Â
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
-from dws_testing import REPO, free_port
+from dws_testing import REPO, Service
 
 TOKEN = "test-token-trainer"
 ROLLOUT_PY = REPO / ".venv" / "rollout" / "bin" / "python"
 ENV_PY = REPO / ".venv" / "env" / "bin" / "python"
-
-
-class Service:
-    """A child process serving HTTP on 127.0.0.1; waits for GET /health, stops by process group."""
-
-    def __init__(self, cmd: list[str], *, log: Path, env: dict | None = None, timeout: float = 600) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [c.replace("{PORT}", str(self.port)) for c in cmd]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise AssertionError(f"{cmd[2]} never became healthy\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/status", timeout=30).json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def start_env(logdir: Path) -> Service:
