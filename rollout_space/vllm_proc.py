@@ -56,6 +56,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_members(group: int) -> list[int]:
+    """Live processes of a process group (Linux /proc), zombies excluded."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
 class VllmServer:
     def __init__(self, opts: VllmOptions):
         self.opts = opts
@@ -121,16 +142,18 @@ class VllmServer:
     def stop(self, *, timeout: float = 20.0) -> None:
         if self.proc is None:
             return
+        group = self.proc.pid  # start_new_session: the group id is the leader's pid
         if self.proc.poll() is None:
+            _signal_group(group, signal.SIGTERM)
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # Even when the API server is already dead (crashed, or killed), its engine-core and worker processes may
+        # live on in its group holding the model's memory: always finish the group off.
+        _signal_group(group, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=5)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None

@@ -23,6 +23,7 @@ from shared.digest import weights_digest
 from shared.formats import TensorChange, encode_delta
 from shared.manifest import FileEntry, delta_path, read_manifest, write_manifest
 from shared.publisher import Publisher
+from rollout_space.vllm_proc import group_members
 
 TOKEN = "test-token-rollout"
 pytestmark = pytest.mark.slow
@@ -282,6 +283,7 @@ def test_killed_vllm_is_restarted_and_catches_up(world):
         time.sleep(1)
     st = gw.sync_to(v, timeout=120)
     assert st["vllm_pid"] != old and st["vllm_restarts"] == 1
+    assert group_members(old) == [], "the dead vLLM's engine-core/worker processes must not linger"
     assert st["digest_match"] is True and st["served_digest"] == world["digests"][v]
     assert gw.complete().status_code == 200
 
@@ -296,3 +298,7 @@ def test_killed_gateway_leaves_no_vllm_behind(world):
     while time.time() < deadline and _alive(vllm_pid):
         time.sleep(0.5)
     assert not _alive(vllm_pid), "vLLM outlived its gateway"
+    deadline = time.time() + 60
+    while time.time() < deadline and group_members(vllm_pid):
+        time.sleep(0.5)
+    assert group_members(vllm_pid) == [], "vLLM's engine-core/worker processes outlived the gateway"
