@@ -24,7 +24,6 @@ Encodings (a registry, like vLLM's weight-transfer backends; the name is stored 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -235,6 +234,3 @@ class CompactEncoding:
         mag[big] = extra + 2
         residual = np.where(negative, -mag, mag).astype(np.int16)
         return DecodedTensor(positions=positions, residual=residual)
-
-
-Encoder = Callable[[np.ndarray, np.ndarray, np.ndarray, int], EncodedTensor]

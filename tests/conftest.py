@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from dws_testing import REPO, free_port  # noqa: F401 -- re-exported for suites' fixtures
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -49,6 +49,22 @@ class TinyTrainer:
         return {n: p.detach().to(self.torch.bfloat16).clone() for n, p in self.model.named_parameters()}
 
 
+def stop_process_group(proc: subprocess.Popen, *, timeout: float) -> None:
+    """SIGTERM the child's process group (it was started with start_new_session), wait, then SIGKILL whatever is
+    left of the group -- also when the leader already died, since its children (vLLM's engine core) may not have."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
 class Service:
     """A child process serving HTTP on 127.0.0.1; waits for GET /health, stops by process group."""
 
@@ -82,9 +98,4 @@ class Service:
         return httpx.get(f"{self.url}/status", timeout=30).json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process_group(self.proc, timeout=30)

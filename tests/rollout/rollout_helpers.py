@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dws_testing import REPO, free_port
+from dws_testing import REPO, free_port, stop_process_group
 
 
 class VllmServer:
@@ -72,13 +71,7 @@ class VllmServer:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        stop_process_group(self.proc, timeout=60)
         self._log.close()
 
     # ---- HTTP helpers ----------------------------------------------------------------------------------------
