@@ -105,6 +105,11 @@ class VllmServer:
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"  # safe only because the server listens on 127.0.0.1
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM-CPU's default ("auto") pins its worker's OpenMP threads to the first core of the NUMA node, and that
+        # worker keeps its core fully busy. Every replica on the machine picks the same core, and any other process
+        # that ends up confined there stops making progress (seen: a trainer stuck for minutes beside two replicas
+        # on 2 cores). Unpinned threads let the scheduler share the cores; set the variable to pin on a dedicated box.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # vLLM's compile-cache key ignores --weight-transfer-config: a graph compiled without the dws backend's
         # live CPU weights must not be reused here, so dws keeps a cache of its own.

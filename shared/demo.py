@@ -1,92 +1,497 @@
-"""`make demo`: the whole system on one machine with a tiny model and a local-folder bucket.
+"""`make demo` and the end-to-end test: the whole system on one machine, as separate processes.
 
-Until the three services land (issues 4-7), the demo runs the protocol end to end in one process: a trainer takes real
-AdamW steps on the tiny model and publishes every version; a follower replays them; `verify` proves the bucket. It
-prints the same kind of summary the full demo will (bytes per delta vs the full model, sparsity, bit-exactness).
+Owns the local orchestration: build the tiny model, start env_space, rollout replica 1 (real vLLM) and the trainer on
+127.0.0.1 -- each from its own Space's venv with its production command (`python -m <space>`, what the Dockerfiles
+run) -- start one more replica only after several versions exist (it must catch up from an anchor + deltas), keep a
+light inference load on every replica while it syncs, then collect what each service *measured* (the trainer's
+per-version digests, each replica's per-version verified digests, pauses, request counts) into a JSON report and a
+summary table. Ctrl-C (or SIGTERM) at any moment stops every child process group.
+
+The checks printed at the end are the ones CI asserts (tests/e2e): every version each replica went through was served
+bit-exact (the digest the replica hashed equals the trainer's), zero failed inference requests, reward up, every delta
+under a tenth of an anchor, and `dws verify` on the final bucket.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import secrets
 import shutil
 import statistics
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
+
+from shared.launch import REPO, LaunchError, LocalService, ServiceSpec, Stack, free_port, port_free
 
 log = logging.getLogger("dws.demo")
 
 
+@dataclass(kw_only=True)
+class DemoOptions:
+    dir: Path
+    bucket: str | None = None
+    model: str | None = None
+    steps: int = 40
+    lr: float = 5e-3
+    optim: str = "adamw_torch"
+    # A randomly initialised model only learns within a minute at a rate at which AdamW rewrites 60-99 % of all
+    # weights every step -- nothing like real RL (bench: 1-3 % at lr 1e-6 on a 0.6B model). So the demo trains the
+    # tied embedding / output matrix only (12 % of the tiny model): it learns fast, and deltas stay sparse.
+    trainable: str | None = "embed_tokens"
+    prompts_per_step: int = 4
+    group_size: int = 8  # 32 completions per step: less gradient noise, so fewer weights cross a bf16 rounding step
+    task: str = "short"
+    replicas: int = 2
+    late_after: int = 12  # versions published before the last replica starts (it must catch up from an anchor)
+    anchor_every: int = 5
+    port_base: int = 7860  # trainer, env, rollout-1, rollout-2...; 0: free ports
+    exit_when_done: bool = False
+    report: Path | None = None
+    venv_root: Path = REPO / ".venv"
+    load: bool = True
+    converge_timeout_s: float = 300.0
+
+
+class LoadClient(threading.Thread):
+    """One completion request in flight at a time against one replica, for as long as the demo trains: proof that
+    inference keeps working while the replica pauses to apply versions. Every non-200 or untagged answer counts as a
+    failure, with its reason kept."""
+
+    def __init__(self, svc: LocalService, *, token: str) -> None:
+        super().__init__(daemon=True, name=f"load-{svc.name}")
+        self.svc = svc
+        self.token = token
+        self.stop_event = threading.Event()
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self.versions: set[int] = set()
+
+    def run(self) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {self.token}"}, timeout=120) as http:
+            try:
+                model = http.get(f"{self.svc.url}/v1/models").json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                self._fail(f"/v1/models: {exc}")
+                return
+            while not self.stop_event.is_set():
+                try:
+                    r = http.post(f"{self.svc.url}/v1/completions",
+                                  json={"model": model, "prompt": "The answer is", "max_tokens": 6, "temperature": 0})
+                    body = r.json() if r.status_code == 200 else {}
+                    if r.status_code != 200 or "model_version" not in body:
+                        self._fail(f"HTTP {r.status_code}: {r.text[:200]}")
+                    else:
+                        self.ok += 1
+                        if body["model_version"] is not None:
+                            self.versions.add(int(body["model_version"]))
+                except httpx.HTTPError as exc:
+                    self._fail(f"{type(exc).__name__}: {exc}")
+                self.stop_event.wait(0.25)
+
+    def _fail(self, why: str) -> None:
+        self.failed += 1
+        if len(self.errors) < 20:
+            self.errors.append(why)
+
+
+@dataclass(kw_only=True)
+class Replica:
+    svc: LocalService
+    started_at_version: int | None
+    load: LoadClient | None = None
+    healthy: bool = False
+    status: dict = field(default_factory=dict)
+
+
+def _steps(trainer_status: dict) -> list[dict]:
+    """The trainer's per-optimizer-step rows (GET /status → training.history)."""
+    return [s for s in (trainer_status.get("training") or {}).get("history") or [] if "step" in s]
+
+
+def _publishes(trainer_status: dict) -> list[dict]:
+    """The trainer's per-version publish reports (GET /status → sync.history), oldest first."""
+    return sorted((trainer_status.get("sync") or {}).get("history") or [], key=lambda p: p["version"])
+
+
+def _ports(opts: DemoOptions) -> list[int]:
+    n = 2 + opts.replicas
+    if opts.port_base == 0:
+        return [free_port() for _ in range(n)]
+    ports = list(range(opts.port_base, opts.port_base + n))
+    taken = [p for p in ports if not port_free(p)]
+    if taken:
+        raise LaunchError(f"port(s) {', '.join(map(str, taken))} on 127.0.0.1 are taken (another demo still running?). "
+                          f"Stop it, or choose other ports: make demo DEMO_FLAGS='--port-base 8860'")
+    return ports
+
+
+def _check_inputs(opts: DemoOptions) -> None:
+    if opts.bucket and opts.bucket.startswith("hf://") and not os.environ.get("HF_TOKEN"):
+        raise LaunchError(f"bucket {opts.bucket} is on the Hub: set HF_TOKEN (a token with write access) first")
+    if opts.replicas < 1:
+        raise LaunchError("--replicas must be at least 1")
+    if opts.steps < 2:
+        raise LaunchError("--steps must be at least 2 (reward is compared between the first and last steps)")
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions, *, out=print) -> None:
+        self.opts = opts
+        self.out = out
+        self.token = secrets.token_urlsafe(24)  # bearer shared by the three local services; never printed
+        self.t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    def say(self, msg: str) -> None:
+        self.out(f"[{time.monotonic() - self.t0:6.1f}s] {msg}")
+
+    # -------------------------------------------------------------------------------------------------- set-up
+    def prepare(self) -> tuple[str, str]:
+        o = self.opts
+        o.dir.mkdir(parents=True, exist_ok=True)
+        bucket = o.bucket or str(o.dir / "bucket")
+        if o.bucket is None and Path(bucket).exists():
+            shutil.rmtree(bucket)  # a fresh history each run; a user-given bucket is never wiped
+        if o.model:
+            model = o.model
+        else:
+            from shared.tiny_model import build_tiny_model
+
+            model = str(build_tiny_model(o.dir / "tiny-model"))
+        return bucket, model
+
+    def specs(self, bucket: str, model: str, ports: list[int]) -> tuple[ServiceSpec, ServiceSpec, list[ServiceSpec]]:
+        o = self.opts
+        # Every child (and vLLM's own children) inherits DWS_DEMO_DIR: one way to find them all, e.g. to prove that
+        # nothing outlives the demo (process titles change, environments do not).
+        secret_env = {"DWS_API_KEY": self.token, "DWS_DEMO_DIR": str(o.dir.resolve())}
+        trainer_port, env_port, *rollout_ports = ports
+        env = ServiceSpec(name="env", space="env", port=env_port, env=secret_env,
+                          args=["--host", "127.0.0.1", "--port", str(env_port)])
+        rollouts = [
+            ServiceSpec(name=f"rollout-{i + 1}", space="rollout", port=p,
+                        env={**secret_env, "VLLM_CACHE_ROOT": str(o.dir / f"vllm-cache-{i + 1}")},
+                        args=["--model", model, "--bucket", bucket, "--host", "127.0.0.1", "--port", str(p),
+                              "--poll-interval", "1", "--max-model-len", "512",
+                              "--vllm-log", str(o.dir / "logs" / f"rollout-{i + 1}-vllm.log"),
+                              "--vllm-args=--enforce-eager"])
+            for i, p in enumerate(rollout_ports)]
+        trainer = ServiceSpec(
+            name="trainer", space="trainer", port=trainer_port, env=secret_env,
+            args=["--model", model, "--bucket", bucket, *[a for r in rollouts for a in ("--rollout-url", r.url)],
+                  "--env-url", env.url, "--task", o.task, "--steps", str(o.steps), "--lr", str(o.lr), "--optim", o.optim, *(["--trainable", o.trainable] if o.trainable else []),
+                  "--prompts-per-step", str(o.prompts_per_step), "--group-size", str(o.group_size),
+                  "--anchor-every", str(o.anchor_every), "--keep-anchors", "2", "--host", "127.0.0.1",
+                  "--port", str(trainer_port), "--output-dir", str(o.dir / "trainer-out")])
+        return env, trainer, rollouts
+
+    # -------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        o = self.opts
+        _check_inputs(o)
+        ports = _ports(o)
+        bucket, model = self.prepare()
+        env_spec, trainer_spec, rollout_specs = self.specs(bucket, model, ports)
+        self.say(f"dws demo: model {model}, bucket {bucket}, task {o.task}, {o.steps} steps at lr {o.lr}, "
+                 f"{o.replicas} replica(s); logs in {o.dir / 'logs'}")
+        with Stack(venv_root=o.venv_root, log_dir=o.dir / "logs") as stack:
+            env = stack.start(env_spec)
+            first = stack.start(rollout_specs[0])
+            self.say(f"env       {env.url}  starting")
+            self.say(f"rollout-1 {first.url}  starting (vLLM on CPU takes about a minute)")
+            self.timings["env_start_s"] = env.wait_healthy(progress=self.say)
+            self.say(f"env       ready in {self.timings['env_start_s']:.1f}s")
+            replicas = [Replica(svc=first, started_at_version=None)]
+            self.timings["rollout-1_start_s"] = first.wait_healthy(progress=self.say)
+            self._replica_up(replicas[0])
+            trainer = stack.start(trainer_spec)
+            self.say(f"trainer   {trainer.url}  starting (dashboard at /)")
+            self.timings["trainer_start_s"] = trainer.wait_healthy(progress=self.say)
+            t_train = time.monotonic()
+            final = self._train(stack, trainer, replicas, rollout_specs[1:], env)
+            self.timings["train_s"] = time.monotonic() - t_train
+            for r in replicas:
+                if not r.healthy:
+                    self.timings[f"{r.svc.name}_start_s"] = r.svc.wait_healthy(progress=self.say)
+                    self._replica_up(r)
+            t_conv = time.monotonic()
+            self._converge(replicas, final)
+            self.timings["converge_s"] = time.monotonic() - t_conv
+            for r in replicas:
+                if r.load:
+                    r.load.stop_event.set()
+                    r.load.join(150)
+            report = self._report(bucket, model, trainer, replicas, env)
+            self.print_summary(report)
+            if o.report:
+                o.report.parent.mkdir(parents=True, exist_ok=True)
+                o.report.write_text(json.dumps(report, indent=1))
+                self.say(f"report written to {o.report}")
+            if not o.exit_when_done:
+                self.say("dashboards (Ctrl-C stops everything):")
+                for svc in stack.services:
+                    self.out(f"    {svc.name:<10} {svc.url}/")
+                while all(s.alive() for s in stack.services):
+                    time.sleep(1)
+                dead = [s for s in stack.services if not s.alive()]
+                raise LaunchError(f"{dead[0].name} exited; last lines of {dead[0].log}:\n{dead[0].tail()}")
+        return report
+
+    def _replica_up(self, r: Replica) -> None:
+        r.healthy = True
+        self.say(f"{r.svc.name} ready in {r.svc.healthy_after_s:.1f}s at {r.svc.url}")
+        if self.opts.load:
+            r.load = LoadClient(r.svc, token=self.token)
+            r.load.start()
+
+    def _train(self, stack: Stack, trainer: LocalService, replicas: list[Replica], late: list[ServiceSpec],
+               env: LocalService) -> int:
+        o = self.opts
+        next_line = 0.0
+        while True:
+            for s in stack.services:
+                s.check_alive()
+            st = trainer.status()
+            pubs = _publishes(st)
+            latest = max((p["version"] for p in pubs), default=None)
+            for r in replicas:
+                if not r.healthy and r.svc.alive():
+                    try:
+                        if httpx.get(f"{r.svc.url}/health", timeout=5).status_code == 200:
+                            r.svc.healthy_after_s = time.monotonic() - r.svc.started_at
+                            self.timings[f"{r.svc.name}_start_s"] = r.svc.healthy_after_s
+                            self._replica_up(r)
+                    except httpx.HTTPError:
+                        pass
+            if late and latest is not None and latest >= o.late_after:
+                spec = late.pop(0)
+                svc = stack.start(spec)
+                replicas.append(Replica(svc=svc, started_at_version=latest))
+                self.say(f"{spec.name} {svc.url}  starting late, at v{latest} (it must catch up from an anchor)")
+            if st["phase"] == "failed":
+                raise LaunchError(f"training failed: {st.get('error')}; last lines of {trainer.log}:\n{trainer.tail()}")
+            if time.monotonic() >= next_line or st["phase"] == "done":
+                self.say(self._progress(st, replicas))
+                next_line = time.monotonic() + 5
+            n_steps = len(_steps(st))
+            target = (st.get("start_version") or 0) + n_steps
+            if st["phase"] == "done" and latest is not None and latest >= target:
+                return latest  # the last step's publish report is in: its upload finished
+            time.sleep(1)
+
+    def _progress(self, st: dict, replicas: list[Replica]) -> str:
+        steps = _steps(st)
+        rewards = [s["reward_mean"] for s in steps if s.get("reward_mean") is not None]
+        pubs = _publishes(st)
+        parts = [f"step {len(steps)}/{self.opts.steps}"]
+        if rewards:
+            parts.append(f"reward {rewards[-1]:.2f}")
+        if pubs:
+            p = pubs[-1]
+            parts.append(f"v{p['version']} {'+'.join(p['kinds'])} {p['bytes'] / 1e3:.1f} kB")
+        for r in replicas:
+            if not r.healthy:
+                parts.append(f"{r.svc.name} starting")
+                continue
+            try:
+                rs = r.svc.status(timeout=10)
+                match = {True: "✓", False: "✗", None: "?"}[rs.get("digest_match")]
+                parts.append(f"{r.svc.name} v{rs.get('served_version')} {match}")
+            except httpx.HTTPError:
+                parts.append(f"{r.svc.name} (no status)")
+        return " | ".join(parts)
+
+    def _converge(self, replicas: list[Replica], final: int) -> None:
+        """Nudge every replica and wait until each serves the final version with a matching digest."""
+        deadline = time.monotonic() + self.opts.converge_timeout_s
+        auth = {"Authorization": f"Bearer {self.token}"}
+        pending = {r.svc.name: r for r in replicas}
+        while pending:
+            for name, r in list(pending.items()):
+                r.svc.check_alive()
+                st = r.svc.status(timeout=10)
+                if st.get("served_version") == final and not st.get("syncing") and st.get("digest_match"):
+                    self.say(f"{name} serves v{final}, digest match")
+                    del pending[name]
+                else:
+                    httpx.post(f"{r.svc.url}/sync", headers=auth, timeout=10)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise LaunchError(f"replica(s) {', '.join(pending)} did not reach v{final} within "
+                                  f"{self.opts.converge_timeout_s:.0f}s")
+            time.sleep(1)
+
+    # -------------------------------------------------------------------------------------------------- report
+    def _report(self, bucket: str, model: str, trainer: LocalService, replicas: list[Replica],
+                env: LocalService) -> dict:
+        from shared.manifest import read_manifest
+        from shared.bucket import open_bucket
+        from shared.verify import verify_bucket
+
+        tst = trainer.status()
+        steps = _steps(tst)
+        rewards = [s.get("reward_mean") for s in steps]
+        pubs = _publishes(tst)
+        trainer_digests = {p["version"]: p["digest"] for p in pubs}
+        final = pubs[-1]["version"]
+        anchors = [p for p in pubs if p.get("anchor_bytes")]
+        deltas = [p for p in pubs if p.get("delta_bytes")]
+        anchor_bytes = statistics.median(p["anchor_bytes"] for p in anchors)
+        full = 2 * pubs[0]["total"]
+        t_verify = time.monotonic()
+        verdict = verify_bucket(bucket, token=os.environ.get("HF_TOKEN") or None)
+        verify_s = time.monotonic() - t_verify
+        m = read_manifest(open_bucket(bucket, token=os.environ.get("HF_TOKEN") or None))
+
+        rep_out = []
+        for r in replicas:
+            st = r.svc.status()
+            verified = {int(v): d for v, d in (st.get("verified_versions") or {}).items()}
+            first = min(verified) if verified else None
+            expected = list(range(first, final + 1)) if first is not None else []
+            exact = [v for v in expected if verified.get(v) == trainer_digests.get(v)]
+            rep_out.append({
+                "name": r.svc.name, "url": r.svc.url, "started_at_version": r.started_at_version,
+                "start_s": round(r.svc.healthy_after_s or 0, 1), "first_verified_version": first,
+                "served_version": st.get("served_version"), "served_digest": st.get("served_digest"),
+                "versions_expected": len(expected), "versions_bit_exact": len(exact),
+                "mismatched_versions": sorted(set(expected) - set(exact)),
+                "verified_digests": {str(v): d for v, d in sorted(verified.items())},
+                "syncs": st.get("syncs"), "sync_failures": st.get("failures"),
+                "resyncs_from_anchor": st.get("resyncs_from_anchor"), "pause_ms": st.get("pause_ms"),
+                "first_sync_plan": next((h.get("plan") for h in st.get("recent_syncs") or []), None),
+                "gateway_requests": st.get("requests"), "gateway_failed_requests": st.get("failed_requests"),
+                "load_requests_ok": r.load.ok if r.load else 0, "load_requests_failed": r.load.failed if r.load else 0,
+                "load_errors": r.load.errors if r.load else [], "load_versions_seen": len(r.load.versions) if r.load else 0,
+                "vllm_restarts": st.get("vllm_restarts")})
+        k = max(1, min(3, len(rewards) // 3))
+        first_r = [x for x in rewards[:k] if x is not None]
+        last_r = [x for x in rewards[-k:] if x is not None]
+        per_step = {key: round(statistics.median(s[key] for s in steps if s.get(key) is not None), 4)
+                    for key in ("step_s", "generate_s", "score_s", "publish_block_s")
+                    if any(s.get(key) is not None for s in steps)}
+        return {
+            "model": model, "bucket": bucket, "task": self.opts.task,
+            "steps": len(steps), "lr": self.opts.lr, "final_version": final, "timings_s": {
+                k2: round(v, 1) for k2, v in self.timings.items()} | {"verify_s": round(verify_s, 2)},
+            "per_step_median_s": per_step,
+            "reward": {"per_step": rewards, "first": statistics.mean(first_r) if first_r else None,
+                       "last": statistics.mean(last_r) if last_r else None, "window": k},
+            "sizes": {"full_bf16_bytes": full, "anchor_bytes_median": anchor_bytes,
+                      "delta_bytes_median": statistics.median(p["delta_bytes"] for p in deltas) if deltas else None,
+                      "delta_bytes_max": max((p["delta_bytes"] for p in deltas), default=None),
+                      "largest_delta_over_anchor": (max(p["delta_bytes"] for p in deltas) / anchor_bytes
+                                                    if deltas else None),
+                      "sparsity_median": statistics.median(p["sparsity"] for p in deltas) if deltas else None,
+                      "bytes_per_changed_median": statistics.median(p["delta_bytes"] / p["changed"]
+                                                                    for p in deltas if p["changed"]) if deltas else None,
+                      "anchors": len(anchors), "deltas": len(deltas)},
+            "versions": [{"version": p["version"], "kinds": p["kinds"], "delta_bytes": p.get("delta_bytes"),
+                          "anchor_bytes": p.get("anchor_bytes"), "changed": p["changed"], "sparsity": p["sparsity"],
+                          "encode_s": p.get("encode_s"), "upload_s": p.get("upload_s"), "digest": p["digest"]}
+                         for p in pubs],
+            "manifest": {"latest": m.latest if m else None,
+                         "digests": {str(e.version): e.digest for e in ([*m.anchors, *m.deltas] if m else [])}},
+            "verify": {"ok": verdict.ok, "lines": verdict.lines[-5:]},
+            "replicas": rep_out,
+            "env": env.status(token=self.token),
+        }
+
+    def print_summary(self, rep: dict) -> None:
+        sz = rep["sizes"]
+        rw = rep["reward"]
+        rows = [("steps", f"{rep['steps']} (versions v0..v{rep['final_version']})"),
+                ("reward first→last", f"{rw['first']:.3f} → {rw['last']:.3f} (mean of {rw['window']} steps)"
+                 if rw["first"] is not None and rw["last"] is not None else "n/a"),
+                ("full model (bf16)", f"{sz['full_bf16_bytes']:,} B"),
+                ("median delta", f"{sz['delta_bytes_median']:,.0f} B ({sz['full_bf16_bytes'] / sz['delta_bytes_median']:.0f}x "
+                 f"smaller), largest = {sz['largest_delta_over_anchor']:.3f} of an anchor" if sz["deltas"] else "none"),
+                ("median sparsity", f"{100 * sz['sparsity_median']:.2f}% unchanged" if sz["deltas"] else "n/a"),
+                ("bytes per changed elem", f"{sz['bytes_per_changed_median']:.2f} (TRL raw layout: 6.0)"
+                 if sz["deltas"] else "n/a")]
+        for r in rep["replicas"]:
+            pm = r["pause_ms"] or {}
+            rows.append((f"{r['name']}", f"joined at {'start' if r['started_at_version'] is None else 'v%d' % r['started_at_version']}, "
+                         f"bit-exact {r['versions_bit_exact']}/{r['versions_expected']} versions "
+                         f"(v{r['first_verified_version']}..v{rep['final_version']}), median pause "
+                         f"{pm.get('median')} ms over {pm.get('count')} syncs, failed requests "
+                         f"{(r['gateway_failed_requests'] or 0)} of {r['gateway_requests']}"))
+        rows.append(("dws verify", "OK" if rep["verify"]["ok"] else "FAILED"))
+        width = max(len(k) for k, _ in rows)
+        self.out("\nsummary")
+        for k, v in rows:
+            self.out(f"  {k:<{width}}  {v}")
+
+    @staticmethod
+    def checks(rep: dict) -> list[str]:
+        """What must hold for a good run (the e2e test asserts the same facts itself); returns the failures."""
+        bad = []
+        for r in rep["replicas"]:
+            if r["versions_expected"] == 0 or r["versions_bit_exact"] != r["versions_expected"]:
+                bad.append(f"{r['name']}: {r['versions_bit_exact']}/{r['versions_expected']} versions bit-exact")
+            if r["gateway_failed_requests"] or r["load_requests_failed"]:
+                bad.append(f"{r['name']}: failed requests {r['gateway_failed_requests']} / load {r['load_errors'][:3]}")
+        if not rep["verify"]["ok"]:
+            bad.append("dws verify failed: " + "; ".join(rep["verify"]["lines"]))
+        return bad
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="make demo", description="Run env_space, rollout replicas (vLLM) and the "
+                                 "trainer locally on 127.0.0.1 over a local-folder bucket, then report.")
+    a = ap.add_argument
+    a("--dir", type=Path, default=Path(".dws/demo"), help="work folder: tiny model, bucket, logs (ignored by git)")
+    a("--bucket", default=None, help="bucket address (default: <dir>/bucket, a local folder wiped at each run)")
+    a("--model", default=None, help="model folder or Hub id (default: the tiny model built in <dir>)")
+    a("--steps", type=int, default=DemoOptions.steps)
+    a("--lr", type=float, default=DemoOptions.lr)
+    a("--optim", default=DemoOptions.optim, help="trainer optimizer (transformers' TrainingArguments.optim)")
+    a("--trainable", default=DemoOptions.trainable,
+      help="regex of the parameters the trainer updates ('' for all; default: the tied embedding)")
+    a("--prompts-per-step", type=int, default=DemoOptions.prompts_per_step)
+    a("--group-size", type=int, default=DemoOptions.group_size, help="completions per prompt (GRPO group)")
+    a("--task", default=DemoOptions.task, help="env task the trainer learns (short, letter, reverse, wordle)")
+    a("--replicas", type=int, default=DemoOptions.replicas)
+    a("--late-after", type=int, default=DemoOptions.late_after,
+      help="start the last replica once this version is published (it catches up from an anchor + deltas)")
+    a("--anchor-every", type=int, default=DemoOptions.anchor_every)
+    a("--port-base", type=int, default=DemoOptions.port_base,
+      help="trainer on this port, env on +1, replicas on +2...; 0 picks free ports")
+    a("--exit-when-done", action="store_true", help="stop everything after the summary instead of waiting for Ctrl-C")
+    a("--report", type=Path, default=None, help="write the JSON report here")
+    a("--venv-root", type=Path, default=DemoOptions.venv_root, help="where the per-Space venvs are")
+    a("--no-load", dest="load", action="store_false", help="no background inference load on the replicas")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="make demo")
-    ap.add_argument("--dir", default=".dws/demo", help="work folder (ignored by git)")
-    ap.add_argument("--bucket", default=None, help="bucket address (default: <dir>/bucket, a local folder)")
-    ap.add_argument("--model", default=None, help="model folder or Hub id (default: the tiny model built in <dir>)")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=3e-6)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from shared.digest import weights_digest
-    from shared.errors import DwsError
-    from shared.follower import Follower
-    from shared.publisher import Publisher
-    from shared.tiny_model import build_tiny_model
-    from shared.verify import verify_bucket
-
-    work = Path(args.dir)
-    bucket = args.bucket or str(work / "bucket")
-    if args.bucket is None and Path(bucket).exists():
-        shutil.rmtree(bucket)  # a fresh history each run; a user-given bucket is never wiped
-    model_ref = args.model or str(build_tiny_model(work / "tiny-model"))
-    print(f"dws demo: model {model_ref}, bucket {bucket}, {args.steps} AdamW steps at lr {args.lr}")
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    opts = DemoOptions(**vars(ns))
+    demo = Demo(opts)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        follower_state: dict = {}
-        served: int | None = None
-        bit_exact = 0
-        with Publisher(bucket, model_name=model_ref, anchor_every=5) as pub:
-            follower = Follower(bucket)
-            # A user-given bucket may hold an earlier run: continue its version numbers instead of clashing.
-            first = 0 if pub.latest_version is None else pub.latest_version + 1
-            for step in range(first, first + args.steps + 1):
-                if step > first:
-                    ids = torch.randint(0, 256, (4, 32))
-                    model(input_ids=ids, labels=ids).loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                pub.publish(dict(model.named_parameters()), step)
-                pub.flush()
-                t0 = time.perf_counter()
-                served = follower.sync_state(follower_state, served)
-                sync_ms = (time.perf_counter() - t0) * 1e3
-                ok = weights_digest(follower_state) == pub.reports[-1].digest
-                bit_exact += ok
-                r = pub.reports[-1]
-                print(f"  v{step:<3} {'+'.join(r.kinds):<13} {r.bytes:>10,} B  changed {100 * r.changed / r.total:6.2f}%  "
-                      f"replica sync {sync_ms:6.1f} ms  bit-exact {'yes' if ok else 'NO'}")
-        deltas = [r for r in pub.reports if r.delta_bytes]
-        full = 2 * pub.reports[0].total
-        verdict = verify_bucket(bucket)
-    except (DwsError, OSError, ValueError) as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+        report = demo.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: every service was stopped", file=sys.stderr)
+        return 130
+    except (LaunchError, httpx.HTTPError) as exc:
+        # A service that stops answering mid-run is a failure to report, not a traceback.
+        print(f"\ndemo failed: {type(exc).__name__}: {exc}\n(every service was stopped)", file=sys.stderr)
         return 1
-    med = statistics.median(r.delta_bytes for r in deltas) if deltas else 0
-    print("\nsummary")
-    print(f"  versions published        {len(pub.reports)}")
-    print(f"  full model (bf16)         {full:,} B")
-    print(f"  median delta              {med:,.0f} B  ({full / max(med, 1):.0f}x smaller)")
-    print(f"  median bytes/changed elem {statistics.median(r.delta_bytes / r.changed for r in deltas):.3f}  (raw: 6.0)")
-    print(f"  median sparsity           {100 * statistics.median(r.sparsity for r in deltas):.2f}% unchanged")
-    print(f"  versions bit-exact        {bit_exact}/{len(pub.reports)}")
-    print(f"  dws verify                {'OK' if verdict.ok else 'FAILED'}")
-    print("\nThe rollout (vLLM), env and trainer services join this demo as issues 4-7 land.")
-    return 0 if verdict.ok and bit_exact == len(pub.reports) else 1
+    bad = Demo.checks(report)
+    for b in bad:
+        print(f"CHECK FAILED: {b}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
