@@ -4,6 +4,7 @@
     dws inspect FILE            what an anchor/delta holds (kind, version, base, changed elements, bytes/element)
     dws verify BUCKET           replay the chain from the oldest kept anchor; check every sha256 and digest
     dws rollout | train | env   run a Space's service (each needs that Space's dependency set)
+    dws spaces deploy           create/update the bucket and the three Hugging Face Spaces (shared/spaces.py)
 
 Subcommands import their heavy dependencies (torch, vLLM, OpenEnv) only when they run, so `dws --help` works in every
 Space's environment. Errors print one clear line and exit non-zero; tracebacks are for bugs only.
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=_space(module))
+
+    from shared.spaces import configure_parser  # stdlib-only at import time, like this module
+
+    configure_parser(sub.add_parser("spaces", help="deploy the Hugging Face Spaces (dws spaces deploy --help)"))
     return p
 
 
