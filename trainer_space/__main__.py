@@ -1,7 +1,8 @@
 """`python -m trainer_space` / `dws train`: start the dashboard server, then run GRPO training to the end.
 
 Owns the process entrypoint: logging setup, the startup log (never a token), the dashboard thread, and exit codes
-(0 done, 2 stopped on non-finite weights or staleness, 1 any other failure). The dashboard keeps serving after the
+(0 done, 2 stopped on non-finite weights -- nothing of that step is published -- or on staleness, 1 any other
+failure). The dashboard keeps serving after the
 run ends until the process is interrupted, unless `--exit-when-done`/`DWS_EXIT_WHEN_DONE` is set.
 """
 

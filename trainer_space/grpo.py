@@ -3,10 +3,13 @@ publishing callback.
 
 Owns:
 - `RemoteISGRPOTrainer` -- TRL's `GRPOTrainer` with its *own* importance-sampling correction switched on for logprobs
-  that come from remote replicas (the DESIGN.md §4 trap, explained on the class).
-- `RemoteRollout` -- the `rollout_func`: token ids + per-token logprobs + `model_version` from the replicas, and the
-  staleness guard (a batch whose oldest completion lags the trainer by more than the bound is thrown away, the
-  replicas are nudged and polled, and it is regenerated; it is never trained on).
+  that come from remote replicas (the DESIGN.md §4 trap, explained on the class), reading its rows in the order of
+  the run's `PromptSchedule` so that the next batch can be generated ahead.
+- `RemoteRollout` -- the `rollout_func`: token ids + per-token logprobs + `model_version` from the replicas
+  (single-turn completions or whole multi-turn episodes, see `rollouts.py`), generation of step k+1 overlapping the
+  training of step k, and the staleness guard (a batch whose oldest completion lags the trainer by more than the
+  bound at the moment it is consumed is thrown away, the replicas are nudged and polled, and it is regenerated; it
+  is never trained on).
 - `PublishCallback` -- after every optimizer step, publish the weights (version = start version + global step) with
   the shared `Publisher`; upload runs in the background; flush at the end.
 - `train(config)` -- the whole run, used by `python -m trainer_space` and by the tests.
@@ -19,7 +22,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
@@ -28,9 +31,18 @@ from trl import GRPOConfig, GRPOTrainer
 from shared.publisher import Publisher
 from trainer_space.config import TrainerConfig
 from trainer_space.remote import EnvScorer, ReplicaPool
+from trainer_space.rollouts import BatchProducer, Prefetcher, PromptSchedule
 from trainer_space.state import BatchRecord, RunState
 
 log = logging.getLogger("dws.trainer")
+
+
+# The version of a completion whose replica could not say which weights served it: older than anything.
+_UNTAGGED = -10**9
+
+
+def _vname(v: int) -> str:
+    return "a replica with no version yet" if v == _UNTAGGED else f"v{v}"
 
 
 class StalenessError(RuntimeError):
@@ -56,9 +68,16 @@ class RemoteISGRPOTrainer(GRPOTrainer):
     (b) one `self.vllm_generation.sync_weights()` call per step, answered by a no-op because weights travel through
     the bucket. Generation never reaches TRL's vLLM path because `rollout_func` is set (checked below). The loss
     itself is TRL's, untouched.
+
+    Two small hooks serve the rollout function: with a `schedule`, TRL's train sampler is that `PromptSchedule` (same
+    layout as TRL's own sampler, fixed in advance so the next step's rows are known), and the rows of the batch being
+    generated are kept in `current_rows` (TRL hands `rollout_func` only the prompt texts, which do not identify a
+    multi-turn episode: every Wordle prompt reads the same).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, schedule: PromptSchedule | None = None, **kwargs: Any) -> None:
+        self.schedule = schedule
+        self.current_rows: list[dict] | None = None
         super().__init__(*args, **kwargs)
         if self.rollout_func is None:
             raise ValueError("RemoteISGRPOTrainer needs a rollout_func: generation must not fall to TRL's vLLM path")
@@ -71,108 +90,151 @@ class RemoteISGRPOTrainer(GRPOTrainer):
         self.vllm_generation = _WeightsGoThroughTheBucket()
         self._last_loaded_step = -1
 
+    def _get_train_sampler(self, dataset=None):
+        if self.schedule is not None and (dataset is None or dataset is self.train_dataset):
+            return self.schedule
+        return super()._get_train_sampler(dataset)
 
-@dataclass(kw_only=True)
-class RolloutTimings:
-    generate_s: float = 0.0
-    waited_s: float = 0.0
+    def _generate_and_score_completions(self, inputs):
+        self.current_rows = inputs
+        return super()._generate_and_score_completions(inputs)
 
 
 class RemoteRollout:
-    """TRL `rollout_func`: completions from the replicas, each tagged with its `model_version`, within the bound."""
+    """TRL `rollout_func`: the batch for TRL's rows (prefetched during the previous step when overlap is on),
+    checked against the staleness bound when it is consumed, never before.
 
-    def __init__(self, *, pool: ReplicaPool, tokenizer: Any, state: RunState, config: TrainerConfig,
-                 version_of_step: callable) -> None:
-        self.pool, self.tok, self.state, self.cfg = pool, tokenizer, state, config
+    A batch whose oldest completion (oldest turn, for episodes) lags the trainer's current version by more than the
+    bound is thrown away; the replicas are nudged and polled (bounded) and the batch is regenerated, up to
+    `max_regenerations` times, then the run stops with `StalenessError`. After a batch is accepted, the prefetcher
+    starts on the next step's rows (known from the `PromptSchedule`), asking for a version the bound will still accept
+    when that batch is consumed one optimizer step later.
+    """
+
+    def __init__(self, *, producer: BatchProducer, pool: ReplicaPool, state: RunState, config: TrainerConfig,
+                 version_of_step: Callable[[int], int], schedule: PromptSchedule, rows: list[dict],
+                 prefetcher: Prefetcher | None) -> None:
+        self.producer, self.pool, self.state, self.cfg = producer, pool, state, config
         self.version_of_step = version_of_step  # global_step -> published version of the current weights
-        self._ids_cache: dict[str, list[int]] = {}
+        self.schedule, self.rows, self.prefetcher = schedule, rows, prefetcher
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        if prompt not in self._ids_cache:
-            if getattr(self.tok, "chat_template", None):
-                text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                    add_generation_prompt=True)
-            else:
-                text = prompt
-            self._ids_cache[prompt] = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        return self._ids_cache[prompt]
-
-    def _generate(self, prompts: list[str]) -> list:
-        # TRL hands over the per-process slice with each prompt repeated num_generations times, consecutively (its
-        # RepeatSampler); one request per run of equal prompts with n = run length keeps a group on one replica and
-        # returns exactly one completion per input row, in order.
-        groups: list[tuple[list[int], int]] = []
-        prev = object()
-        for p in prompts:
-            if p == prev:
-                groups[-1] = (groups[-1][0], groups[-1][1] + 1)
-            else:
-                groups.append((self._prompt_ids(p), 1))
-            prev = p
-        out = self.pool.complete_many(groups, max_tokens=self.cfg.max_completion_length,
-                                      temperature=self.cfg.temperature)
-        return [c for g in out for c in g]
-
-    def _wait_for_replicas(self, min_version: int) -> float:
-        """Nudge the replicas (POST /sync) and poll /status until one serves >= min_version or time runs out."""
-        t0 = time.perf_counter()
-        deadline = time.time() + self.cfg.stale_wait_s
-        while time.time() < deadline:
-            self.pool.nudge()
-            served = [v for v in self.pool.served_versions().values() if v is not None]
-            if served and max(served) >= min_version:
-                break
-            time.sleep(0.5)
-        return time.perf_counter() - t0
-
-    def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, list]:
-        step = trainer.state.global_step
+    def __call__(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
+        step = trainer.state.global_step  # optimizer steps done; this batch trains step + 1
         current = self.version_of_step(step)
+        bound = self.cfg.staleness
+        rows = list(getattr(trainer, "current_rows", None) or [])
+        if len(rows) != len(prompts):
+            raise RuntimeError(f"rollout_func got {len(prompts)} prompts but {len(rows)} dataset rows")
+        t_call = time.perf_counter()
+        batch, exposed = (None, 0.0)
+        if self.prefetcher is not None:
+            batch, exposed = self.prefetcher.take(step + 1, rows)
+        prefetched = batch is not None
         rejected: list[int] = []
-        waited = gen_s = 0.0
-        for attempt in range(1, self.cfg.max_regenerations + 2):
-            t0 = time.perf_counter()
-            comps = self._generate(prompts)
-            gen_s += time.perf_counter() - t0
-            versions = [c.model_version for c in comps]
+        waited = wasted = 0.0
+        attempt = 0
+        while True:
+            if batch is None:
+                batch = self.producer.produce(rows, min_version=current - bound)
+            attempt += 1
             # A completion without a version tag comes from a replica that cannot say which weights it served:
             # treat it as infinitely stale rather than trust it.
-            oldest = min((-10**9 if v is None else v) for v in versions)
+            oldest = min((_UNTAGGED if v is None else v) for v in batch.versions)
             lag = current - oldest
-            if lag <= self.cfg.staleness:
+            if lag <= bound:
                 break
             rejected.append(lag)
-            log.warning("step %d: batch from v%s lags trainer v%d by %d > bound %d; nudging replicas and "
-                        "regenerating (attempt %d)", step + 1, oldest, current, lag, self.cfg.staleness, attempt)
-            waited += self._wait_for_replicas(current - self.cfg.staleness)
-        else:
-            raise StalenessError(f"replicas still serve v{oldest} while the trainer is at v{current} "
-                                 f"(bound {self.cfg.staleness}) after {len(rejected)} regenerations; refusing to "
-                                 "train on a batch beyond the staleness bound")
-        rec = BatchRecord(step=step + 1, trainer_version=current, versions=versions, lag=lag, attempts=attempt,
-                          rejected_lags=rejected, waited_s=round(waited, 3), generate_s=round(gen_s, 3),
-                          replicas=sorted({c.replica for c in comps}))
+            if batch.source == "prefetch":
+                wasted += batch.generate_s
+            log.warning("step %d: %s batch from %s lags trainer v%d by more than the bound %d; nudging replicas "
+                        "and regenerating (attempt %d)", step + 1, batch.source, _vname(oldest), current, bound,
+                        attempt)
+            if attempt > self.cfg.max_regenerations:
+                raise StalenessError(f"batches still come from {_vname(oldest)} while the trainer is at v{current} "
+                                     f"(bound {bound}) after {len(rejected)} regenerations; refusing to train on a "
+                                     "batch beyond the staleness bound")
+            t0 = time.perf_counter()
+            self.pool.wait_for_version(current - bound, timeout_s=self.cfg.stale_wait_s)
+            waited += time.perf_counter() - t0
+            batch = None
+        foreground = time.perf_counter() - t_call - waited  # generation the training loop actually waited for
+        nxt = self.schedule.rows_for_step(step + 2)
+        if self.prefetcher is not None and nxt is not None:
+            # Consumed one step from now, when the trainer is at current + 1.
+            self.prefetcher.submit(step + 2, [self.rows[i] for i in nxt], min_version=current + 1 - bound)
+        # The worker waited for the replicas, then generated; whatever of the generation did not end up in `exposed`
+        # (the training loop waiting for it) ran while the previous step trained.
+        background = batch.generate_s if batch.source == "prefetch" else 0.0
+        hidden = max(0.0, background - exposed)
+        episodes = batch.episodes()
+        rec = BatchRecord(
+            step=step + 1, trainer_version=current, versions=batch.versions, lag=lag, attempts=attempt,
+            rejected_lags=rejected, waited_s=round(waited, 3), generate_s=round(foreground, 3),
+            replicas=sorted({r for smp in batch.samples for r in smp.replicas}), source=batch.source,
+            prefetched=prefetched, exposed_wait_s=round(exposed, 3), prefetch_generate_s=round(background, 3),
+            prefetch_replica_wait_s=round(batch.replica_wait_s, 3),
+            hidden_s=round(hidden, 3), wasted_s=round(wasted, 3), tasks=sorted({r.get("task") for r in rows}),
+            turns=[smp.turns for smp in episodes], episode_returns=[round(smp.env_return, 4) for smp in episodes])
         self.state.add_batch(rec)
-        self.state.pending(generate_s=gen_s, wait_s=waited, batch_lag=lag)
-        return {"prompt_ids": [c.prompt_ids for c in comps],
-                "completion_ids": [c.completion_ids for c in comps],
-                "logprobs": [c.logprobs for c in comps],
-                "model_version": versions}  # extra field: forwarded to the reward function, kept per row
+        pend = dict(generate_s=foreground, wait_s=waited, hidden_generate_s=hidden, batch_lag=lag,
+                    batch_source=batch.source)
+        if episodes:
+            pend.update(episodes=len(episodes), turns_mean=sum(e.turns for e in episodes) / len(episodes),
+                        turns_max=max(e.turns for e in episodes))
+        self.state.pending(**pend)
+        out = {"prompt_ids": [smp.prompt_ids for smp in batch.samples],
+               "completion_ids": [smp.completion_ids for smp in batch.samples],
+               "logprobs": [smp.logprobs for smp in batch.samples],
+               # extra fields: forwarded per row to the reward function
+               "model_version": batch.versions,
+               "env_return": [smp.env_return for smp in batch.samples]}
+        if episodes:
+            out["env_mask"] = [smp.env_mask for smp in batch.samples]  # TRL: 0 = env tokens, not trained
+        return out
 
 
-def make_reward_func(scorer: EnvScorer, task: str, state: RunState):
-    """Batch reward from the env Space's `/v1/score`; rows carry `prompt_id` from the dataset."""
+def make_reward_func(scorer: EnvScorer, state: RunState, multi_turn: set[str]):
+    """Per row: the episode return for multi-turn tasks (played in the rollout), the env Space's batch `/v1/score`
+    for single-turn ones (rows carry `prompt_id` and `task` from the dataset)."""
 
-    def reward(prompts: list[str], completions: list[str], prompt_id: list[str], **_: Any) -> list[float]:
+    def env_reward(prompts: list, completions: list, prompt_id: list[str], task: list[str],
+                   env_return: list[float | None] | None = None, **_: Any) -> list[float]:
         t0 = time.perf_counter()
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        rewards = scorer.score(task, list(prompt_id), texts)
-        state.pending(score_s=time.perf_counter() - t0, reward_mean=sum(rewards) / len(rewards),
-                      reward_max=max(rewards))
-        return rewards
+        out: list[float | None] = [None] * len(texts)
+        single: dict[str, list[int]] = {}
+        for i, t in enumerate(task):
+            if t in multi_turn:
+                if env_return is None or env_return[i] is None:
+                    raise RuntimeError(f"row {i} of multi-turn task {t} has no episode return")
+                out[i] = float(env_return[i])
+            else:
+                single.setdefault(t, []).append(i)
+        for t, idx in single.items():
+            for i, r in zip(idx, scorer.score(t, [prompt_id[i] for i in idx], [texts[i] for i in idx]), strict=True):
+                out[i] = r
+        by_task = {t: sum(out[i] for i in range(len(out)) if task[i] == t) / task.count(t) for t in sorted(set(task))}
+        state.pending(score_s=time.perf_counter() - t0, reward_mean=sum(out) / len(out), reward_max=max(out),
+                      reward_by_task=by_task)
+        return out
 
-    reward.__name__ = f"env_{task}"
-    return reward
+    return env_reward
+
+
+class FaultInjection(TrainerCallback):
+    """FAULT INJECTION, for tests of the NaN/Inf refusal (`--fault-nan-at-step`): after optimizer step `at`, one
+    element of the first weight becomes NaN, exactly what a diverged update leaves behind. The publishing callback
+    runs after this one and must refuse to publish; nothing else is changed."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == self.at:
+            name, p = next(iter(model.named_parameters()))
+            with torch.no_grad():
+                p.view(-1)[0] = float("nan")
+            log.warning("FAULT INJECTION: wrote NaN into %s after step %d", name, self.at)
 
 
 class PublishCallback(TrainerCallback):
@@ -254,6 +316,29 @@ def load_model_and_tokenizer(model_id: str, *, token: str | None = None):
     return model, tok
 
 
+def freeze_except(model: torch.nn.Module, pattern: str) -> list[str]:
+    """Train only the parameters whose name matches `pattern` (re.search); the rest keep requires_grad=False.
+    Frozen weights never change, so they never appear in a delta. Raises ValueError when nothing matches -- a typo
+    would otherwise train nothing and publish empty deltas for the whole run."""
+    import re
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--trainable {pattern!r} is not a valid regular expression: {e}") from None
+    names = [n for n, _ in model.named_parameters()]
+    keep = [n for n in names if rx.search(n)]
+    if not keep:
+        raise ValueError(f"--trainable {pattern!r} matches no parameter; names look like {names[:3]}")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    n_keep = sum(p.numel() for n, p in model.named_parameters() if n in keep)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("training %d of %d tensors (%.1f%% of the weights) matching %r", len(keep), len(names),
+             100 * n_keep / n_all, pattern)
+    return keep
+
+
 def resume_or_init(model: torch.nn.Module, publisher: Publisher, bucket: str, state: RunState) -> int:
     """Start version: restore the bucket's latest weights into the model (restart), or publish v0 (empty bucket)."""
     latest = publisher.latest_version
@@ -278,52 +363,77 @@ def resume_or_init(model: torch.nn.Module, publisher: Publisher, bucket: str, st
     return version
 
 
-def build_dataset(scorer: EnvScorer, cfg: TrainerConfig):
+def build_dataset(scorer: EnvScorer, cfg: TrainerConfig) -> tuple[Any, dict[str, dict]]:
+    """Prompts of every task (an equal share of `num_prompts` each) with their stable ids; and the tasks' infos."""
     from datasets import Dataset
 
-    info = scorer.task_info(cfg.task)
-    if info.get("multi_turn"):
-        log.warning("task %s is multi-turn; it is trained as single-turn (the env scores turn 1)", cfg.task)
-    n = min(cfg.num_prompts, int(info.get("num_prompts") or cfg.num_prompts))
-    rows = scorer.prompts(cfg.task, n=n, seed=cfg.seed)
-    return Dataset.from_list([{"prompt": r["prompt"], "prompt_id": r["prompt_id"]} for r in rows])
+    infos = {t: scorer.task_info(t) for t in cfg.tasks}
+    share = max(1, cfg.num_prompts // len(cfg.tasks))
+    rows = []
+    for t, info in infos.items():
+        n = min(share, int(info.get("num_prompts") or share))
+        rows += [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "task": t}
+                 for r in scorer.prompts(t, n=n, seed=cfg.seed)]
+    return Dataset.from_list(rows), infos
 
 
 def train(cfg: TrainerConfig, *, state: RunState | None = None, nudge_after_publish: bool = True) -> TrainResult:
     """One full run: model, bucket (resume or v0), TRL GRPO with remote rollouts, publish per step, flush."""
     state = state or RunState(cfg.describe())
+    overlap = cfg.overlap and cfg.staleness >= 1
+    if cfg.overlap and not overlap:
+        log.warning("staleness bound 0: a batch made during the previous step could never be used; overlap is off")
     log.info("model %s | bucket %s | replicas %s | env %s task %s | steps %d lr %g | batch %d = %d prompts x %d "
-             "| staleness bound %d | IS %s clip %.1f", cfg.model, cfg.bucket, ", ".join(cfg.rollout_urls),
+             "| staleness bound %d | overlap %s | IS %s clip %.1f", cfg.model, cfg.bucket, ", ".join(cfg.rollout_urls),
              cfg.env_url, cfg.task, cfg.steps, cfg.lr, cfg.batch_size, cfg.prompts_per_step, cfg.group_size,
-             cfg.staleness, cfg.is_mode, cfg.is_clip_max)
+             cfg.staleness, "on" if overlap else "off", cfg.is_mode, cfg.is_clip_max)
     model, tok = load_model_and_tokenizer(cfg.model, token=cfg.hf_token)
-    state.set(full_bf16_bytes=2 * sum(p.numel() for p in model.parameters()))
+    if cfg.trainable:
+        freeze_except(model, cfg.trainable)
+    state.set(full_bf16_bytes=2 * sum(p.numel() for p in model.parameters()), overlap=overlap)
     pool = ReplicaPool(cfg.rollout_urls, token=cfg.rollout_token, timeout_s=cfg.request_timeout_s,
                        retry_after_s=cfg.retry_after_s)
     state.set(pool=pool)
     scorer = EnvScorer(cfg.env_url, token=cfg.env_token)
     publisher = Publisher(cfg.bucket, model_name=cfg.model, anchor_every=cfg.anchor_every,
-                          anchor_fraction=cfg.anchor_fraction, keep_anchors=cfg.keep_anchors, encoding=cfg.encoding)
+                          anchor_fraction=cfg.anchor_fraction, keep_anchors=cfg.keep_anchors, encoding=cfg.encoding,
+                          run_id=cfg.run_id, take_over=cfg.take_over)
+    producer = prefetcher = None
     try:
         start = resume_or_init(model, publisher, cfg.bucket, state)
         state.set(start_version=start)
         log.info("starting at version v%d", start)
-        dataset = build_dataset(scorer, cfg)
+        dataset, infos = build_dataset(scorer, cfg)
+        multi_turn = {t for t, info in infos.items() if info.get("multi_turn")}
+        state.set(tasks=list(cfg.tasks), multi_turn_tasks=sorted(multi_turn))
         args = GRPOConfig(
-            output_dir=cfg.output_dir, max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
+            output_dir=cfg.output_dir, max_steps=cfg.steps, learning_rate=cfg.lr, optim=cfg.optim,
+            lr_scheduler_type="constant",
             warmup_steps=0, per_device_train_batch_size=cfg.batch_size, num_generations=cfg.group_size,
             gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
             max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
             use_vllm=False, vllm_importance_sampling_correction=True, vllm_importance_sampling_mode=cfg.is_mode,
             vllm_importance_sampling_clip_max=cfg.is_clip_max, logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=not torch.cuda.is_available(), bf16=False, seed=cfg.seed, disable_tqdm=True)
-        rollout = RemoteRollout(pool=pool, tokenizer=tok, state=state, config=cfg,
-                                version_of_step=lambda s: start + s)
-        cb = PublishCallback(publisher=publisher, state=state, start_version=start, pool=pool,
-                             nudge=nudge_after_publish)
-        trainer = RemoteISGRPOTrainer(model=model, reward_funcs=[make_reward_func(scorer, cfg.task, state)],
+        schedule = PromptSchedule(len(dataset), prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                  steps=cfg.steps, seed=cfg.seed)
+        producer = BatchProducer(pool=pool, tokenizer=tok, env_url=cfg.env_url, env_token=cfg.env_token,
+                                 multi_turn=multi_turn, group_size=cfg.group_size,
+                                 max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                 max_turns=cfg.max_turns, max_episode_tokens=cfg.max_episode_tokens,
+                                 task_max_turns={t: int(i.get("max_turns") or 1) for t, i in infos.items()})
+        prefetcher = Prefetcher(producer, pool, wait_s=cfg.prefetch_wait_s) if overlap else None
+        rollout = RemoteRollout(producer=producer, pool=pool, state=state, config=cfg,
+                                version_of_step=lambda s: start + s, schedule=schedule, rows=dataset.to_list(),
+                                prefetcher=prefetcher)
+        callbacks: list[TrainerCallback] = []
+        if cfg.fault_nan_at_step > 0:
+            callbacks.append(FaultInjection(cfg.fault_nan_at_step))  # before publishing: it must be caught there
+        callbacks.append(PublishCallback(publisher=publisher, state=state, start_version=start, pool=pool,
+                                         nudge=nudge_after_publish))
+        trainer = RemoteISGRPOTrainer(model=model, reward_funcs=[make_reward_func(scorer, state, multi_turn)],
                                       args=args, train_dataset=dataset, processing_class=tok, rollout_func=rollout,
-                                      callbacks=[cb])
+                                      callbacks=callbacks, schedule=schedule)
         state.set(phase="training")
         trainer.train()
         publisher.flush()
@@ -336,6 +446,10 @@ def train(cfg: TrainerConfig, *, state: RunState | None = None, nudge_after_publ
         raise
     finally:
         try:
+            if prefetcher is not None:
+                prefetcher.close()
+            if producer is not None:
+                producer.close()
             publisher.close()
         finally:
             scorer.close()

@@ -1,8 +1,10 @@
 """HTTP clients the trainer uses to reach the other two Spaces: rollout replicas and the env Space.
 
-Owns `ReplicaPool` (completions with token ids + per-token logprobs + the `model_version` tag, spread over every
-healthy replica; a failing replica is skipped for a while and retried later; `/status` polling and the authenticated
-`POST /sync` nudge) and `EnvScorer` (`/v1/tasks/{task}/prompts` and batch `/v1/score`). The trainer Space depends on
+Owns `ReplicaPool` (completions with token ids + per-token logprobs + the `model_version` tag, spread round-robin
+over every healthy replica, preferring those known to serve a requested version; a failing replica is skipped for a
+while and retried later, a request refused as such raises `RolloutRequestError` without blaming the replica;
+`/status` polling, the authenticated `POST /sync` nudge and `wait_for_version`) and `EnvScorer`
+(`/v1/tasks/{task}/prompts` and batch `/v1/score`). Multi-turn episodes use OpenEnv's own client (`rollouts.py`). The trainer Space depends on
 `shared/` only, never on `env_space` or `rollout_space` code (DESIGN.md §2), hence its own small clients here.
 """
 
@@ -22,6 +24,15 @@ log = logging.getLogger("dws.trainer.remote")
 
 class NoHealthyReplicaError(RuntimeError):
     pass
+
+
+class RolloutRequestError(RuntimeError):
+    """A replica refused the request itself (HTTP 400/413/422: e.g. a prompt beyond its context length). Every
+    replica would refuse it the same way, so it is raised at once and no replica is marked as failing."""
+
+
+# Statuses that describe the request, not the replica: failing over would only repeat them.
+_REQUEST_ERRORS = {400, 413, 422}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +56,12 @@ class ReplicaState:
     last_error: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
     status_at: float = 0.0
+    last_version: int | None = None  # newest model_version seen in a response or /status
+
+    def known_version(self) -> int | None:
+        served = (self.status or {}).get("served_version")
+        known = [v for v in (served, self.last_version) if v is not None]
+        return max(known) if known else None
 
     def view(self) -> dict[str, Any]:
         st = self.status or {}
@@ -79,16 +96,20 @@ class ReplicaPool:
         self._http.close()
 
     # -- replica choice / health -------------------------------------------------------------------------------
-    def _next(self, exclude: set[str]) -> ReplicaState:
+    def _next(self, exclude: set[str], min_version: int | None = None) -> ReplicaState:
+        """Next replica in round-robin order that is not in back-off; with `min_version`, prefer those known to
+        serve at least that version (any up replica otherwise: the caller's staleness check has the last word)."""
         with self._lock:
             now = time.time()
             n = len(self.replicas)
-            for i in range(n):
-                r = self.replicas[(self._rr + i) % n]
-                if r.url in exclude or r.down_until > now:
-                    continue
-                self._rr = (self._rr + i + 1) % n
-                return r
+            order = [(self._rr + i) % n for i in range(n)]
+            up = [i for i in order if self.replicas[i].url not in exclude and self.replicas[i].down_until <= now]
+            if min_version is not None:
+                fresh = [i for i in up if (self.replicas[i].known_version() or -1) >= min_version]
+                up = fresh or up
+            if up:
+                self._rr = (up[0] + 1) % n
+                return self.replicas[up[0]]
         raise NoHealthyReplicaError("no healthy rollout replica (all failing or in back-off): "
                                     + ", ".join(f"{r.url}: {r.last_error}" for r in self.replicas))
 
@@ -112,9 +133,15 @@ class ReplicaPool:
         body = {"model": self.model_name(r), "prompt": prompt_ids, "n": n, "max_tokens": max_tokens,
                 "temperature": temperature, "logprobs": 0, "return_token_ids": True}
         resp = self._http.post(f"{r.url}/v1/completions", json=body)
+        if resp.status_code in _REQUEST_ERRORS:
+            raise RolloutRequestError(f"replica {r.url} refused the request: HTTP {resp.status_code} "
+                                      f"{resp.text[:300]}")
         resp.raise_for_status()
         data = resp.json()
-        version = data.get("model_version")
+        # A sync that landed while the request ran makes the gateway report [start, end]: the oldest one produced
+        # part of the tokens, so the completion counts as that old for the staleness bound.
+        tags = data.get("model_versions") or [data.get("model_version")]
+        version = None if any(v is None for v in tags) else min(int(v) for v in tags)
         out = []
         for ch in sorted(data["choices"], key=lambda c: c.get("index", 0)):
             ids = ch.get("token_ids")
@@ -129,24 +156,27 @@ class ReplicaPool:
             raise ValueError(f"asked for {n} completions, got {len(out)}")
         with self._lock:
             r.healthy, r.requests, r.last_error = True, r.requests + 1, None
+            if version is not None and (r.last_version is None or version > r.last_version):
+                r.last_version = version
         return out
 
-    def complete(self, prompt_ids: list[int], n: int, *, max_tokens: int, temperature: float) -> list[Completion]:
+    def complete(self, prompt_ids: list[int], n: int, *, max_tokens: int, temperature: float,
+                 min_version: int | None = None) -> list[Completion]:
         """`n` completions of one prompt from one replica, failing over to the others."""
         tried: set[str] = set()
         while True:
-            r = self._next(tried)
+            r = self._next(tried, min_version)
             try:
                 return self._complete_once(r, prompt_ids, n, max_tokens=max_tokens, temperature=temperature)
             except (httpx.HTTPError, ValueError, KeyError) as e:
                 self._mark_bad(r, e)
                 tried.add(r.url)
 
-    def complete_many(self, groups: list[tuple[list[int], int]], *, max_tokens: int,
-                      temperature: float) -> list[list[Completion]]:
+    def complete_many(self, groups: list[tuple[list[int], int]], *, max_tokens: int, temperature: float,
+                      min_version: int | None = None) -> list[list[Completion]]:
         """Several prompt groups concurrently, spread round-robin over the replicas."""
-        futs = [self._pool.submit(self.complete, p, n, max_tokens=max_tokens, temperature=temperature)
-                for p, n in groups]
+        futs = [self._pool.submit(self.complete, p, n, max_tokens=max_tokens, temperature=temperature,
+                                  min_version=min_version) for p, n in groups]
         return [f.result() for f in futs]
 
     # -- sync state ----------------------------------------------------------------------------------------------
@@ -173,6 +203,22 @@ class ReplicaPool:
     def served_versions(self) -> dict[str, int | None]:
         self.refresh_status()
         return {r.url: (r.status or {}).get("served_version") for r in self.replicas if r.healthy}
+
+    def wait_for_version(self, min_version: int, *, timeout_s: float, poll_s: float = 0.2,
+                         nudge_every_s: float = 1.0) -> bool:
+        """Nudge the replicas and poll their /status until one serves >= `min_version` (True) or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        next_nudge = 0.0
+        while True:
+            if time.monotonic() >= next_nudge:
+                self.nudge()
+                next_nudge = time.monotonic() + nudge_every_s
+            served = [v for v in self.served_versions().values() if v is not None]
+            if served and max(served) >= min_version:
+                return True
+            if time.monotonic() + poll_s > deadline:
+                return False
+            time.sleep(poll_s)
 
 
 class EnvScorer:

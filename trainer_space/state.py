@@ -1,7 +1,9 @@
-"""The live record of a training run, shared by the training thread, the publisher's callbacks and the dashboard.
+"""The live record of a training run, shared by the training thread, the prefetch worker, the publisher's callbacks
+and the dashboard.
 
-Owns `RunState`: per-step training figures, per-batch version records (what the staleness guard decided), per-version
-publish reports and the run's phase. Every mutation holds one lock because the publisher reports from its own thread
+Owns `RunState`: per-step training figures and timings, per-batch version records (what the staleness guard decided,
+whether the batch was generated ahead), per-version publish reports and the run's phase; and the summaries derived
+from them (`overlap`, `episodes`). Every mutation holds one lock because the publisher reports from its own thread
 and the dashboard reads from uvicorn's.
 """
 
@@ -22,9 +24,19 @@ class BatchRecord:
     lag: int  # trainer_version - oldest completion version
     attempts: int  # 1 = first generation accepted
     rejected_lags: list[int] = field(default_factory=list)  # lags of batches that were thrown away
-    waited_s: float = 0.0
-    generate_s: float = 0.0
+    waited_s: float = 0.0  # nudging/polling lagging replicas before a regeneration
+    generate_s: float = 0.0  # generation the training loop waited for (all of it without overlap)
     replicas: list[str] = field(default_factory=list)
+    source: str = "sync"  # the accepted batch: "prefetch" (made during the previous step) or "sync"
+    prefetched: bool = False  # a prefetched batch was taken (it may still have been rejected as stale)
+    exposed_wait_s: float = 0.0  # waiting for the prefetch to finish
+    prefetch_generate_s: float = 0.0  # the prefetch worker generating the accepted batch
+    prefetch_replica_wait_s: float = 0.0  # ... and, before that, waiting for a replica to serve the needed version
+    hidden_s: float = 0.0  # generation that ran while the previous step trained (never waited for)
+    wasted_s: float = 0.0  # prefetch generation thrown away as stale
+    tasks: list[str] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)  # multi-turn: turns of each episode
+    episode_returns: list[float] = field(default_factory=list)
 
 
 class RunState:
@@ -39,6 +51,9 @@ class RunState:
         self.batches: list[BatchRecord] = []
         self.publishes: list[dict[str, Any]] = []
         self.full_bf16_bytes: int | None = None
+        self.overlap: bool | None = None
+        self.tasks: list[str] = []
+        self.multi_turn_tasks: list[str] = []
         self._pending: dict[str, Any] = {}
 
     def set(self, **kw: Any) -> None:
@@ -54,7 +69,11 @@ class RunState:
 
     def end_step(self, row: dict[str, Any]) -> None:
         with self._lock:
-            self.steps.append({**self._pending, **row})
+            row = {**self._pending, **row}
+            if "step_s" in row:
+                row["train_s"] = max(0.0, row["step_s"] - sum(row.get(k, 0.0) for k in
+                                                              ("generate_s", "wait_s", "score_s")))
+            self.steps.append(row)
             self._pending = {}
 
     def add_batch(self, rec: BatchRecord) -> None:
@@ -72,6 +91,33 @@ class RunState:
                     row.update(kw)
                     return
 
+    def _overlap_summary(self, steps: list[dict]) -> dict[str, Any]:
+        b = self.batches
+        s_sum = sum(s.get("step_s", 0.0) for s in steps)
+        hidden = sum(x.hidden_s for x in b)
+        exposed = sum(x.generate_s for x in b)
+        later = [s for s in steps if s.get("step", 0) > 1]  # step 1 can never have been generated ahead
+        return {
+            "enabled": self.overlap, "batches": len(b), "prefetched": sum(x.source == "prefetch" for x in b),
+            "sync": sum(x.source == "sync" for x in b), "prefetch_rejected_stale": sum(
+                1 for x in b if x.prefetched and x.rejected_lags),
+            "generate_hidden_s": round(hidden, 3), "generate_exposed_s": round(exposed, 3),
+            "hidden_fraction": round(hidden / (hidden + exposed), 3) if hidden + exposed > 0 else None,
+            "wasted_s": round(sum(x.wasted_s for x in b), 3),
+            "s_per_step": round(s_sum / len(steps), 4) if steps else None,
+            "s_per_step_after_first": (round(sum(s.get("step_s", 0.0) for s in later) / len(later), 4)
+                                       if later else None),
+        }
+
+    def _episode_summary(self) -> dict[str, Any]:
+        turns = [t for x in self.batches for t in x.turns]
+        rets = [r for x in self.batches for r in x.episode_returns]
+        if not turns:
+            return {"episodes": 0}
+        return {"episodes": len(turns), "turns_total": sum(turns), "turns_mean": round(sum(turns) / len(turns), 3),
+                "turns_max": max(turns), "multi_turn_episodes": sum(t > 1 for t in turns),
+                "return_mean": round(sum(rets) / len(rets), 4)}
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             elapsed = time.time() - self.started
@@ -85,4 +131,6 @@ class RunState:
                 "steps_per_min": spm, "steps": copy.deepcopy(self.steps),
                 "batches": [vars(b).copy() for b in self.batches],
                 "publishes": copy.deepcopy(self.publishes), "full_bf16_bytes": self.full_bf16_bytes,
+                "tasks": list(self.tasks), "multi_turn_tasks": list(self.multi_turn_tasks),
+                "overlap": self._overlap_summary(train_steps), "episodes": self._episode_summary(),
             }
