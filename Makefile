@@ -8,7 +8,7 @@ DEMO_DIR ?= .dws/demo
 BUCKET ?=
 MODEL ?=
 
-.PHONY: help venvs test test-shared test-rollout test-trainer test-env demo bench spaces lint clean $(addprefix venv-,$(SPACES))
+.PHONY: help venvs test test-shared test-rollout test-trainer test-env test-e2e test-reliability demo bench spaces lint clean $(addprefix venv-,$(SPACES))
 
 help:
 	@echo "make demo   - run the whole system locally (tiny model, local-folder bucket)"
@@ -27,7 +27,8 @@ define run_suite
 	@if [ -d tests/$(2) ]; then echo "== tests/$(2) in $(VENV)/$(1)"; $(VENV)/$(1)/bin/python -m pytest $(PYTEST_FLAGS) tests/$(2); fi
 endef
 
-test-shared: venv-trainer venv-rollout
+# tests/shared also runs each Space's entrypoint `--help` and lock check through that Space's own venv.
+test-shared: venv-trainer venv-rollout venv-env
 	$(call run_suite,trainer,shared)
 	$(call run_suite,rollout,shared)
 
@@ -43,10 +44,16 @@ test-env: venv-env
 test-e2e: venvs
 	$(call run_suite,trainer,e2e)
 
-test: test-shared test-env test-rollout test-trainer test-e2e
+# Faults, hostile input, load and secrets: the suite runs in the rollout venv; the env Space and the trainer it
+# also starts run from their own venvs.
+test-reliability: venvs
+	$(call run_suite,rollout,reliability)
 
-demo: venv-trainer
-	@$(VENV)/trainer/bin/python -m shared.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL))
+test: test-shared test-env test-rollout test-trainer test-e2e test-reliability
+
+# The three services from their own venvs on 127.0.0.1 (DEMO_FLAGS: e.g. --steps 80 --port-base 8860 --exit-when-done).
+demo: venvs
+	@$(VENV)/trainer/bin/python -m shared.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL)) $(DEMO_FLAGS)
 
 # Payload/encode/decode on a Qwen3-0.6B-shaped model (trainer venv), then the replica half: pause, apply, latency
 # and memory through a real gateway + vLLM (rollout venv), loader and direct apply paths.
@@ -54,8 +61,10 @@ bench: venv-trainer venv-rollout
 	@$(VENV)/trainer/bin/python bench/run.py $(BENCH_FLAGS)
 	@for mode in loader direct; do $(VENV)/rollout/bin/python bench/replica.py --apply-mode $$mode --out bench/replica-$$mode.json || exit 1; done
 
-spaces:
-	@echo "make spaces: coming in issue 9 (Docker Spaces and one-command deploy)"
+# The bucket and the three Hugging Face Spaces under a namespace (shared/spaces.py); needs HF_TOKEN unless
+# SPACES_FLAGS holds --dry-run. Example: make spaces SPACES_FLAGS="--namespace me --replicas 2 --dry-run"
+spaces: venv-trainer
+	@$(VENV)/trainer/bin/dws spaces deploy $(SPACES_FLAGS)
 
 clean:
 	rm -rf .dws .pytest_cache

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from rollout_space.sync import Syncer
 from rollout_space.vllm_proc import VllmServer
@@ -54,6 +55,18 @@ def _bearer_ok(request: Request, key: str | None) -> bool:
 
 def _err(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": status, **extra}}, status_code=status)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it exceeds `limit`: a chunked upload declares no length, and buffering it whole
+    before measuring would let one client fill the replica's memory."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, supervise: bool = True) -> FastAPI:
@@ -148,8 +161,11 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
             declared = request.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
                 return _err(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
+            try:
+                body = await _read_capped(request, MAX_BODY_BYTES)
+            except ClientDisconnect:  # gone mid-body: nobody reads the answer, but it must not be a 500 + traceback
+                return _err(400, "the client disconnected before sending the whole body")
+            if body is None:
                 return _err(413, f"request body larger than {MAX_BODY_BYTES} bytes")
             try:
                 payload = json.loads(body or b"null")

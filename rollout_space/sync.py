@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,22 @@ class SyncState:
     last: SyncRecord | None = None
     history: deque = field(default_factory=lambda: deque(maxlen=50))
     versions_served: list[int] = field(default_factory=list)  # every version this replica has served, in order
+    # version -> digest this replica proved it held after applying that version (checked by the plugin inside the
+    # pause, then measured again after resume for the target). An end-to-end check compares these with the trainer's
+    # own digests, so a version counts here only once its bytes were hashed on the replica, never from the manifest.
+    verified: dict[int, str] = field(default_factory=dict)
+
+
+VERIFIED_ON_STATUS = 512
+
+
+def _pause_summary(history) -> dict:
+    """Median / max pause of the recent successful syncs that paused vLLM (a sync rejected before the pause has
+    pause 0 and would drag the median down)."""
+    pauses = sorted(r.pause_s * 1e3 for r in history if r.ok and r.pause_s > 0)
+    if not pauses:
+        return {"count": 0, "median": None, "max": None}
+    return {"count": len(pauses), "median": round(statistics.median(pauses), 1), "max": round(pauses[-1], 1)}
 
 
 class Syncer:
@@ -110,6 +127,7 @@ class Syncer:
             if e.digest == digest:
                 self.state.served_version = e.version
                 self.state.digest_match = True
+                self.state.verified[e.version] = digest
                 log.info("served weights are bucket version v%d (digest match)", e.version)
                 return
         log.info("served weights are not a kept bucket version; will start from an anchor")
@@ -128,15 +146,18 @@ class Syncer:
                 self.syncing = False
 
     async def _sync_once(self) -> SyncRecord | None:
-        m: Manifest | None = await asyncio.to_thread(self.follower.manifest)
-        if m is None:
-            return None
         st = self.state
-        st.latest_version, st.latest_digest = m.latest, m.latest_digest
-        if st.served_version == m.latest:
-            return None
-        current = None if self._avoid_deltas else st.served_version
-        plan: SyncPlan = self.follower.plan(current, manifest=m)
+        try:
+            m: Manifest | None = await asyncio.to_thread(self.follower.manifest)
+            if m is None:
+                return None
+            st.latest_version, st.latest_digest = m.latest, m.latest_digest
+            if st.served_version == m.latest:
+                return None
+            current = None if self._avoid_deltas else st.served_version
+            plan: SyncPlan = self.follower.plan(current, manifest=m)
+        except (DwsError, OSError) as exc:
+            return self._no_plan(exc)
         # Until this round is fully recorded (digest measured, last_sync written), /status says so: a poller
         # must not pair the new served_version with the previous round's record.
         self.syncing = True
@@ -166,6 +187,21 @@ class Syncer:
             await asyncio.to_thread(self.follower.prune_cache, keep if not rec.ok else set())
         return rec
 
+    def _no_plan(self, exc: BaseException) -> SyncRecord:
+        """The bucket is unreachable, or its manifest is hostile, broken or leads nowhere: nothing was fetched or
+        applied and the last good version keeps being served -- but /status must say why, not only the log."""
+        st = self.state
+        rec = SyncRecord(started=time.time(), plan="read the manifest", from_version=st.served_version,
+                         to_version=None, error=f"{type(exc).__name__}: {exc}")
+        st.failures += 1
+        repeated = st.last is not None and st.last.error == rec.error
+        st.last = rec
+        if not repeated:  # a long outage polled every few seconds must not flush the useful history
+            st.history.append(rec)
+        (log.debug if repeated else log.error)("cannot sync from the bucket: %s (still serving v%s)", rec.error,
+                                               st.served_version)
+        return rec
+
     async def _apply(self, files, plan: SyncPlan, rec: SyncRecord, m: Manifest) -> None:
         st = self.state
         t_pause = time.perf_counter()
@@ -191,6 +227,8 @@ class Syncer:
                 st.served_version = e.version
                 st.served_digest = e.digest if check else None
                 st.digest_match = True if check else None
+                if check:
+                    st.verified[e.version] = e.digest
                 expected = e.digest
             rec.apply_s = time.perf_counter() - t_apply
             await self.control.finish_update(plan.target)
@@ -209,7 +247,10 @@ class Syncer:
                 log.warning("could not read the served digest: %s", exc)
                 st.served_digest = None
             st.digest_match = st.served_digest == m.digest_of(plan.target)
-            if not st.digest_match:
+            if st.digest_match:
+                st.verified[plan.target] = st.served_digest
+            else:
+                st.verified.pop(plan.target, None)
                 log.error("served digest %s differs from v%d's %s; resyncing from the newest anchor",
                           st.served_digest, plan.target, m.digest_of(plan.target))
                 self.forget_version()
@@ -241,4 +282,7 @@ class Syncer:
             "syncing": self.syncing,
             "last_sync": asdict(st.last) if st.last else None,
             "recent_syncs": [asdict(r) for r in list(st.history)[-10:]],
+            "pause_ms": _pause_summary(st.history),
+            # Bounded: a long run keeps only the newest entries on /status (JSON keys are strings).
+            "verified_versions": {str(v): st.verified[v] for v in sorted(st.verified)[-VERIFIED_ON_STATUS:]},
         }

@@ -50,3 +50,9 @@ class ModelMismatchError(DwsError, ValueError):
 
 class PublishError(DwsError):
     """A background publish failed; raised to the trainer on its next publish() or flush()."""
+
+
+class OwnerConflictError(PublishError):
+    """The bucket belongs to another publisher (its `owner.json` lease), or this publisher lost it to a take-over.
+
+    Raised instead of writing anything, so that two trainers pointed at one bucket never interleave versions."""

