@@ -185,8 +185,11 @@ class Demo:
                               "--vllm-log", str(o.dir / "logs" / f"rollout-{i + 1}-vllm.log"),
                               "--vllm-args=--enforce-eager"])
             for i, p in enumerate(rollout_ports)]
+        # A stable run id: a demo restarted on the same (user-given) bucket continues at once, instead of waiting
+        # for the lease of the trainer it just stopped to expire.
         trainer = ServiceSpec(
-            name="trainer", space="trainer", port=trainer_port, env=secret_env,
+            name="trainer", space="trainer", port=trainer_port,
+            env={**secret_env, "DWS_RUN_ID": f"dws-demo:{o.dir.resolve()}"},
             args=["--model", model, "--bucket", bucket, *[a for r in rollouts for a in ("--rollout-url", r.url)],
                   "--env-url", env.url, "--task", o.task, "--steps", str(o.steps), "--lr", str(o.lr), "--optim", o.optim, *(["--trainable", o.trainable] if o.trainable else []),
                   "--prompts-per-step", str(o.prompts_per_step), "--group-size", str(o.group_size),

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_when_done = "--exit-when-done" in argv or os.environ.get("DWS_EXIT_WHEN_DONE", "").lower() in {"1", "true"}
     argv = [a for a in argv if a != "--exit-when-done"]
 
-    from shared.errors import NonFiniteWeightsError
+    from shared.errors import NonFiniteWeightsError, OwnerConflictError
     from trainer_space.config import parse_args
     from trainer_space.dashboard import serve_in_background
     from trainer_space.grpo import StalenessError, train
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         train(cfg, state=state)
+    except OwnerConflictError as e:
+        # Another live run owns the bucket: a configuration problem to state in one line, not a traceback.
+        log.error("REFUSED: %s", e)
+        rc = 2
     except NonFiniteWeightsError as e:
         log.error("STOPPED: the weights hold NaN/Inf, nothing was published for this step: %s", e)
         rc = 2
