@@ -214,7 +214,7 @@ class Demo:
             self.timings["env_start_s"] = env.wait_healthy(progress=self.say)
             self.say(f"env       ready in {self.timings['env_start_s']:.1f}s")
             replicas = [Replica(svc=first, started_at_version=None)]
-            self.timings["rollout-1_start_s"] = first.wait_healthy(progress=self.say)
+            first.wait_healthy(progress=self.say)
             self._replica_up(replicas[0])
             trainer = stack.start(trainer_spec)
             self.say(f"trainer   {trainer.url}  starting (dashboard at /)")
@@ -224,7 +224,7 @@ class Demo:
             self.timings["train_s"] = time.monotonic() - t_train
             for r in replicas:
                 if not r.healthy:
-                    self.timings[f"{r.svc.name}_start_s"] = r.svc.wait_healthy(progress=self.say)
+                    r.svc.wait_healthy(progress=self.say)
                     self._replica_up(r)
             t_conv = time.monotonic()
             self._converge(replicas, final)
@@ -251,6 +251,7 @@ class Demo:
 
     def _replica_up(self, r: Replica) -> None:
         r.healthy = True
+        self.timings[f"{r.svc.name}_start_s"] = r.svc.healthy_after_s
         self.say(f"{r.svc.name} ready in {r.svc.healthy_after_s:.1f}s at {r.svc.url}")
         if self.opts.load:
             r.load = LoadClient(r.svc, token=self.token)
@@ -267,14 +268,8 @@ class Demo:
             pubs = _publishes(st)
             latest = max((p["version"] for p in pubs), default=None)
             for r in replicas:
-                if not r.healthy and r.svc.alive():
-                    try:
-                        if httpx.get(f"{r.svc.url}/health", timeout=5).status_code == 200:
-                            r.svc.healthy_after_s = time.monotonic() - r.svc.started_at
-                            self.timings[f"{r.svc.name}_start_s"] = r.svc.healthy_after_s
-                            self._replica_up(r)
-                    except httpx.HTTPError:
-                        pass
+                if not r.healthy and r.svc.poll_healthy():
+                    self._replica_up(r)
             if late and latest is not None and latest >= o.late_after:
                 spec = late.pop(0)
                 svc = stack.start(spec)

@@ -51,6 +51,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, *, timeout: float) -> None:
+    """SIGTERM the child's process group (it was started with start_new_session), wait, then SIGKILL whatever is
+    left of the group -- also when the leader already exited, since its children (vLLM's engine core) may not have."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
 def space_python(space: str, venv_root: Path) -> Path:
     py = Path(venv_root) / space / "bin" / "python"
     if not py.exists():
@@ -135,23 +151,29 @@ class LocalService:
         assert self.started_at is not None, "start() first"
         deadline = self.started_at + self.spec.health_timeout_s
         next_note = time.monotonic() + every_s
-        with httpx.Client(timeout=5) as http:
-            while True:
-                self.check_alive()
-                try:
-                    if http.get(f"{self.url}/health").status_code == 200:
-                        self.healthy_after_s = time.monotonic() - self.started_at
-                        return self.healthy_after_s
-                except httpx.HTTPError:
-                    pass
-                now = time.monotonic()
-                if now > deadline:
-                    raise LaunchError(f"{self.name} not healthy after {self.spec.health_timeout_s:.0f}s; "
-                                      f"last lines of {self.log}:\n{self.tail()}")
-                if progress and now >= next_note:
-                    progress(f"{self.name}: still starting ({now - self.started_at:.0f}s)")
-                    next_note = now + every_s
-                time.sleep(0.5)
+        while True:
+            self.check_alive()
+            if self.poll_healthy():
+                return self.healthy_after_s
+            now = time.monotonic()
+            if now > deadline:
+                raise LaunchError(f"{self.name} not healthy after {self.spec.health_timeout_s:.0f}s; "
+                                  f"last lines of {self.log}:\n{self.tail()}")
+            if progress and now >= next_note:
+                progress(f"{self.name}: still starting ({now - self.started_at:.0f}s)")
+                next_note = now + every_s
+            time.sleep(0.5)
+
+    def poll_healthy(self) -> bool:
+        """One GET /health probe, for callers that watch a starting service while doing other work; the first 200
+        records `healthy_after_s`."""
+        try:
+            ok = httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+        if ok and self.healthy_after_s is None:
+            self.healthy_after_s = time.monotonic() - self.started_at
+        return ok
 
     def status(self, *, timeout: float = 30, token: str | None = None) -> dict:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -160,24 +182,12 @@ class LocalService:
         return r.json()
 
     def stop(self, *, timeout: float = 30) -> None:
-        """SIGTERM the group, wait, then SIGKILL what is left of it -- also when the leader already exited, since
-        its children (vLLM's engine core) may not have."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
+            stop_process_group(self.proc, timeout=timeout)
         except subprocess.TimeoutExpired:
-            pass
+            pass  # the group was SIGKILLed; one stuck leader must not keep the demo from stopping the others
 
 
 class Stack:

@@ -1,25 +1,20 @@
 """Helpers for every suite (imported as `dws_testing`; `tests/` is on sys.path through the root conftest).
 
-Only the standard library at module level: each suite runs in its own Space's venv, and the env venv has no torch.
-`Service` starts a Space's production command as a child on 127.0.0.1 and stops its whole process group.
+Only the standard library and `shared.launch` (stdlib + httpx) at module level: each suite runs in its own Space's
+venv, and the env venv has no torch. `free_port` and `stop_process_group` are the launcher's own, which `make demo`
+uses too. `Service` starts a Space's production command as a child on 127.0.0.1 and stops its whole process group.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from shared.launch import free_port, stop_process_group  # noqa: F401 -- re-exported for the suites
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TinyTrainer:
@@ -47,22 +42,6 @@ class TinyTrainer:
 
     def bf16(self):
         return {n: p.detach().to(self.torch.bfloat16).clone() for n, p in self.model.named_parameters()}
-
-
-def stop_process_group(proc: subprocess.Popen, *, timeout: float) -> None:
-    """SIGTERM the child's process group (it was started with start_new_session), wait, then SIGKILL whatever is
-    left of the group -- also when the leader already died, since its children (vLLM's engine core) may not have."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
 
 
 class Service:

@@ -8,7 +8,6 @@ environment is scrubbed of DWS_* and PORT so a developer's shell cannot change w
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from dws_testing import free_port
 from env_helpers import API_KEY, REPO
 
 
@@ -37,14 +37,8 @@ class Server:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_dir: Path, *, args: list[str], env: dict[str, str]) -> Server:
-    port = _free_port()
+    port = free_port()
     log = tmp_dir / "server.log"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DWS_") and k != "PORT"}
     full_env = {**clean, "PORT": str(port), "DWS_HOST": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
