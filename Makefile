@@ -53,7 +53,7 @@ test: test-shared test-env test-rollout test-trainer test-e2e test-reliability
 
 # The three services from their own venvs on 127.0.0.1 (DEMO_FLAGS: e.g. --steps 80 --port-base 8860 --exit-when-done).
 demo: venvs
-	@$(VENV)/trainer/bin/python -m shared.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL)) $(DEMO_FLAGS)
+	@$(VENV)/trainer/bin/python -m dws_tools.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL)) $(DEMO_FLAGS)
 
 # Payload/encode/decode on a Qwen3-0.6B-shaped model (trainer venv), then the replica half: pause, apply, latency
 # and memory through a real gateway + vLLM (rollout venv), loader and direct apply paths.
@@ -61,7 +61,7 @@ bench: venv-trainer venv-rollout
 	@$(VENV)/trainer/bin/python bench/run.py $(BENCH_FLAGS)
 	@for mode in loader direct; do $(VENV)/rollout/bin/python bench/replica.py --apply-mode $$mode --out bench/replica-$$mode.json || exit 1; done
 
-# The bucket and the three Hugging Face Spaces under a namespace (shared/spaces.py); needs HF_TOKEN unless
+# The bucket and the three Hugging Face Spaces under a namespace (dws_tools/spaces.py); needs HF_TOKEN unless
 # SPACES_FLAGS holds --dry-run. Example: make spaces SPACES_FLAGS="--namespace me --replicas 2 --dry-run"
 spaces: venv-trainer
 	@$(VENV)/trainer/bin/dws spaces deploy $(SPACES_FLAGS)

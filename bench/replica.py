@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dws_testing import TinyTrainer, free_port  # noqa: E402
 from shared.publisher import Publisher  # noqa: E402
-from shared.tiny_model import build_tiny_model  # noqa: E402
+from dws_tools.tiny_model import build_tiny_model  # noqa: E402
 
 SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, head_dim=64, vocab_size=32000)

@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 def build_model(quick: bool, seed: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from shared.tiny_model import DEFAULT_CONFIG
+    from dws_tools.tiny_model import DEFAULT_CONFIG
 
     cfg = Qwen3Config(**(DEFAULT_CONFIG if quick else QWEN3_06B), tie_word_embeddings=True)
     torch.manual_seed(seed)

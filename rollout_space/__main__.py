@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shared.proc import free_port
+
 
 def _env(name: str, default=None):
     v = os.environ.get(name)
@@ -63,14 +65,6 @@ def _cpu_only() -> bool:
         return True
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,7 +89,7 @@ def main(argv=None) -> int:
     except DwsError as exc:
         print(f"dws rollout: error: {exc}", file=sys.stderr)
         return 1
-    opts = VllmOptions(model=args.model, port=args.vllm_port or _free_port(),
+    opts = VllmOptions(model=args.model, port=args.vllm_port or free_port(),
                        served_model_name=args.served_model_name, gpu_memory_utilization=args.gpu_memory_utilization,
                        max_model_len=args.max_model_len, extra_args=shlex.split(args.vllm_args),
                        log_file=Path(args.vllm_log) if args.vllm_log else None)

@@ -11,18 +11,18 @@ import json
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-log = logging.getLogger("dws.rollout.vllm")
+from shared.proc import LOOPBACK, NotHealthy, child_preexec, group_members, stop_process_group, wait_healthy
 
-LOOPBACK = "127.0.0.1"
+__all__ = ["LOOPBACK", "VllmError", "VllmOptions", "VllmServer", "group_members"]
+
+log = logging.getLogger("dws.rollout.vllm")
 
 
 class VllmError(RuntimeError):
@@ -43,38 +43,6 @@ class VllmOptions:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 600.0
     log_file: Path | None = None
-
-
-def _die_with_parent() -> None:
-    """Runs in the vLLM child before exec: if the gateway dies -- even by SIGKILL -- the kernel sends the child
-    SIGTERM, so a crashed replica never leaves a model-sized vLLM running in the background (Linux only)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _signal_group(group: int, sig: int) -> None:
-    try:
-        os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def group_members(group: int) -> list[int]:
-    """Live processes of a process group (Linux /proc), zombies excluded."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == group and fields[0] != "Z":
-                out.append(int(d))
-    return out
 
 
 class VllmServer:
@@ -124,41 +92,28 @@ class VllmServer:
         # the *thread* that started the child ends, so call start() only from threads that live as long as the
         # process (the main thread, or the gateway's dedicated restart thread).
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=child_preexec)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_healthy(self, *, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.opts.startup_timeout_s)
-        while time.monotonic() < deadline:
-            if not self.alive():
-                code = self.proc.returncode if self.proc else None
-                raise VllmError(f"vLLM exited during start-up (exit code {code})")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    log.info("vLLM is healthy on %s", self.base_url)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise VllmError(f"vLLM did not become healthy within {timeout or self.opts.startup_timeout_s:.0f}s")
+        try:
+            wait_healthy(self.base_url, proc=self.proc, timeout=timeout or self.opts.startup_timeout_s,
+                         what="vLLM", interval=1.0)
+        except NotHealthy as exc:
+            raise VllmError(str(exc)) from None
+        log.info("vLLM is healthy on %s", self.base_url)
 
     def stop(self, *, timeout: float = 20.0) -> None:
         if self.proc is None:
             return
-        group = self.proc.pid  # start_new_session: the group id is the leader's pid
-        if self.proc.poll() is None:
-            _signal_group(group, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         # Even when the API server is already dead (crashed, or killed), its engine-core and worker processes may
-        # live on in its group holding the model's memory: always finish the group off.
-        _signal_group(group, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
+        # live on in its group holding the model's memory: the whole group is always finished off.
+        try:
+            stop_process_group(self.proc, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None

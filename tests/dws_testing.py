@@ -1,18 +1,17 @@
 """Helpers for every suite (imported as `dws_testing`; `tests/` is on sys.path through the root conftest).
 
-Only the standard library and `shared.launch` (stdlib + httpx) at module level: each suite runs in its own Space's
-venv, and the env venv has no torch. `free_port` and `stop_process_group` are the launcher's own, which `make demo`
-uses too. `Service` starts a Space's production command as a child on 127.0.0.1 and stops its whole process group.
+Only the standard library and `shared.proc` (stdlib + httpx) at module level: each suite runs in its own Space's
+venv, and the env venv has no torch. Ports, process groups and the `/health` wait are the product's own
+(`shared.proc`), which the replica's gateway and `make demo` use too. `Service` starts a Space's production command as a child on 127.0.0.1 and stops its whole process group.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
-from shared.launch import free_port, stop_process_group  # noqa: F401 -- re-exported for the suites
+from shared.proc import NotHealthy, free_port, stop_process_group, wait_healthy  # noqa: F401 -- re-exported
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,19 +53,12 @@ class Service:
         cmd = [c.replace("{PORT}", str(self.port)) for c in cmd]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        import httpx  # every Space's venv has it; imported here so this module stays stdlib-only at import
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise AssertionError(f"{cmd[2]} never became healthy\n{self.tail()}")
+        try:
+            wait_healthy(self.url, proc=self.proc, timeout=timeout, what=cmd[2] if len(cmd) > 2 else cmd[0],
+                         interval=1.0, log_tail=self.tail)
+        except NotHealthy as exc:
+            self.stop()
+            raise AssertionError(str(exc)) from None
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]

@@ -1,6 +1,6 @@
 """End-to-end: the three Spaces as separate processes, with their production commands, over a local-folder bucket.
 
-The module runs `python -m shared.demo` (what `make demo` runs) once: env_space, rollout replica 1 (real vLLM on CPU)
+The module runs `python -m dws_tools.demo` (what `make demo` runs) once: env_space, rollout replica 1 (real vLLM on CPU)
 and the trainer start from their own venvs; replica 2 starts only after several versions exist, so it must catch up
 from an anchor plus deltas; a background client keeps sending completions to every replica while it syncs. The demo
 writes a JSON report of what each service measured (artifacts/e2e-report.json, quoted by the README). The tests then
@@ -62,7 +62,7 @@ def _wait_no_leftovers(work, timeout: float = 30) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
-    cmd = [PY, "-u", "-m", "shared.demo", "--dir", str(work), "--steps", str(STEPS), "--replicas", "2",
+    cmd = [PY, "-u", "-m", "dws_tools.demo", "--dir", str(work), "--steps", str(STEPS), "--replicas", "2",
            "--late-after", str(LATE_AFTER), "--port-base", "0", "--exit-when-done", "--report", str(REPORT)]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1700)
@@ -159,7 +159,7 @@ def test_dws_verify_passes_and_a_follower_rebuilds_what_replicas_serve(run):
 
 # ---------------------------------------------------------------------------------------------- failure paths
 def _demo(args: list[str], work: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-u", "-m", "shared.demo", "--dir", str(work), "--exit-when-done", *args], cwd=REPO,
+    return subprocess.Popen([PY, "-u", "-m", "dws_tools.demo", "--dir", str(work), "--exit-when-done", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 

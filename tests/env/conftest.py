@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
-from dws_testing import free_port
+from dws_testing import NotHealthy, free_port, wait_healthy
 from env_helpers import API_KEY, REPO
 
 
@@ -49,17 +47,11 @@ def _launch(tmp_dir: Path, *, args: list[str], env: dict[str, str]) -> Server:
 
 
 def _wait_ready(server: Server, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"env_space exited with {server.proc.returncode}:\n{server.log_text()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"env_space not healthy after {timeout_s}s:\n{server.log_text()}")
+    try:
+        wait_healthy(server.url, proc=server.proc, timeout=timeout_s, what="env_space", interval=0.2,
+                     log_tail=server.log_text)
+    except NotHealthy as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def _stop(server: Server) -> None:

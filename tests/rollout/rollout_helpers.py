@@ -1,5 +1,5 @@
 """Helpers for the rollout suite: a real vLLM OpenAI server (CPU) with the dws weight-transfer backend, driven over
-HTTP, and a tiny untied Qwen2 checkpoint (the project's `shared.tiny_model` builds the tied Qwen3)."""
+HTTP, and a tiny untied Qwen2 checkpoint (the project's `dws_tools.tiny_model` builds the tied Qwen3)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dws_testing import REPO, free_port, stop_process_group
+from dws_testing import REPO, NotHealthy, free_port, stop_process_group, wait_healthy
 
 
 class VllmServer:
@@ -49,20 +49,11 @@ class VllmServer:
         self.startup_s = self._wait_ready(600)
 
     def _wait_ready(self, timeout: float) -> float:
-        import httpx
-
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return time.time() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM did not become ready in {timeout}s:\n{self.log_tail()}")
+        try:
+            return wait_healthy(self.base, proc=self.proc, timeout=timeout, what="vLLM", log_tail=self.log_tail)
+        except NotHealthy as exc:
+            self.stop()
+            raise RuntimeError(str(exc)) from None
 
     def log_tail(self, n: int = 60) -> str:
         try:

@@ -39,7 +39,7 @@ class State:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, vllm_available):
-    from shared.tiny_model import build_tiny_model
+    from dws_tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("qwen3") / "model", vocab_size=500)
 
@@ -175,7 +175,7 @@ def test_bad_update_info_rejected(server, state, tmp_path):
 
 
 def test_anchor_dense(server, state, model_dir, tmp_path):
-    from shared.tiny_model import build_tiny_model
+    from dws_tools.tiny_model import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", vocab_size=500, seed=7)
     from safetensors.torch import load_file

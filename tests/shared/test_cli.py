@@ -107,5 +107,83 @@ def test_space_entrypoints_help_or_say_what_is_missing(command, module):
     if importlib.util.find_spec(deps) is not None or command == "rollout":
         assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
     else:
-        assert proc.returncode == 1 and f"{module} cannot run in this environment" in proc.stderr
-        assert "Traceback" not in proc.stderr
+        extra = {"rollout": "rollout", "train": "trainer", "env": "env"}[command]
+        assert proc.returncode == 1 and f"`dws {command}` cannot run in this environment" in proc.stderr
+        assert f"dws[{extra}]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_registered_command():
+    """`dws --help` lists the protocol's commands and every `dws.commands` entry point, importing none of them."""
+    out = run("--help").stdout
+    for command in ("inspect", "verify", "rollout", "train", "env", "demo", "tiny-model", "spaces"):
+        assert f"    {command} " in out, command
+
+
+def test_protocol_package_names_no_space_or_tool():
+    """shared/ is the protocol only: no import of, and no module string naming, a Space or the tooling package."""
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "shared"
+    pattern = re.compile(r"\b(rollout_space|trainer_space|env_space|dws_tools)\b")
+    hits = [f"{p.name}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits
+
+
+def _trl_delta(path: Path, *, model_dir: Path, version: int = 7) -> dict[str, int]:
+    """A delta as TRL's delta-sync branch writes it ({name}.indices int32, {name}.values bf16, header `sparse`,
+    `model_version`, `changed_params`), changing a few elements of two real tensors of the tiny model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        names = sorted(f.keys())[:2]
+        numels = {n: f.get_slice(n).get_shape() for n in names}
+    tensors, counts = {}, {}
+    for i, name in enumerate(names):
+        numel = 1
+        for d in numels[name]:
+            numel *= d
+        idx = torch.arange(0, numel, max(1, numel // (5 + i)), dtype=torch.int32)
+        tensors[f"{name}.indices"] = idx
+        tensors[f"{name}.values"] = torch.ones(idx.numel(), dtype=torch.bfloat16)
+        counts[name] = idx.numel()
+    save_file(tensors, str(path), metadata={"sparse": "true", "model_version": str(version),
+                                            "changed_params": json.dumps(names)})
+    return counts
+
+
+def test_inspect_trl_delta_without_manifest(tmp_path, tiny_model_dir):
+    """A TRL user has no manifest: inspect still reports version, changed elements, bytes per changed element and
+    per-tensor counts; given the model (a folder, or a TRL anchor_step_* checkpoint) it checks shapes and adds
+    densities."""
+    path = tmp_path / "delta.safetensors"
+    counts = _trl_delta(path, model_dir=Path(tiny_model_dir))
+    out = json.loads(run("inspect", "--json", "--tensors", str(path)).stdout)
+    assert out["kind"] == "delta" and out["version"] == 7 and out["changed_elements"] == sum(counts.values())
+    assert out["bytes_per_changed_element"] > 0
+    assert {n: r["changed"] for n, r in out["per_tensor"].items()} == counts
+    assert "density" not in out
+
+    anchor = tmp_path / "anchor_step_6"
+    anchor.mkdir()
+    (anchor / "model.safetensors").write_bytes((Path(tiny_model_dir) / "model.safetensors").read_bytes())
+    for model in (str(tiny_model_dir), str(anchor), str(anchor / "model.safetensors")):
+        out = json.loads(run("inspect", "--json", "--tensors", "--model", model, str(path)).stdout)
+        assert out["checked_against_model"] is True and 0 < out["density"] < 1
+        assert all(0 < r["density"] <= 1 for r in out["per_tensor"].values())
+    text = run("inspect", "--tensors", "--model", str(tiny_model_dir), str(path)).stdout
+    assert "changed_elements" in text and "%" in text
+
+
+def test_inspect_trl_delta_against_the_wrong_model_is_one_line(tmp_path, tiny_model_dir):
+    path = tmp_path / "delta.safetensors"
+    _trl_delta(path, model_dir=Path(tiny_model_dir))
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"unrelated.weight": torch.zeros(3, dtype=torch.bfloat16)}, str(other))
+    proc = run("inspect", "--model", str(other), str(path), ok=False)
+    assert proc.returncode == 1 and "not part of the model" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("inspect", "--model", str(tmp_path / "nowhere"), str(path), ok=False)
+    assert proc.returncode == 1 and "no safetensors checkpoint" in proc.stderr and "Traceback" not in proc.stderr

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from dws_testing import REPO, free_port
 
-from shared.spaces import SPACE_KINDS, space_files
+from dws_tools.spaces import SPACE_KINDS, space_files
 
 SPACES = sorted(SPACE_KINDS)
 HADOLINT = Path(sys.executable).with_name("hadolint")
@@ -123,7 +123,7 @@ def test_front_matter_matches_dockerfile(space):
 def test_readme_documents_what_deploy_sets(space):
     """Every variable and secret `dws spaces deploy` sets on this Space is named in its README, so a person who
     duplicates the Space by hand knows to set it."""
-    from shared.spaces import DeployOptions, SetSecret, SetVariable, build_plan
+    from dws_tools.spaces import DeployOptions, SetSecret, SetVariable, build_plan
 
     plan = build_plan(DeployOptions(namespace="alice", api_key="k", space_token="t"))
     repo = next(s.repo_id for s in plan.spaces if s.kind == space)
@@ -198,11 +198,12 @@ print("\x00" + json.dumps({"dws": dws, "module": module}))
 
 @pytest.mark.parametrize("space", SPACES)
 def test_entrypoint_is_the_project_command(space):
-    """ENTRYPOINT ["dws", "<command>"]: the console script exists in the Space's venv, and `dws <command> --help`
-    prints exactly what `python -m <package> --help` prints (one process per Space, both forms)."""
+    """ENTRYPOINT ["python", "-m", "<package>"]: each image runs its own package; in the Space's venv
+    `dws <command> --help` prints exactly what `python -m <package> --help` prints (one process per Space, both
+    forms), so the one command a user types and the image's entrypoint cannot drift apart."""
     kind = SPACE_KINDS[space]
     (entry,) = only(space, "ENTRYPOINT")
-    assert json.loads(entry) == ["dws", kind.command]
+    assert json.loads(entry)[1:] == ["-m", kind.package] and json.loads(entry)[0] in ("python", "python3")
     py = venv_python(space)
     assert py.with_name("dws").exists(), f"{py.with_name('dws')}: the project is not installed in .venv/{space}"
     proc = subprocess.run([str(py), "-c", _HELP_BOTH, kind.command, kind.package], cwd=REPO, capture_output=True,
@@ -225,8 +226,11 @@ def test_copy_lines_match_deploy_upload(space):
         parts = [p for p in shlex.split(args) if not p.startswith("--")]
         copied |= {p.rstrip("/") for p in parts[:-1]}
     assert copied == uploaded - {"Dockerfile"}
-    assert {"Dockerfile", "README.md", "requirements.txt", "pyproject.toml", "shared", SPACE_KINDS[space].package} \
+    protocol = {"shared", "pyproject.toml"} if SPACE_KINDS[space].uses_protocol else set()
+    assert {"Dockerfile", "README.md", "requirements.txt", SPACE_KINDS[space].package} | protocol \
         == uploaded
+    assert space != "env" or "shared" not in uploaded, "the env image holds no protocol code"
+    assert "dws_tools" not in uploaded, "operator tooling never ships in a Space image"
     others = set(SPACE_KINDS) - {space}
     assert not uploaded & {SPACE_KINDS[o].package for o in others}, "a Space never ships another Space's package"
 

@@ -1,4 +1,4 @@
-"""`dws spaces deploy` (shared/spaces.py).
+"""`dws spaces deploy` (dws_tools/spaces.py).
 
 The Hub is unreachable here, so the deploy is tested at the huggingface_hub function boundary: `create_bucket`,
 `create_repo`, `add_space_variable`, `add_space_secret`, `request_space_hardware`, `upload_folder` and `whoami` are
@@ -22,7 +22,7 @@ from dws_testing import REPO
 from huggingface_hub.errors import HfHubHTTPError
 
 from shared.cli import main
-from shared.spaces import DeployOptions, SetVariable, build_plan, space_url
+from dws_tools.spaces import DeployOptions, SetVariable, build_plan, space_url
 
 DWS = str(Path(sys.executable).with_name("dws"))
 TOKEN = "hf_test_token_never_printed"
@@ -88,10 +88,11 @@ def plan_block(stdout: str) -> list[str]:
 
 def expected_files(space_pkg: str, space: str) -> dict[str, str]:
     """What a Space repo must hold, computed from the checkout: the Space's docker/ folder at the root, plus
-    pyproject.toml, shared/ and its own package (no bytecode)."""
+    pyproject.toml, its own package and shared/ unless it is the env Space (no bytecode)."""
     files = {p.name: p for p in (REPO / "docker" / space).iterdir() if p.is_file()}
-    files["pyproject.toml"] = REPO / "pyproject.toml"
-    for sub in ("shared", space_pkg):
+    if space_pkg != "env_space":
+        files["pyproject.toml"] = REPO / "pyproject.toml"
+    for sub in (("shared",) if space_pkg != "env_space" else ()) + (space_pkg,):
         for p in (REPO / sub).rglob("*"):
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
                 files[p.relative_to(REPO).as_posix()] = p

@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from shared.tiny_model import build_tiny_model
+    from dws_tools.tiny_model import build_tiny_model
     from trainer_space.grpo import train
     from trainer_space.state import RunState
 

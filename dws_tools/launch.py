@@ -6,14 +6,13 @@ its own process group, with a parent-death signal, a log file and a `/health` wa
 error, on Ctrl-C and on SIGTERM). Each Space runs from its own virtualenv (`.venv/<space>`, DESIGN.md §2) with the
 same `python -m <space>` command its Docker image runs.
 
-Standard library + httpx only, so it imports in any Space's venv.
+Operator/developer tooling: never shipped in a Space image. Standard library + httpx + `shared.proc`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,10 @@ from typing import Callable
 import httpx
 
 from shared.errors import DwsError
+from shared.proc import NotHealthy, child_preexec, free_port, port_free, probe_health, stop_process_group, wait_healthy
+
+__all__ = ["REPO", "SPACE_MODULES", "LaunchError", "LocalService", "ServiceSpec", "Stack", "free_port", "port_free",
+           "space_python", "stop_process_group"]
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE_MODULES = {"env": "env_space", "rollout": "rollout_space", "trainer": "trainer_space"}
@@ -31,40 +34,6 @@ SPACE_MODULES = {"env": "env_space", "rollout": "rollout_space", "trainer": "tra
 
 class LaunchError(DwsError):
     """A service could not be started (missing venv, port taken, crashed or never healthy during start-up)."""
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        # Without SO_REUSEADDR a port in TIME_WAIT from a previous run would read as taken; a live listener still
-        # makes bind fail, which is the case that matters.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, *, timeout: float) -> None:
-    """SIGTERM the child's process group (it was started with start_new_session), wait, then SIGKILL whatever is
-    left of the group -- also when the leader already exited, since its children (vLLM's engine core) may not have."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
 
 
 def space_python(space: str, venv_root: Path) -> Path:
@@ -91,23 +60,6 @@ class ServiceSpec:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the orchestrator dies, even by SIGKILL, the kernel sends the child SIGTERM,
-    so an interrupted demo never leaves a model-sized service running (Linux; elsewhere Stack's cleanup only).
-    It also gives the child every core: a CPU mask inherited from a pinned parent would confine a whole Space to
-    one core, where a vLLM-CPU worker may already be spinning."""
-    try:
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    except (AttributeError, OSError):
-        pass
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalService:
     """A started child. Its process group is its own, so stopping it also stops what it started (vLLM's engine)."""
 
@@ -129,7 +81,7 @@ class LocalService:
         with open(self.log, "w") as out:
             # PDEATHSIG fires when the *thread* that forked exits: start services from the main thread only.
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=child_preexec)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -149,28 +101,19 @@ class LocalService:
         """Block until GET /health answers 200; returns the seconds since start. Raises LaunchError if the child
         exits first or the deadline passes (its log tail in the message)."""
         assert self.started_at is not None, "start() first"
-        deadline = self.started_at + self.spec.health_timeout_s
-        next_note = time.monotonic() + every_s
-        while True:
-            self.check_alive()
-            if self.poll_healthy():
-                return self.healthy_after_s
-            now = time.monotonic()
-            if now > deadline:
-                raise LaunchError(f"{self.name} not healthy after {self.spec.health_timeout_s:.0f}s; "
-                                  f"last lines of {self.log}:\n{self.tail()}")
-            if progress and now >= next_note:
-                progress(f"{self.name}: still starting ({now - self.started_at:.0f}s)")
-                next_note = now + every_s
-            time.sleep(0.5)
+        remaining = self.spec.health_timeout_s - (time.monotonic() - self.started_at)
+        try:
+            wait_healthy(self.url, proc=self.proc, timeout=remaining, what=self.name, progress=progress,
+                         every_s=every_s, log_tail=lambda: f"last lines of {self.log}:\n{self.tail()}")
+        except NotHealthy as exc:
+            raise LaunchError(str(exc)) from None
+        self.poll_healthy()
+        return self.healthy_after_s
 
     def poll_healthy(self) -> bool:
         """One GET /health probe, for callers that watch a starting service while doing other work; the first 200
         records `healthy_after_s`."""
-        try:
-            ok = httpx.get(f"{self.url}/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
+        ok = probe_health(self.url)
         if ok and self.healthy_after_s is None:
             self.healthy_after_s = time.monotonic() - self.started_at
         return ok

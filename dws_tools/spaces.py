@@ -11,7 +11,7 @@ Owns the deploy in two halves so that a dry run and a real run cannot drift apar
 
 Each Space repo is self-contained so that "Duplicate this Space" works: at its root the Space's `docker/<space>/`
 files (Dockerfile, README.md with the Spaces front matter, requirements.txt) plus the project source it builds from
-(pyproject.toml, shared/, its own package). `space_files` is that list; the Dockerfiles' COPY lines must name
+(pyproject.toml, its own package and, for the trainer and rollout Spaces, shared/ -- the env Space holds no protocol). `space_files` is that list; the Dockerfiles' COPY lines must name
 exactly it (tests/shared/test_dockerfiles.py checks both sides).
 
 Order: bucket, env, rollout replicas, trainer last, each Space's variables and secrets set before its files are
@@ -51,14 +51,15 @@ class DeployUsageError(DwsError):
 class SpaceKind:
     key: str  # folder under docker/ and the default Space name suffix
     package: str  # the Python package the Space runs
-    command: str  # `dws <command>` = `python -m <package>`
+    command: str  # `dws <command>` = `python -m <package>`, the image's entrypoint
     needs_hf_token: bool  # reads or writes the bucket (and may load a gated model)
+    uses_protocol: bool = True  # ships shared/ (the env Space never touches weights: its image holds no protocol)
 
 
 SPACE_KINDS: dict[str, SpaceKind] = {
     "trainer": SpaceKind(key="trainer", package="trainer_space", command="train", needs_hf_token=True),
     "rollout": SpaceKind(key="rollout", package="rollout_space", command="rollout", needs_hf_token=True),
-    "env": SpaceKind(key="env", package="env_space", command="env", needs_hf_token=False),
+    "env": SpaceKind(key="env", package="env_space", command="env", needs_hf_token=False, uses_protocol=False),
 }
 
 
@@ -208,8 +209,9 @@ def space_files(kind: str, *, source: Path = REPO_ROOT) -> tuple[tuple[str, str]
         raise DeployUsageError(f"{source} is not a dws source checkout (no docker/{kind}/Dockerfile or "
                                "pyproject.toml): run the deploy from the repository")
     files = [(str(p), p.name) for p in sorted(docker.iterdir()) if p.is_file()]
-    files += [(str(source / name), name) for name in PROJECT_FILES]
-    for sub in ("shared", spec.package):
+    if spec.uses_protocol:  # installed with pip (shared/ + the package + the `dws` script); env runs from source
+        files += [(str(source / name), name) for name in PROJECT_FILES]
+    for sub in (("shared",) if spec.uses_protocol else ()) + (spec.package,):
         files += [(str(p), p.relative_to(source).as_posix()) for p in _walk(source, sub)]
     return tuple(sorted(files, key=lambda f: f[1]))
 
@@ -475,8 +477,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_parser(spaces: argparse.ArgumentParser) -> None:
-    """`dws spaces deploy …` (called by shared.cli.build_parser)."""
+def build_parser() -> argparse.ArgumentParser:
+    """`dws spaces deploy …`."""
+    spaces = argparse.ArgumentParser(prog="dws spaces", description="Deploy the bucket and the Hugging Face Spaces.")
     sub = spaces.add_subparsers(dest="spaces_command", metavar="ACTION")
     sub.required = True
     d = sub.add_parser("deploy", help="create or update the bucket and the trainer, rollout and env Spaces",
@@ -508,3 +511,9 @@ def configure_parser(spaces: argparse.ArgumentParser) -> None:
                    help="where a generated DWS_API_KEY is kept (default .dws/spaces)")
     d.add_argument("--dry-run", action="store_true", help="print the plan; call nothing on the Hub")
     d.set_defaults(func=cmd_deploy)
+    return spaces
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -79,3 +79,16 @@ def build_tiny_model(out: str | Path, *, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     (out / "generation_config.json").unlink(missing_ok=True)  # defaults only; keep the folder minimal
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="dws tiny-model", description="Write the deterministic tiny Qwen3 checkpoint "
+                                 "(config, bf16 safetensors, byte-level tokenizer) that tests and the demo use.")
+    ap.add_argument("dir", help="output folder (created)")
+    ap.add_argument("--seed", type=int, default=0, help="weights seed; same seed -> same bytes (default 0)")
+    args = ap.parse_args(argv)
+    out = build_tiny_model(args.dir, seed=args.seed)
+    print(f"tiny Qwen3 model written to {out}")
+    return 0

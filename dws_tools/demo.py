@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.launch import REPO, LaunchError, LocalService, ServiceSpec, Stack, free_port, port_free
+from dws_tools.launch import REPO, LaunchError, LocalService, ServiceSpec, Stack, free_port, port_free
 
 log = logging.getLogger("dws.demo")
 
@@ -164,7 +164,7 @@ class Demo:
         if o.model:
             model = o.model
         else:
-            from shared.tiny_model import build_tiny_model
+            from dws_tools.tiny_model import build_tiny_model
 
             model = str(build_tiny_model(o.dir / "tiny-model"))
         return bucket, model
