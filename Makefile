@@ -35,7 +35,9 @@ test-shared: venv-trainer venv-rollout venv-env
 test-rollout: venv-rollout
 	$(call run_suite,rollout,rollout)
 
+# The dashboard check runs in a real headless Chromium: installed here when missing, never skipped.
 test-trainer: venv-trainer
+	@tools/need-browser.sh
 	$(call run_suite,trainer,trainer)
 
 test-env: venv-env

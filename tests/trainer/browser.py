@@ -1,7 +1,8 @@
 """Headless Chromium (Debian's `chromium` + `chromium-driver`) driven by selenium, for the dashboard test.
 
-`chromium_driver()` starts a fresh browser profile with the flags that keep it off the network and quiet; it skips
-the test with a clear reason when the browser or selenium is missing (`.ci/run` installs both). `dashboard_report`
+`chromium_driver()` starts a fresh browser profile with the flags that keep it off the network and quiet. A missing
+browser fails the test with the command that installs it, never a skip: `make test` runs tools/need-browser.sh first,
+so a green run always includes this check. `dashboard_report`
 reads what the rendered page actually shows.
 """
 
@@ -21,11 +22,12 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 def chromium_driver():
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver  # part of the trainer venv (pyproject's trainer extra)
     from selenium.webdriver.chrome.service import Service
 
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Debian's chromium/chromium-driver are not installed (apt-get install chromium chromium-driver)")
+        pytest.fail("Debian's chromium/chromium-driver are not installed: run tools/need-browser.sh "
+                    "(or apt-get install -y chromium chromium-driver)")
     profile = tempfile.mkdtemp(prefix="dws-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
