@@ -50,9 +50,9 @@ def test_bad_values_stop_startup_with_the_name(argv, env, needle, capsys):
 
 
 def test_main_entry_point_refuses_bad_environment_before_serving(monkeypatch, capsys):
-    import env_space
+    from env_space.__main__ import main
 
     monkeypatch.setenv("DWS_MAX_SESSIONS", "lots")
     with pytest.raises(SystemExit) as e:
-        env_space.main([])  # what `dws env` and `python -m env_space` call
+        main([])  # what `dws env` and `python -m env_space` call
     assert e.value.code == 2 and "DWS_MAX_SESSIONS='lots'" in capsys.readouterr().err
