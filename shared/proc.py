@@ -73,7 +73,8 @@ def _signal_group(group: int, sig: int) -> None:
 
 def stop_process_group(proc: subprocess.Popen, *, timeout: float) -> None:
     """SIGTERM the child's process group (it was started with start_new_session), wait, then SIGKILL whatever is
-    left of the group -- also when the leader already exited, since its children (vLLM's engine core) may not have."""
+    left of the group -- also when the leader already exited, since its children (vLLM's engine core) may not have.
+    Never raises: one leader stuck in the kernel after SIGKILL must not keep a caller from stopping the others."""
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
@@ -81,7 +82,10 @@ def stop_process_group(proc: subprocess.Popen, *, timeout: float) -> None:
         except subprocess.TimeoutExpired:
             pass
     _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def group_members(group: int) -> list[int]:
