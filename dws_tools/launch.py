@@ -3,7 +3,7 @@
 Owns `ServiceSpec` (which Space, its production command, environment, port), `LocalService` (one started child in
 its own process group, with a parent-death signal, a log file and a `/health` wait that reports progress) and `Stack`
 (a context manager that stops every child it started -- whole process groups, newest first -- on normal exit, on an
-error, on Ctrl-C and on SIGTERM). Each Space runs from its own virtualenv (`.venv/<space>`, DESIGN.md §2) with the
+error, on Ctrl-C and on SIGTERM). Each Space runs from its own virtualenv (`.venv/<space>`, docs/design.md §2) with the
 same `python -m <space>` command its Docker image runs.
 
 Operator/developer tooling: never shipped in a Space image. Standard library + httpx + `shared.proc`.

@@ -1,4 +1,4 @@
-"""Server configuration: CLI flags with environment-variable fallbacks of the same names (DESIGN.md §4).
+"""Server configuration: CLI flags with environment-variable fallbacks of the same names (docs/design.md §6).
 
 Owns `ServerConfig` and `parse_config`. Every flag `--foo-bar` falls back to the variable `DWS_FOO_BAR`, except
 `--port`, which reads `PORT` (the variable Hugging Face Spaces set); a flag on the command line wins over the

@@ -1,4 +1,4 @@
-"""The replica's sync loop: keep the served weights on the bucket's latest version (DESIGN.md §3 rules 4-5, §4).
+"""The replica's sync loop: keep the served weights on the bucket's latest version (docs/design.md §3.4 rules 4-5, §6.1).
 
 Each round: read the manifest (cheap etag check), plan the shortest verified path from the served version, download
 every file and check its sha256 and decode/validate it against the model identity -- all *outside* the pause -- then

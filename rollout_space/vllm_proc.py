@@ -2,7 +2,7 @@
 
 vLLM runs with `VLLM_SERVER_DEV_MODE=1` so that /pause, /update_weights, /collective_rpc… exist; those routes can
 rewrite the served weights, so the process is bound to 127.0.0.1 only and the gateway never proxies them
-(DESIGN.md §4). The gateway owns this object; if vLLM dies it is restarted and the replica catches up again.
+(docs/design.md §6). The gateway owns this object; if vLLM dies it is restarted and the replica catches up again.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""dws protocol library, shared by the three Spaces (DESIGN.md §2-3).
+"""dws protocol library, shared by the three Spaces (docs/design.md §2-3).
 
 One module per concern:
     bucket/     where files live (local folder or hf://buckets/…), atomic writes, retries

@@ -41,7 +41,7 @@ class ChainError(DwsError):
 
 
 class NonFiniteWeightsError(DwsError, ValueError):
-    """The trainer tried to publish weights holding NaN or Inf (DESIGN.md §3 rule 7)."""
+    """The trainer tried to publish weights holding NaN or Inf (docs/design.md §3.4 rule 7)."""
 
 
 class ModelMismatchError(DwsError, ValueError):

@@ -1,4 +1,4 @@
-"""`manifest.json`, the bucket's commit point (DESIGN.md §3).
+"""`manifest.json`, the bucket's commit point (docs/design.md §3).
 
 Readers act only on what the manifest lists; every file it names was fully stored before it was written, so a crash
 at any moment leaves a consistent bucket. The manifest is untrusted input for replicas: it is parsed with strict

@@ -1,4 +1,4 @@
-"""Fixtures shared by every suite. Each suite runs in its own Space's venv (DESIGN.md §2), so this file imports
+"""Fixtures shared by every suite. Each suite runs in its own Space's venv (docs/design.md §2), so this file imports
 only the standard library and pytest at module level."""
 
 from __future__ import annotations

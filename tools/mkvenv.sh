@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds .venv/<space> with that Space's dependency set (DESIGN.md §2: one venv per Space, as its image would have).
+# Builds .venv/<space> with that Space's dependency set (docs/design.md §2: one venv per Space, as its image would have).
 # A venv whose stamp matches the current pyproject.toml (and package list) is complete and left alone, so `make test`
 # is cheap twice.
 set -euo pipefail

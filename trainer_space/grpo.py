@@ -3,7 +3,7 @@ publishing callback.
 
 Owns:
 - `RemoteISGRPOTrainer` -- TRL's `GRPOTrainer` with its *own* importance-sampling correction switched on for logprobs
-  that come from remote replicas (the DESIGN.md §4 trap, explained on the class), reading its rows in the order of
+  that come from remote replicas (the docs/design.md §6 trap, explained on the class), reading its rows in the order of
   the run's `PromptSchedule` so that the next batch can be generated ahead.
 - `RemoteRollout` -- the `rollout_func`: token ids + per-token logprobs + `model_version` from the replicas
   (single-turn completions or whole multi-turn episodes, see `rollouts.py`), generation of step k+1 overlapping the

@@ -5,7 +5,7 @@ over every healthy replica, preferring those known to serve a requested version;
 while and retried later, a request refused as such raises `RolloutRequestError` without blaming the replica;
 `/status` polling, the authenticated `POST /sync` nudge and `wait_for_version`) and `EnvScorer`
 (`/v1/tasks/{task}/prompts` and batch `/v1/score`). Multi-turn episodes use OpenEnv's own client (`rollouts.py`). The trainer Space depends on
-`shared/` only, never on `env_space` or `rollout_space` code (DESIGN.md §2), hence its own small clients here.
+`shared/` only, never on `env_space` or `rollout_space` code (docs/design.md §2), hence its own small clients here.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ as its `tool_mask`: it multiplies it into the loss mask and into the importance-
 model's own tokens are trained and corrected, and the sampling logprobs line up token for token with the trainer's
 forward pass over prompt + completion.
 
-The trainer Space depends on `shared/` only (DESIGN.md §2): the env session uses OpenEnv's generic client, not
+The trainer Space depends on `shared/` only (docs/design.md §2): the env session uses OpenEnv's generic client, not
 `env_space.client`.
 """
 

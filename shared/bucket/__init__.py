@@ -1,4 +1,4 @@
-"""Bucket access: one small interface, backends chosen by address (DESIGN.md §3 "Addresses").
+"""Bucket access: one small interface, backends chosen by address (docs/design.md §3.1).
 
     open_bucket("hf://buckets/<ns>/<name>[/prefix]")   -> HfBucket   (huggingface_hub bucket API)
     open_bucket("/some/folder") or "file:///some/folder" -> LocalBucket (the embedded default)

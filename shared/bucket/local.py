@@ -1,7 +1,7 @@
 """The local-folder backend: the embedded default used by `make demo`, the tests and CI.
 
 Writes go to a temporary file in the destination folder, are fsynced, then renamed over the target: a crash at any
-moment leaves either the old file or the new one (DESIGN.md §3 rule 2 depends on this for manifest.json).
+moment leaves either the old file or the new one (docs/design.md §3.4 rule 2 depends on this for manifest.json).
 """
 
 from __future__ import annotations

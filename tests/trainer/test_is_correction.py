@@ -1,4 +1,4 @@
-"""The DESIGN.md §4 trap: TRL's own importance-sampling correction must act on rollout_func logprobs without vLLM.
+"""The docs/design.md §6 trap: TRL's own importance-sampling correction must act on rollout_func logprobs without vLLM.
 
 A tiny model, no services: the same prompt/completion batch is scored through `RemoteISGRPOTrainer` twice -- once
 with sampling logprobs equal to the current policy's (fresh) and once with logprobs of an older policy (stale). The

@@ -1,5 +1,5 @@
 """Subprocess helpers for the trainer suite: a real env_space server and a real rollout gateway (vLLM on CPU), each
-started from its own Space's venv exactly as its image would run it (DESIGN.md §2). Nothing is mocked. `cfg_for`
+started from its own Space's venv exactly as its image would run it (docs/design.md §2). Nothing is mocked. `cfg_for`
 builds the suite's small training configuration against them."""
 
 from __future__ import annotations
