@@ -19,13 +19,41 @@ Encodings (a registry, like vLLM's weight-transfer backends; the name is stored 
       "moved more than one ulp" and the extra magnitudes ``|r| - 2`` of those few (1 or 2 byte planes); bitmap and
       extras are zstd-compressed, where the skewed bitmap bytes entropy-code to well under a bit per element.
   Decoding values therefore needs the base values at the changed positions, which every reader has: a delta is only
-  ever applied onto exactly its base (DESIGN.md §3 rule 1).
+  ever applied onto exactly its base (docs/design.md §3.4 rule 1).
+
+* ``ctx`` (v2, selectable; not yet the publisher's default because the vLLM replica must first pass the base) -- codes
+  only what a replica holding the exact base cannot predict. The *context* of an element is its base value's bf16
+  exponent field (``(bits >> 7) & 0xFF``): a weight's exponent sets its rounding step, so under the same optimizer
+  step small weights cross a bf16 rounding boundary far more often (measured: P(change) halves with every binade).
+    - positions: per exponent class ``c`` the ranks of the changed elements *among the class's elements* (in position
+      order), Rice-coded gaps with a per-class parameter; a class where most elements changed codes its unchanged
+      ranks instead, a class that changed entirely codes nothing. The class sizes ``n_c`` are in the header, so a
+      wrong base is usually refused (FormatError) before anything is decoded.
+    - residuals: per class, a symbol ``(magnitude bucket, sign)`` -- buckets 1, 2, 3, then ``[2**b, 2**(b+1))`` with
+      ``b`` raw low bits -- range-coded (``constriction``) with that class's quantized frequency table (stored in
+      the payload); large weights move by one ulp, tiny ones by many.
+  Encoding and decoding read the *whole* base tensor (its exponents), O(numel) per changed tensor.
+
+Base-context decode API (what a replica calls):
+
+    enc = get_encoding(name)                      # name: the tensor's entry in the file header (formats.py)
+    if enc.needs_base_context:
+        dec = enc.decode(arrays, params, numel, base_context=base)   # base: the tensor's current weights, flat
+    else:
+        dec = enc.decode(arrays, params, numel)
+    new_bits = dec.resolve(base_bits_at(dec.positions) if dec.needs_base else None)
+
+``base`` is the full base tensor: a bf16 torch tensor on any device (CUDA keeps the O(numel) exponent sort on the
+GPU; only sparse ranks/positions reach the host) or its uint16/int16 bit patterns as numpy/torch, ``numel`` long.
+`formats.read_patch_file` does not have the base, so it returns a `ContextTensor` for such tensors; call
+``ctx.decode(base)`` -> `DecodedTensor` (validated, positions sorted) before applying. ``bf16_bits`` below is the
+one helper that views bf16 weights as uint16 bit patterns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import zstandard
@@ -34,6 +62,30 @@ from shared.errors import FormatError
 
 ZSTD_LEVEL = 3
 _MAX_K = 62
+
+
+def bf16_bits(t: Any) -> np.ndarray:
+    """Zero-copy uint16 view of bf16 weights: a CPU bf16 torch tensor (a GPU one is copied to the host), or a
+    numpy uint16/int16 array of bf16 bit patterns. Writes into the view of a contiguous CPU tensor reach the tensor.
+    """
+    if isinstance(t, np.ndarray):
+        if t.dtype != np.uint16 and t.dtype != np.int16:
+            raise TypeError(f"expected bf16 bit patterns (uint16), got numpy {t.dtype}")
+        return np.ascontiguousarray(t).view(np.uint16)
+    import torch  # here, not at import time: the protocol core must import without torch (pyproject.toml)
+
+    if t.dtype != torch.bfloat16:
+        raise TypeError(f"expected bf16, got {t.dtype}")
+    # .contiguous() copies only a non-contiguous tensor; callers that write through the view must pass a
+    # contiguous one, or their writes land in that copy.
+    return t.detach().to("cpu").contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def bf16_from_bits(a: np.ndarray):
+    """The inverse view: a bf16 torch tensor sharing memory with uint16 bit patterns."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -52,6 +104,8 @@ class DecodedTensor:
     values: np.ndarray | None = None  # uint16 bf16 bit patterns
     residual: np.ndarray | None = None  # int16, wrapping: new = base + residual (mod 2**16)
 
+    needs_base_context = False  # already decoded: see ContextTensor for the other kind
+
     @property
     def needs_base(self) -> bool:
         return self.values is None
@@ -68,14 +122,47 @@ class DecodedTensor:
         return (base + self.residual.view(np.uint16)).astype(np.uint16)  # uint16 arithmetic wraps, as encoded
 
 
+    @property
+    def count(self) -> int:
+        return int(self.positions.size)
+
+
 class Encoding(Protocol):
+    """`needs_base_context`: encode and decode need the whole base tensor (`base_context=`, flat, numel long)."""
+
     name: str
+    needs_base_context: bool
 
-    def encode(self, positions: np.ndarray, new_bits: np.ndarray, base_bits: np.ndarray, numel: int) -> EncodedTensor:
+    def encode(self, positions: np.ndarray, new_bits: np.ndarray, base_bits: np.ndarray, numel: int, *,
+               base_context: Any = None) -> EncodedTensor:
         ...
 
-    def decode(self, arrays: dict[str, np.ndarray], params: dict, numel: int) -> DecodedTensor:
+    def decode(self, arrays: dict[str, np.ndarray], params: dict, numel: int, *,
+               base_context: Any = None) -> DecodedTensor:
         ...
+
+
+@dataclass(frozen=True)
+class ContextTensor:
+    """A tensor whose encoding needs the base to decode (read before the base is at hand): `decode(base)`."""
+
+    encoding: str
+    arrays: dict[str, np.ndarray]
+    params: dict
+    numel: int
+
+    needs_base_context = True
+
+    @property
+    def count(self) -> int:
+        """Changed elements, from the header (known before decoding)."""
+        try:
+            return int(self.params["n"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{self.encoding} delta tensor lacks its element count") from None
+
+    def decode(self, base: Any) -> DecodedTensor:
+        return get_encoding(self.encoding).decode(self.arrays, self.params, self.numel, base_context=base)
 
 
 ENCODINGS: dict[str, Encoding] = {}
@@ -111,12 +198,13 @@ class RawEncoding:
     """TRL's layout: `indices` int32 and `values` bf16 bit patterns (the file writer stores them as BF16)."""
 
     name = "raw"
+    needs_base_context = False
 
-    def encode(self, positions, new_bits, base_bits, numel):
+    def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
         idx_dtype = np.int32 if numel < 2**31 else np.int64
         return EncodedTensor({"indices": positions.astype(idx_dtype), "values": new_bits.astype(np.uint16)}, {})
 
-    def decode(self, arrays, params, numel):
+    def decode(self, arrays, params, numel, *, base_context=None):
         try:
             idx, vals = arrays["indices"], arrays["values"]
         except KeyError as exc:
@@ -179,8 +267,9 @@ def rice_decode(unary: np.ndarray, rem: np.ndarray, n: int, k: int) -> np.ndarra
 @register_encoding
 class CompactEncoding:
     name = "compact"
+    needs_base_context = False
 
-    def encode(self, positions, new_bits, base_bits, numel):
+    def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
         positions = positions.astype(np.int64)
         gaps = np.diff(positions, prepend=-1) - 1
         k = _rice_k(gaps)
@@ -199,7 +288,7 @@ class CompactEncoding:
         return EncodedTensor({"": blob}, {"n": int(positions.size), "k": k, "u": int(unary.size), "r": int(rem.size),
                                           "w": width})
 
-    def decode(self, arrays, params, numel):
+    def decode(self, arrays, params, numel, *, base_context=None):
         try:
             blob = arrays[""]
             n, k, ulen, rlen, width = (int(params[x]) for x in ("n", "k", "u", "r", "w"))
@@ -234,3 +323,310 @@ class CompactEncoding:
         mag[big] = extra + 2
         residual = np.where(negative, -mag, mag).astype(np.int16)
         return DecodedTensor(positions=positions, residual=residual)
+
+
+# ----------------------------------------------------------------------------------------------------------- ctx
+_N_CLASSES = 256  # the bf16 exponent field
+_MODE_CHANGED, _MODE_UNCHANGED, _MODE_ALL = 0, 1, 2
+_MAX_MSYM = 17  # magnitude buckets: 1, 2, 3 exact, then [2**b, 2**(b+1)) for b = 2..15 (|residual| <= 32768)
+_FREQ_SCALE = 65535
+
+
+def _exponents(b: np.ndarray) -> np.ndarray:
+    return (b >> 7).astype(np.uint8)  # the uint8 cast drops the sign bit: the exponent field remains
+
+
+class _BaseClasses:
+    """The exponent classes of one base tensor: class sizes and every element's rank inside its class.
+
+    numpy on the host; a CUDA tensor keeps the O(numel) sort on its device and moves only sparse indices.
+    """
+
+    def __init__(self, base: Any, numel: int):
+        self._torch = None
+        if not isinstance(base, np.ndarray) and getattr(getattr(base, "device", None), "type", "cpu") != "cpu":
+            import torch
+
+            t = base.reshape(-1)
+            t = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.uint16) else t
+            if t.dtype != torch.int16:
+                raise TypeError(f"base context must be bf16 or 16-bit bit patterns, got {t.dtype}")
+            self._check_size(t.numel(), numel)
+            e = ((t >> 7) & 0xFF).to(torch.uint8)
+            self.counts = torch.bincount(e.to(torch.int32), minlength=_N_CLASSES).cpu().numpy().astype(np.int64)
+            self._order = torch.sort(e, stable=True).indices
+            self._torch = torch
+        else:
+            if not isinstance(base, np.ndarray):
+                import torch
+
+                base = base.reshape(-1)
+                base = base.view(torch.int16) if base.dtype == torch.bfloat16 else base
+                base = base.numpy()
+            b = bf16_bits(np.asarray(base).reshape(-1))
+            self._check_size(b.size, numel)
+            e = _exponents(b)
+            self.counts = np.bincount(e, minlength=_N_CLASSES).astype(np.int64)
+            self._order = np.argsort(e, kind="stable")  # a radix sort for uint8 keys: O(numel)
+        self.raw_counts = self.counts
+        self.merge(0, _N_CLASSES - 1)
+
+    def merge(self, lo: int, hi: int) -> None:
+        """Pool the exponents below `lo` into class `lo` and those above `hi` into `hi`: a class of a handful of
+        elements costs more in header and frequency table than its context saves. Pooled classes stay contiguous in
+        the sorted order (exponent-major), so ranks inside them are still defined on both sides."""
+        c = self.raw_counts.copy()
+        c[lo] = self.raw_counts[: lo + 1].sum()
+        c[:lo] = 0
+        c[hi] = self.raw_counts[hi:].sum()
+        c[hi + 1:] = 0
+        self.counts = c
+        self.starts = np.cumsum(c) - c
+
+    def pooling_bounds(self, numel: int) -> tuple[int, int]:
+        """The classes to keep apart: pool the tails that together hold at most max(64, numel / 2048) elements."""
+        tail = max(64, numel >> 11)
+        nz = np.flatnonzero(self.raw_counts)
+        if nz.size == 0:
+            return 0, _N_CLASSES - 1
+        low = np.cumsum(self.raw_counts)
+        high = np.cumsum(self.raw_counts[::-1])[::-1]
+        lo = int(np.flatnonzero(low > tail)[0]) if (low > tail).any() else int(nz[-1])
+        hi = int(np.flatnonzero(high > tail)[-1]) if (high > tail).any() else int(nz[0])
+        return (lo, hi) if lo <= hi else (int(nz[0]), int(nz[-1]))
+
+    @staticmethod
+    def _check_size(got: int, numel: int) -> None:
+        if got != numel:
+            raise FormatError(f"base context has {got} elements, the tensor has {numel}")
+
+    def class_major_index(self, positions: np.ndarray, numel: int) -> np.ndarray:
+        """For sorted positions: their indices in the class-sorted order, ascending (class-major, then position)."""
+        if self._torch is not None:
+            torch = self._torch
+            mask = torch.zeros(numel, dtype=torch.bool, device=self._order.device)
+            mask[torch.from_numpy(positions).to(self._order.device)] = True
+            return mask[self._order].nonzero().squeeze(1).cpu().numpy()
+        mask = np.zeros(numel, dtype=bool)
+        mask[positions] = True
+        return np.flatnonzero(mask[self._order])
+
+    def positions_at(self, idx: np.ndarray) -> np.ndarray:
+        if self._torch is not None:
+            return self._order[self._torch.from_numpy(idx).to(self._order.device)].cpu().numpy()
+        return self._order[idx]
+
+
+def _magnitude_symbols(mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """|residual| (1..32768) -> (bucket 1..17, raw low-bit width)."""
+    wide = mag >= 4
+    width = np.zeros(mag.shape, np.int64)
+    # floor(log2) is exact in float64 for integers below 2**16.
+    width[wide] = np.floor(np.log2(mag[wide].astype(np.float64))).astype(np.int64)
+    return np.where(wide, width + 2, mag), width
+
+
+def _pack_varwidth(values: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Each value's `width` low bits, MSB first, concatenated and packed."""
+    sel = width > 0
+    if not sel.any():
+        return np.zeros(0, np.uint8)
+    v, w = values[sel].astype(np.int64), width[sel]
+    cols = np.arange(int(w.max()))
+    shifts = w[:, None] - 1 - cols[None, :]
+    valid = shifts >= 0
+    bits = (v[:, None] >> np.maximum(shifts, 0)) & 1
+    return np.packbits(bits[valid].astype(np.uint8))
+
+
+def _unpack_varwidth(packed: np.ndarray, width: np.ndarray) -> np.ndarray:
+    out = np.zeros(width.shape, np.int64)
+    sel = width > 0
+    if not sel.any():
+        return out
+    w = width[sel]
+    bits = np.unpackbits(packed)
+    total = int(w.sum())
+    if bits.size < total or bits.size - total >= 8:
+        raise FormatError(f"ctx delta extra-bit stream holds {bits.size} bits, expected {total}")
+    cols = np.arange(int(w.max()))
+    shifts = w[:, None] - 1 - cols[None, :]
+    valid = shifts >= 0
+    grid = np.zeros(valid.shape, np.int64)
+    grid[valid] = bits[:total]
+    out[sel] = (grid << np.maximum(shifts, 0) * valid).sum(axis=1)
+    return out
+
+
+def _categorical(freq: np.ndarray):
+    import constriction
+
+    p = freq.astype(np.float64)
+    # perfect=False: the fast quantization; deterministic for the same input, which both sides build from `freq`.
+    return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
+
+
+def _quantize(counts: np.ndarray) -> np.ndarray:
+    scaled = np.rint(counts * (_FREQ_SCALE / max(int(counts.sum()), 1)))
+    return np.where(counts > 0, np.clip(scaled, 1, _FREQ_SCALE), 0).astype(np.uint16)
+
+
+@register_encoding
+class ContextEncoding:
+    """Codec v2: positions and residuals conditioned on each element's base exponent (see the module docstring).
+
+    params: ``n`` changed elements, ``x`` bytes of the extra-bit stream, ``p`` = ``[lo, hi]`` (exponents below/above
+    are pooled into class lo/hi), ``c`` one row per class with changes:
+    ``[class, n_c, k_c, mode, rice_k, unary bytes, remainder bytes, alphabet size, coder bytes]``.
+    Payload ``""`` (uint8): every class's position streams, then every class's frequency table (uint16 LE), then every
+    class's range-coder words (uint32 LE), then the extra bits -- all in the order of ``c``.
+    """
+
+    name = "ctx"
+    needs_base_context = True
+
+    def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
+        import constriction
+
+        if base_context is None:
+            raise ValueError("the ctx encoding needs the whole base tensor (base_context=)")
+        positions = np.asarray(positions, dtype=np.int64)
+        residual = (np.asarray(new_bits, np.uint16) - np.asarray(base_bits, np.uint16)).view(np.int16)
+        mag = np.abs(residual.astype(np.int32))
+        if mag.size and int(mag.min()) == 0:
+            raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
+        classes = _BaseClasses(base_context, numel)
+        lo, hi = classes.pooling_bounds(numel)
+        classes.merge(lo, hi)
+        idx = classes.class_major_index(positions, numel)
+        if idx.size != positions.size:
+            raise ValueError("positions must be unique and inside the tensor")
+        ends = classes.starts + classes.counts
+        cls_of = np.searchsorted(ends, idx, side="right")  # class of each changed element, class-major
+        ranks = idx - classes.starts[cls_of]
+        # Residuals in the same class-major order: within a class, positions ascend, as in `positions`.
+        pos_cls = _exponents(np.asarray(base_bits, np.uint16))
+        perm = np.argsort(pos_cls, kind="stable")
+        mag, neg = mag[perm], residual[perm] < 0
+        msym, width = _magnitude_symbols(mag)
+        sym = (2 * (msym - 1) + neg).astype(np.int32)
+        extra = _pack_varwidth(mag - (np.int64(1) << width), width)
+
+        bounds = np.flatnonzero(np.diff(cls_of, prepend=-1, append=_N_CLASSES + 1))
+        rows, pos_streams, tables, words = [], [], [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            c = int(cls_of[a])
+            n_c, k_c = int(classes.counts[c]), int(b - a)
+            r = ranks[a:b]
+            if k_c == n_c:
+                mode, coded = _MODE_ALL, None
+            elif 2 * k_c > n_c:
+                keep = np.ones(n_c, dtype=bool)
+                keep[r] = False
+                mode, coded = _MODE_UNCHANGED, np.flatnonzero(keep)
+            else:
+                mode, coded = _MODE_CHANGED, r
+            if coded is None:
+                rk, unary, rem = 0, np.zeros(0, np.uint8), np.zeros(0, np.uint8)
+            else:
+                gaps = np.diff(coded, prepend=-1) - 1
+                rk = _rice_k(gaps)
+                unary, rem = rice_encode(gaps, rk)
+            s = sym[a:b]
+            freq = _quantize(np.bincount(s, minlength=2 * int(msym[a:b].max())))
+            if np.count_nonzero(freq) > 1:
+                coder = constriction.stream.queue.RangeEncoder()
+                coder.encode(s, _categorical(freq))
+                w = coder.get_compressed().astype("<u4").view(np.uint8)
+            else:  # one symbol only: it is implied by the table
+                w = np.zeros(0, np.uint8)
+            rows.append([c, n_c, k_c, mode, rk, int(unary.size), int(rem.size), int(freq.size), int(w.size)])
+            pos_streams += [unary, rem]
+            tables.append(freq.astype("<u2").view(np.uint8))
+            words.append(w)
+        blob = np.concatenate([*pos_streams, *tables, *words, extra]) if rows else np.zeros(0, np.uint8)
+        return EncodedTensor({"": blob}, {"n": int(positions.size), "x": int(extra.size), "p": [lo, hi], "c": rows})
+
+    def decode(self, arrays, params, numel, *, base_context=None):
+        import constriction
+
+        if base_context is None:
+            raise FormatError("this tensor is ctx-encoded: decoding needs the whole base tensor (base_context=)")
+        try:
+            blob = arrays[""]
+            n, xlen = int(params["n"]), int(params["x"])
+            rows = [[int(v) for v in row] for row in params["c"]]
+            lo, hi = (int(v) for v in params["p"])
+            assert all(len(row) == 9 for row in rows) and 0 <= lo <= hi < _N_CLASSES
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise FormatError(f"ctx delta tensor has incomplete parameters ({exc!r})") from None
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise FormatError("ctx delta payload must be a 1-D uint8 tensor")
+        cls_ids = [row[0] for row in rows]
+        if not (0 <= n <= numel and xlen >= 0 and all(0 <= c < _N_CLASSES for c in cls_ids)
+                and cls_ids == sorted(set(cls_ids)) and sum(row[2] for row in rows) == n
+                and all(0 < row[2] <= row[1] and row[3] in (0, 1, 2) and 0 <= row[4] <= _MAX_K
+                        and min(row[5:]) >= 0 and 2 <= row[7] <= 2 * _MAX_MSYM and row[7] % 2 == 0 for row in rows)
+                and sum(r[5] + r[6] + 2 * r[7] + r[8] for r in rows) + xlen == blob.size):
+            raise FormatError(f"ctx delta parameters out of range or inconsistent with its {blob.size}-byte payload")
+        classes = _BaseClasses(base_context, numel)
+        classes.merge(lo, hi)
+        for c, n_c, *_ in rows:
+            if int(classes.counts[c]) != n_c:
+                raise FormatError(f"ctx delta does not fit this base: exponent class {c} has {int(classes.counts[c])} "
+                                  f"elements here, {n_c} in the base it was encoded against")
+        off = 0
+        idx_parts = []
+        for c, n_c, k_c, mode, rk, ulen, rlen, _, _ in rows:
+            unary, rem = blob[off: off + ulen], blob[off + ulen: off + ulen + rlen]
+            off += ulen + rlen
+            if mode == _MODE_ALL:
+                r = np.arange(n_c, dtype=np.int64)
+            else:
+                m = k_c if mode == _MODE_CHANGED else n_c - k_c
+                coded = np.cumsum(rice_decode(unary, rem, m, rk).astype(np.int64) + 1) - 1 if m else \
+                    np.zeros(0, np.int64)
+                check_positions(coded, n_c, what=f"class {c} ranks")
+                if mode == _MODE_CHANGED:
+                    r = coded
+                else:
+                    keep = np.ones(n_c, dtype=bool)
+                    keep[coded] = False
+                    r = np.flatnonzero(keep)
+            if r.size != k_c:
+                raise FormatError(f"ctx delta class {c}: {r.size} positions decoded, header says {k_c}")
+            idx_parts.append(classes.starts[c] + r)
+        sym_parts = []
+        tables = []
+        for *_, alpha, _ in rows:
+            tables.append(blob[off: off + 2 * alpha].view("<u2").astype(np.uint16))
+            off += 2 * alpha
+        for (c, _, k_c, *_, wlen), freq in zip(rows, tables):
+            w = blob[off: off + wlen]
+            off += wlen
+            nz = np.flatnonzero(freq)
+            if nz.size == 0:
+                raise FormatError(f"ctx delta class {c}: empty frequency table")
+            if nz.size == 1:
+                sym_parts.append(np.full(k_c, nz[0], np.int64))
+                continue
+            if wlen % 4:
+                raise FormatError(f"ctx delta class {c}: coder stream of {wlen} bytes is not whole words")
+            try:
+                dec = constriction.stream.queue.RangeDecoder(w.view("<u4").astype(np.uint32))
+                sym_parts.append(dec.decode(_categorical(freq), k_c).astype(np.int64))
+            except (ValueError, RuntimeError) as exc:
+                raise FormatError(f"ctx delta class {c}: residual stream does not decode ({exc})") from None
+        if not rows:
+            return DecodedTensor(positions=np.zeros(0, np.int64), residual=np.zeros(0, np.int16))
+        sym = np.concatenate(sym_parts)
+        msym = sym // 2 + 1
+        width = np.where(msym >= 4, msym - 2, 0)
+        extra = _unpack_varwidth(blob[off: off + xlen], width)
+        mag = np.where(msym >= 4, (np.int64(1) << width) + extra, msym)
+        residual_cls = np.where(sym & 1, -mag, mag).astype(np.int16)
+        pos_cls = classes.positions_at(np.concatenate(idx_parts))
+        order = np.argsort(pos_cls, kind="stable")
+        positions = pos_cls[order].astype(np.int64)
+        check_positions(positions, numel)
+        return DecodedTensor(positions=positions, residual=residual_cls[order])

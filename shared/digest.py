@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from shared.codec import bf16_bits
+
 PREFIX = "xxh3_128:"
 
 
@@ -32,15 +34,10 @@ def tensor_preamble(name: str, shape: Iterable[int]) -> bytes:
 
 def _bf16_bytes(tensor: Any) -> np.ndarray:
     """A zero-copy uint16 view of a bf16 torch tensor (or a uint16 numpy array of bf16 bit patterns)."""
-    if isinstance(tensor, np.ndarray):
-        if tensor.dtype != np.uint16 and tensor.dtype != np.int16:
-            raise TypeError(f"digest needs bf16 bit patterns (uint16), got numpy {tensor.dtype}")
-        return np.ascontiguousarray(tensor)
-    import torch
-
-    if tensor.dtype != torch.bfloat16:
-        raise TypeError(f"digest is defined over bf16 weights, got {tensor.dtype}")
-    return tensor.detach().to("cpu").contiguous().view(torch.int16).numpy()
+    try:
+        return bf16_bits(tensor)
+    except TypeError as exc:
+        raise TypeError(f"the digest is defined over bf16 weights: {exc}") from None
 
 
 class DigestBuilder:

@@ -1,6 +1,6 @@
 """The replica side, framework-agnostic: "I am at version v (or nothing): what do I apply to reach the latest?"
 
-`Follower.plan(current)` answers with the cheapest verified path (DESIGN.md §3 rule 4): the deltas after `current`
+`Follower.plan(current)` answers with the cheapest verified path (docs/design.md §3.4 rule 4): the deltas after `current`
 when their chain is whole, otherwise the newest anchor whose chain reaches the latest, plus the deltas after it;
 when both exist, the one with fewer bytes to download. `fetch()` downloads every file of a plan and checks each
 sha256 before anything is applied (rule 5). `decode()` turns a verified file into a `PatchFile`, validated against
@@ -253,6 +253,8 @@ def apply_to_state(state: MutableMapping[str, torch.Tensor], pf: PatchFile) -> N
             # bits() of a non-contiguous tensor is a copy, and writes into a copy would be silently lost.
             state[name] = target = target.contiguous()
         flat = bits(target).reshape(-1)
+        if dec.needs_base_context:  # codec v2 (ctx): decoding reads the whole base tensor
+            dec = dec.decode(flat)
         base = flat[dec.positions] if dec.needs_base else None
         staged.append((flat, dec.positions, dec.resolve(base)))
     for flat, positions, values in staged:

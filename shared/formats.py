@@ -8,6 +8,12 @@ Delta (``deltas/vNNNNNNNN.safetensors``): header ``format="dws-delta"``, ``dws_k
 ``{name: {"shape": [...], "params": {...}}}`` for each changed tensor. The arrays of tensor ``name`` are stored as
 ``name`` (suffix "") or ``name.<suffix>`` (``raw``: ``.indices`` int32, ``.values`` BF16).
 
+Several encodings per file: the writer may code each tensor with whichever of the requested encoding and its
+fallbacks (`FALLBACKS`) is smallest; a tensor whose encoding differs from the file's ``encoding`` says so in its
+entry: ``{"shape": [...], "params": {...}, "encoding": "compact"}``. Files without per-tensor entries (every file
+written before codec v2) read as before. A reader that does not know the file-level encoding (``ctx``) refuses the
+whole file with a clear error instead of misreading its tensors.
+
 A ``raw`` delta also carries TRL's keys (``sparse="True"``, ``model_version``, ``changed_params``), so it *is* TRL's
 layout; and files written by TRL's delta-sync branch (those keys only: ``{name}.indices`` int32, ``{name}.values``
 bf16; anchors with ``sparse="False"``) are read too, taking shapes from the caller (the manifest's model identity).
@@ -16,7 +22,9 @@ bf16; anchors with ``sparse="False"``) are read too, taking shapes from the call
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,22 +35,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
-from shared.codec import DecodedTensor, check_positions, get_encoding
+from shared.codec import ContextTensor, DecodedTensor, EncodedTensor, bf16_bits, bf16_from_bits, check_positions, \
+    get_encoding
 from shared.errors import FormatError
 
 DELTA_FORMAT = "dws-delta"
 MAX_HEADER_BYTES = 64 << 20  # a hostile 8-byte length prefix must not make us allocate gigabytes
+# Per tensor, the writer keeps the smallest of the requested encoding and these. `raw` has none: a raw file must stay
+# exactly TRL's layout. `ctx` falls back to `compact` where its per-class tables outweigh what context saves (tiny
+# tensors) or where the base is not at hand.
+FALLBACKS: dict[str, tuple[str, ...]] = {"ctx": ("compact",)}
 
-
-def bits(t: torch.Tensor) -> np.ndarray:
-    """Zero-copy uint16 view of a CPU bf16 tensor."""
-    if t.dtype != torch.bfloat16:
-        raise TypeError(f"expected bf16, got {t.dtype}")
-    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-
-
-def from_bits(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+bits = bf16_bits  # the names every caller already imports
+from_bits = bf16_from_bits
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,43 @@ class TensorChange:
     shape: tuple[int, ...]
     positions: np.ndarray  # int64 flat positions, sorted
     new_bits: np.ndarray  # uint16
-    base_bits: np.ndarray  # uint16
+    base_bits: np.ndarray  # uint16, the base at `positions`
+    # The whole base tensor, flat (uint16 bits, or a bf16 torch tensor on any device): what encodings with base
+    # context (`ctx`) read. None: those encodings are skipped for this tensor.
+    base: Any = None
+
+
+def _payload_bytes(out: EncodedTensor) -> int:
+    return sum(int(a.nbytes) for a in out.arrays.values()) + len(json.dumps(out.params, separators=(",", ":")))
+
+
+def _encode_tensor(ch: TensorChange, names: tuple[str, ...], verify: bool) -> tuple[str, EncodedTensor]:
+    """The smallest of `names` for this tensor; with `verify`, decode it and compare before accepting it."""
+    numel = int(np.prod(ch.shape))
+    best: tuple[int, str, EncodedTensor] | None = None
+    for name in names:
+        enc = get_encoding(name)
+        if enc.needs_base_context and ch.base is None:
+            continue
+        out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, numel,
+                         base_context=ch.base if enc.needs_base_context else None)
+        size = _payload_bytes(out)
+        if best is None or size < best[0]:
+            best = (size, name, out)
+    if best is None:
+        raise ValueError(f"no encoding among {names} can code this tensor (the base context is missing)")
+    _, name, out = best
+    if verify:
+        enc = get_encoding(name)
+        dec = enc.decode(out.arrays, out.params, numel, base_context=ch.base if enc.needs_base_context else None)
+        got = dec.resolve(ch.base_bits if dec.needs_base else None)
+        if not (np.array_equal(dec.positions, ch.positions) and np.array_equal(got, ch.new_bits)):
+            raise AssertionError(f"{name} encoding does not round-trip this tensor")  # a codec bug, never data
+    return name, out
+
+
+def _workers(workers: int | None) -> int:
+    return max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -71,22 +112,30 @@ class PatchFile:
     def changed(self) -> int:
         if self.kind == "anchor":
             return sum(int(np.prod(s)) for s in self.shapes.values())
-        return sum(int(t.positions.size) for t in self.tensors.values())
+        return sum(t.count for t in self.tensors.values())
 
 
 def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int, total: int,
-                 encoding: str = "compact") -> bytes:
-    """Serialise a delta. Only tensors with at least one changed element are stored."""
-    enc = get_encoding(encoding)
+                 encoding: str = "compact", workers: int | None = None, verify: bool = False) -> bytes:
+    """Serialise a delta. Only tensors with at least one changed element are stored.
+
+    Each tensor gets the smallest of `encoding` and its `FALLBACKS`; tensors are coded on `workers` threads (numpy's
+    sorts, packing and zstd release the GIL; constriction's coder does not). `verify` decodes every tensor again and
+    compares it before writing (twice the work; the codecs are lossless by construction and property-tested).
+    """
+    get_encoding(encoding)  # an unknown name fails here, not in a worker thread
+    candidates = (encoding, *FALLBACKS.get(encoding, ()))
+    names = [n for n in sorted(changes) if changes[n].positions.size]
+    if len(names) > 1 and _workers(workers) > 1:
+        with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-encode") as pool:
+            coded = list(pool.map(lambda n: _encode_tensor(changes[n], candidates, verify), names))
+    else:
+        coded = [_encode_tensor(changes[n], candidates, verify) for n in names]
     arrays: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
     changed = 0
-    for name in sorted(changes):
+    for name, (used, out) in zip(names, coded):
         ch = changes[name]
-        if ch.positions.size == 0:
-            continue
-        numel = int(np.prod(ch.shape))
-        out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, numel)
         for suffix, arr in out.arrays.items():
             key = f"{name}.{suffix}" if suffix else name
             if suffix == "values" and arr.dtype == np.uint16:
@@ -94,6 +143,8 @@ def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int
             else:
                 arrays[key] = torch.from_numpy(np.ascontiguousarray(arr))
         info[name] = {"shape": list(ch.shape), "params": out.params}
+        if used != encoding:
+            info[name]["encoding"] = used
         changed += int(ch.positions.size)
     meta = {
         "format": DELTA_FORMAT,
@@ -181,20 +232,21 @@ def _read_dws_delta(f, keys, meta, path) -> PatchFile:
     version, base = _int(meta, "version", path), _int(meta, "base", path)
     if base >= version:
         raise FormatError(f"{path.name}: base {base} is not older than version {version}")
-    enc = get_encoding(meta.get("encoding", ""))
+    file_enc = get_encoding(meta.get("encoding", "")).name
     try:
         info = json.loads(meta["tensors"])
         assert isinstance(info, dict)
     except (KeyError, ValueError, AssertionError):
         raise FormatError(f"{path.name}: header metadata 'tensors' is missing or not a JSON object") from None
     keyset = set(keys)
-    out: dict[str, DecodedTensor] = {}
+    out: dict[str, DecodedTensor | ContextTensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, entry in info.items():
         try:
             shape = tuple(int(s) for s in entry["shape"])
             params = dict(entry.get("params", {}))
-        except (KeyError, TypeError, ValueError):
+            enc = get_encoding(str(entry.get("encoding", file_enc)))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise FormatError(f"{path.name}: bad entry for tensor {name!r}") from None
         if any(s < 0 for s in shape):
             raise FormatError(f"{path.name}: negative dimension in {name!r}")
@@ -203,11 +255,35 @@ def _read_dws_delta(f, keys, meta, path) -> PatchFile:
             if key == name or (key.startswith(name + ".") and "." not in key[len(name) + 1:]):
                 suffix = key[len(name) + 1:] if key != name else ""
                 t = f.get_tensor(key)
-                arrays[suffix] = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+                arrays[suffix] = bits(t) if t.dtype == torch.bfloat16 else t.numpy()
         numel = int(np.prod(shape))
-        out[name] = enc.decode(arrays, params, numel)
+        # A tensor coded against its base's context decodes once the caller supplies that base (resolve_context).
+        out[name] = ContextTensor(enc.name, arrays, params, numel) if enc.needs_base_context else \
+            enc.decode(arrays, params, numel)
         shapes[name] = shape
-    return PatchFile("delta", version, base, enc.name, shapes, out, meta)
+    return PatchFile("delta", version, base, file_enc, shapes, out, meta)
+
+
+def resolve_context(pf: PatchFile, bases: Mapping[str, Any], *, workers: int | None = None) -> PatchFile:
+    """Decode, in place and on `workers` threads, every tensor of `pf` that needs its base: `bases[name]` is that
+    tensor's current (base) weights -- bf16 torch on any device, or uint16 bit patterns. Returns `pf`.
+    Raises FormatError (nothing applied) when a tensor does not fit its base."""
+    pending = [n for n, t in pf.tensors.items() if t.needs_base_context]
+    missing = [n for n in pending if n not in bases]
+    if missing:
+        raise FormatError(f"v{pf.version}: no base weights for {missing[:3]}")
+
+    def one(name: str):
+        base = bases[name]
+        return pf.tensors[name].decode(base.reshape(-1) if hasattr(base, "reshape") else base)
+
+    if len(pending) > 1 and _workers(workers) > 1:
+        with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-decode") as pool:
+            decoded = list(pool.map(one, pending))
+    else:
+        decoded = [one(n) for n in pending]
+    pf.tensors.update(zip(pending, decoded))
+    return pf
 
 
 def _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes) -> PatchFile:
@@ -237,7 +313,7 @@ def _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes) -> 
         if val.dtype != torch.bfloat16:
             raise FormatError(f"{path.name}: {name}.values must be bf16, got {val.dtype}")
         numel = int(np.prod(shape))
-        arrays = {"indices": idx.reshape(-1).numpy(), "values": val.reshape(-1).view(torch.int16).numpy().view(np.uint16)}
+        arrays = {"indices": idx.reshape(-1).numpy(), "values": bits(val).reshape(-1)}
         dec = enc.decode(arrays, {}, numel)
         # TRL writes positions in the order torch.nonzero returns them (sorted); re-check anyway.
         check_positions(dec.positions, numel)

@@ -16,7 +16,8 @@ from shared.formats import TensorChange, bits, encode_delta, read_patch_file
 ADVERSARIAL = np.array([0x0000, 0x8000, 0x0001, 0x807F, 0x007F, 0x3F80, 0xBF80, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80,
                         0x7FC0, 0xFFFF, 0x7F81], dtype=np.uint16)
 
-shapes = st.one_of(st.just(()), st.just((1,)), st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple))
+shapes = st.one_of(st.just(()), st.just((1,)), st.just((0,)), st.just((0, 4)),
+                   st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple))
 
 
 @st.composite
@@ -31,9 +32,12 @@ def tensor_changes(draw):
     if density == 1.0:
         mask[:] = True
     positions = np.flatnonzero(mask).astype(np.int64)
-    style = draw(st.sampled_from(["ulp", "random", "adversarial"]))
+    style = draw(st.sampled_from(["ulp", "random", "adversarial", "far"]))
     new = base.copy()
-    if style == "ulp":
+    if style == "far":  # residuals of every magnitude bucket, up to 0x8000 (the one int16 without a positive twin)
+        new[positions] = base[positions] + rng.choice(np.array([3, 4, 7, 8, 255, 256, 4097, 32767, 32768, 32769],
+                                                               np.uint16), positions.size)
+    elif style == "ulp":
         new[positions] = base[positions] + rng.choice(np.array([1, 2, 65535, 65534], np.uint16), positions.size)
     elif style == "random":
         new[positions] = rng.integers(0, 2**16, positions.size, dtype=np.uint16)
@@ -50,8 +54,9 @@ def test_encoding_roundtrip_is_bit_exact(encoding, case):
     shape, base, new, positions = case
     numel = int(np.prod(shape))
     enc = get_encoding(encoding)
-    out = enc.encode(positions, new[positions], base[positions], numel)
-    dec = enc.decode(out.arrays, out.params, numel)
+    ctx = base if enc.needs_base_context else None
+    out = enc.encode(positions, new[positions], base[positions], numel, base_context=ctx)
+    dec = enc.decode(out.arrays, out.params, numel, base_context=ctx)
     assert np.array_equal(dec.positions, positions)
     got = dec.resolve(base[dec.positions] if dec.needs_base else None)
     assert got.dtype == np.uint16 and np.array_equal(got, new[positions])
@@ -64,7 +69,7 @@ def test_delta_file_roundtrip(tmp_path, encoding, cases):
     changes, bases, news = {}, {}, {}
     for i, (shape, base, new, positions) in enumerate(cases):
         name = f"model.layers.{i}.weight"
-        changes[name] = TensorChange(shape, positions, new[positions], base[positions])
+        changes[name] = TensorChange(shape, positions, new[positions], base[positions], base=base)
         bases[name], news[name] = base, new
     path = tmp_path / "d.safetensors"
     path.write_bytes(encode_delta(changes, version=7, base=6, total=sum(b.size for b in bases.values()),
@@ -75,6 +80,8 @@ def test_delta_file_roundtrip(tmp_path, encoding, cases):
     assert set(pf.tensors) == expected
     for name in expected:
         dec = pf.tensors[name]
+        if dec.needs_base_context:
+            dec = dec.decode(bases[name])
         rebuilt = bases[name].copy()
         rebuilt[dec.positions] = dec.resolve(bases[name][dec.positions] if dec.needs_base else None)
         assert np.array_equal(rebuilt, news[name])
@@ -127,8 +134,11 @@ def test_compact_is_much_smaller_than_raw_on_ulp_changes():
     b = bits(base)
     new = b[pos] + rng.choice(np.array([1, 65535], np.uint16), pos.size)
     sizes = {}
-    for name in ("raw", "compact"):
-        out = get_encoding(name).encode(pos, new, b[pos], numel)
+    for name in ("raw", "compact", "ctx"):
+        out = get_encoding(name).encode(pos, new, b[pos], numel, base_context=b)
         sizes[name] = sum(a.nbytes for a in out.arrays.values()) / pos.size
     assert sizes["raw"] == 6.0
     assert sizes["compact"] < sizes["raw"] / 4
+    # Changes drawn uniformly, ignoring the base: context has nothing to find, and ctx pays only its per-class
+    # tables (the file writer then keeps compact for such a tensor).
+    assert sizes["ctx"] < 1.1 * sizes["compact"]

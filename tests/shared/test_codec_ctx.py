@@ -1,0 +1,207 @@
+"""Codec v2 (`ctx`): decoding needs the exact base, mixed-encoding files say which tensor uses what, a wrong base is
+refused or caught by the digest (never silently applied), and files of the older encodings still read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from shared.codec import ContextTensor, bf16_bits, get_encoding
+from shared.digest import weights_digest
+from shared.errors import DigestMismatch, FormatError
+from shared.follower import Follower, apply_to_state
+from shared.formats import TensorChange, encode_delta, read_patch_file, resolve_context
+from shared.manifest import read_manifest
+from shared.bucket import open_bucket
+from shared.publisher import Publisher
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _weights(numel: int, seed: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    return bf16_bits((torch.randn(numel, generator=g) * 0.02).bfloat16())
+
+
+def _step(base: np.ndarray, lr: float, seed: int) -> np.ndarray:
+    """What one optimizer step does to bf16 weights: every fp32 master weight moves by ~lr."""
+    g = torch.Generator().manual_seed(seed)
+    master = torch.from_numpy(base.view(np.int16)).view(torch.bfloat16).float()
+    return bf16_bits((master + torch.randn(base.size, generator=g) * lr).bfloat16())
+
+
+def _change(base: np.ndarray, new: np.ndarray, shape) -> TensorChange:
+    pos = np.flatnonzero(base != new)
+    return TensorChange(tuple(shape), pos, new[pos], base[pos], base=base)
+
+
+def test_ctx_beats_compact_where_small_weights_change_more():
+    base = _weights(400_000, 0)
+    new = _step(base, 3e-6, 1)
+    ch = _change(base, new, (400_000,))
+    sizes = {}
+    for name in ("compact", "ctx"):
+        out = get_encoding(name).encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+        sizes[name] = sum(a.nbytes for a in out.arrays.values())
+    assert sizes["ctx"] < 0.85 * sizes["compact"], sizes
+
+
+def test_base_context_as_torch_tensor_decodes_the_same():
+    base = _weights(50_000, 2)
+    new = _step(base, 1e-5, 3)
+    ch = _change(base, new, (50_000,))
+    enc = get_encoding("ctx")
+    out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size,
+                     base_context=torch.from_numpy(base.view(np.int16)).view(torch.bfloat16))
+    for ctx in (base, torch.from_numpy(base.view(np.int16)), torch.from_numpy(base.view(np.int16)).view(torch.bfloat16)):
+        dec = enc.decode(out.arrays, out.params, base.size, base_context=ctx)
+        assert np.array_equal(dec.positions, ch.positions)
+        assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
+
+
+def test_ctx_refuses_to_decode_without_or_against_a_wrong_base():
+    base = _weights(20_000, 4)
+    new = _step(base, 3e-6, 5)
+    ch = _change(base, new, (20_000,))
+    enc = get_encoding("ctx")
+    out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    with pytest.raises(FormatError, match="base"):
+        enc.decode(out.arrays, out.params, base.size)
+    with pytest.raises(FormatError, match="elements"):
+        enc.decode(out.arrays, out.params, base.size, base_context=base[:-1])
+    other = _weights(20_000, 99)  # another model's weights: class sizes differ
+    with pytest.raises(FormatError, match="does not fit this base"):
+        enc.decode(out.arrays, out.params, base.size, base_context=other)
+
+
+def test_ctx_rejects_inconsistent_parameters():
+    base = _weights(5_000, 6)
+    new = _step(base, 1e-5, 7)
+    ch = _change(base, new, (5_000,))
+    enc = get_encoding("ctx")
+    out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    with pytest.raises(FormatError):
+        enc.decode({"": out.arrays[""][:-3]}, out.params, base.size, base_context=base)
+    bad = json.loads(json.dumps(out.params))
+    bad["c"][0][2] += 1
+    with pytest.raises(FormatError):
+        enc.decode(out.arrays, bad, base.size, base_context=base)
+    with pytest.raises(FormatError):
+        enc.decode(out.arrays, {"n": 1}, base.size, base_context=base)
+
+
+def test_mixed_file_names_each_tensors_encoding_and_old_readers_refuse_it(tmp_path):
+    big, tiny = _weights(60_000, 8), _weights(3, 9)
+    big_new, tiny_new = _step(big, 3e-6, 10), tiny.copy()
+    tiny_new[1] += 1
+    changes = {"big.weight": _change(big, big_new, (60_000,)), "tiny.bias": _change(tiny, tiny_new, (3,)),
+               "nobase.weight": TensorChange((3,), np.array([0]), tiny_new[:1] + 1, tiny_new[:1])}
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(encode_delta(changes, version=5, base=4, total=60_006, encoding="ctx", verify=True))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    info = json.loads(meta["tensors"])
+    assert meta["encoding"] == "ctx"
+    assert "encoding" not in info["big.weight"]  # the file's own encoding
+    assert info["tiny.bias"]["encoding"] == "compact"  # per-class tables outweigh 1 change
+    assert info["nobase.weight"]["encoding"] == "compact"  # no base given: ctx cannot code it
+    pf = read_patch_file(path)
+    assert pf.encoding == "ctx" and pf.changed == sum(c.positions.size for c in changes.values())
+    assert isinstance(pf.tensors["big.weight"], ContextTensor)
+    with pytest.raises(FormatError, match="no base weights"):
+        resolve_context(pf, {})
+    resolve_context(pf, {"big.weight": big}, workers=2)
+    dec = pf.tensors["big.weight"]
+    rebuilt = big.copy()
+    rebuilt[dec.positions] = dec.resolve(big[dec.positions])
+    assert np.array_equal(rebuilt, big_new)
+    # A reader from before codec v2 knows only raw/compact: it must refuse the file, not misread it.
+    from shared import codec
+
+    saved = codec.ENCODINGS.pop("ctx")
+    try:
+        with pytest.raises(FormatError, match="unknown delta encoding 'ctx'"):
+            read_patch_file(path)
+    finally:
+        codec.ENCODINGS["ctx"] = saved
+
+
+def _fixture_states():
+    a = {"a.weight": torch.from_numpy(_weights(64, 11).view(np.int16)).view(torch.bfloat16).reshape(8, 8),
+         "b.bias": torch.from_numpy(_weights(5, 12).view(np.int16)).view(torch.bfloat16)}
+    b = {k: torch.from_numpy(_step(bf16_bits(v).reshape(-1), 3e-4, 13).view(np.int16)).view(torch.bfloat16)
+         .reshape(v.shape) for k, v in a.items()}
+    return a, b
+
+
+def test_compact_file_written_before_codec_v2_still_applies():
+    """tests/shared/fixtures/compact-v1.safetensors was written by the single-encoding writer (encoding="compact"):
+    no per-tensor encoding entries. It must keep decoding bit-exactly onto its base."""
+    base, want = _fixture_states()
+    path = FIXTURES / "compact-v1.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["encoding"] == "compact"
+    assert all("encoding" not in e for e in json.loads(meta["tensors"]).values())
+    pf = read_patch_file(path)
+    state = {k: v.clone() for k, v in base.items()}
+    apply_to_state(state, pf)
+    assert weights_digest(state) == weights_digest(want)
+
+
+def _tiny_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"model.embed.weight": (torch.randn(256, 64, generator=g) * 0.02),
+            "model.layers.0.mlp.weight": (torch.randn(128, 64, generator=g) * 0.02),
+            "model.norm.weight": torch.ones(64)}
+
+
+def _adam_like(state, lr, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=g).sign() * lr for k, v in state.items()}
+
+
+def _publish_history(root, n=5, lr=3e-5):
+    fp32 = _tiny_state()
+    states = {}
+    with Publisher(root, encoding="ctx", anchor_every=100, anchor_fraction=100.0, keep_anchors=10) as pub:
+        for v in range(n):
+            pub.publish(fp32, v)
+            pub.flush()
+            states[v] = {k: t.bfloat16() for k, t in fp32.items()}
+            fp32 = _adam_like(fp32, lr, v)
+    return states
+
+
+def test_follower_applies_ctx_deltas_bit_exactly(tmp_path):
+    states = _publish_history(tmp_path / "b")
+    m = read_manifest(open_bucket(tmp_path / "b"))
+    assert [d.encoding for d in m.deltas] == ["ctx"] * 4
+    for start in (None, 0, 2):
+        st = {} if start is None else {k: v.clone() for k, v in states[start].items()}
+        assert Follower(tmp_path / "b").sync_state(st, start) == 4
+        assert weights_digest(st) == weights_digest(states[4])
+
+
+def test_wrong_base_is_caught_never_silently_applied(tmp_path):
+    states = _publish_history(tmp_path / "b", n=3)
+    follower = Follower(tmp_path / "b")
+    m = follower.manifest()
+    wrong = {k: v.clone() for k, v in states[1].items()}
+    # Nudge a handful of weights by one ulp: same exponent classes, so the decoder's size checks pass and the delta
+    # decodes -- onto the wrong base. The digest must catch it.
+    flat = bf16_bits(wrong["model.layers.0.mlp.weight"]).reshape(-1)
+    flat[:5] += 1
+    plan = follower.plan(1, manifest=m)
+    with pytest.raises((DigestMismatch, FormatError)):
+        follower._run_plan(wrong, plan, m, verify=True)
+    # The public entry point recovers through the newest anchor and ends bit-exact.
+    wrong = {k: v.clone() for k, v in states[1].items()}
+    bf16_bits(wrong["model.layers.0.mlp.weight"]).reshape(-1)[:5] += 1
+    assert follower.sync_state(wrong, 1) == 2
+    assert weights_digest(wrong) == weights_digest(states[2])
