@@ -3,12 +3,19 @@
 Deltas come from real training: a model initialised like trained weights (std 0.02), fp32 master weights, AdamW, real
 forward/backward passes on synthetic token batches; the bf16 casts of consecutive publishes give the deltas. Full
 mode uses Qwen3-0.6B's real shape (28 layers, hidden 1024, 16/8 heads, intermediate 3072, vocab 151936, tied);
-`--quick` uses the tiny model so CI can check this code does not rot (no speed assertion anywhere).
+`--quick` uses the tiny model so CI can check this code does not rot (no speed assertion anywhere). Scenarios: lr
+1e-6, 3e-6, 1e-5 from the start, publish every 4 steps, and a warm run (20 AdamW steps before the first measured
+delta, so Adam's normalised step has settled and densities fall toward RL's 1-3 %).
 
 For every delta, one run, same data: payload of full bf16 safetensors, TRL's raw layout, raw + zstd, our compact
-encoding, and the entropy floor (iid positions at each tensor's density + order-0 residual entropy); bit-exactness of
-compact after decoding. Timings (medians over repeats, with min/max): one full-model `torch.ne` pass (the memory
-bandwidth floor), our change detection + encode, decode. Where CUDA is available the detection also runs on the GPU.
+encoding (v1), ctx (v2, base-exponent context; the file keeps compact for tensors where that is smaller), the
+order-0 floor (iid positions at each tensor's density + order-0 residual entropy) and the conditional floor that the
+base-exponent context reaches (iid positions per tensor and exponent class + residual entropy per exponent class;
+no table costs); bit-exactness of compact and ctx after applying through the Follower's `apply_to_state`; and how
+often a residual's sign repeats the previous version's at the same position (the Adam-momentum context ctx does not
+use: the estimate of what it would save is reported). Timings (medians over repeats, with min/max) on the last delta
+of each scenario: one full-model `torch.ne` pass (the memory-bandwidth floor), change detection + encode for compact
+and ctx, decode (+ resolve onto the base) for both. Where CUDA is available the detection also runs on the GPU.
 Results go to a JSON file and a PNG; a table is printed.
 """
 
@@ -33,13 +40,17 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.follower import apply_to_state  # noqa: E402
-from shared.formats import TensorChange, bits, encode_delta, read_patch_file  # noqa: E402
+from shared.formats import TensorChange, bits, encode_delta, read_patch_file, resolve_context  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096)
-FULL_SCENARIOS = [("lr3e-6", 3e-6, 1, 4), ("lr1e-5", 1e-5, 1, 3), ("lr1e-6", 1e-6, 1, 3), ("lr3e-6-gap4", 3e-6, 4, 2)]
-QUICK_SCENARIOS = [("lr3e-6", 3e-6, 1, 3), ("lr1e-5", 1e-5, 1, 2), ("lr3e-6-gap4", 3e-6, 4, 2)]
-FORMATS = ("full_bf16", "trl_raw", "raw_zstd", "compact", "entropy_floor")
+# (name, lr, optimizer steps per publish, measured deltas, warm-up steps before the first measured delta)
+FULL_SCENARIOS = [("lr1e-6", 1e-6, 1, 2, 0), ("lr3e-6", 3e-6, 1, 3, 0), ("lr1e-5", 1e-5, 1, 2, 0),
+                  ("lr3e-6-gap4", 3e-6, 4, 2, 0), ("warm-lr3e-6", 3e-6, 1, 2, 20)]
+QUICK_SCENARIOS = [("lr3e-6", 3e-6, 1, 3, 0), ("lr1e-5", 1e-5, 1, 2, 0), ("lr3e-6-gap4", 3e-6, 4, 2, 0),
+                   ("warm-lr3e-6", 3e-6, 1, 2, 3)]
+FORMATS = ("full_bf16", "trl_raw", "raw_zstd", "compact", "ctx", "entropy_floor", "conditional_floor")
+CODECS = ("compact", "ctx")
 
 
 def log(msg: str) -> None:
@@ -77,7 +88,7 @@ def diff(prev, cur) -> dict[str, TensorChange]:
         cb, pb = bits(c).reshape(-1), bits(prev[name]).reshape(-1)
         pos = np.flatnonzero(cb != pb)
         if pos.size:
-            out[name] = TensorChange(tuple(c.shape), pos, cb[pos], pb[pos])
+            out[name] = TensorChange(tuple(c.shape), pos, cb[pos], pb[pos], base=pb)
     return out
 
 
@@ -91,54 +102,121 @@ def timed(fn, repeats: int) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": repeats}
 
 
-def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path) -> dict:
+def _entropy_bits(values: np.ndarray) -> float:
+    """n * order-0 entropy of `values`, in bits."""
+    if values.size == 0:
+        return 0.0
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum())
+
+
+def floors(changes: dict[str, TensorChange]) -> tuple[float, float]:
+    """(order-0 floor, exponent-conditional floor) in bits for one delta."""
+    pos0 = posc = 0.0
+    res, exps = [], []
+    for ch in changes.values():
+        numel = int(np.prod(ch.shape))
+        pos0 += numel * h2(ch.positions.size / numel)
+        e = (ch.base >> 7).astype(np.uint8)
+        n_c = np.bincount(e, minlength=256)
+        k_c = np.bincount(e[ch.positions], minlength=256)
+        posc += sum(int(n) * h2(int(k) / int(n)) for n, k in zip(n_c, k_c) if k)
+        res.append((ch.new_bits - ch.base_bits).view(np.int16))
+        exps.append(e[ch.positions])
+    if not res:
+        return 0.0, 0.0
+    r, e = np.concatenate(res), np.concatenate(exps)
+    order = np.argsort(e, kind="stable")
+    r, e = r[order], e[order]
+    cuts = np.flatnonzero(np.diff(e)) + 1
+    res_c = sum(_entropy_bits(part) for part in np.split(r, cuts))
+    return pos0 + _entropy_bits(r), posc + res_c
+
+
+def sign_repeat(prev_signs: dict | None, changes: dict[str, TensorChange]) -> tuple[dict, dict | None]:
+    """Signs of this delta's residuals by position, and how often they repeat the previous delta's."""
+    signs = {n: (ch.positions, (ch.new_bits - ch.base_bits).view(np.int16) < 0) for n, ch in changes.items()}
+    if prev_signs is None:
+        return signs, None
+    both = same = 0
+    for name, (pos, neg) in signs.items():
+        if name not in prev_signs:
+            continue
+        ppos, pneg = prev_signs[name]
+        common, i, j = np.intersect1d(pos, ppos, assume_unique=True, return_indices=True)
+        both += common.size
+        same += int((neg[i] == pneg[j]).sum())
+    changed = sum(ch.positions.size for ch in changes.values())
+    frac, p = both / max(changed, 1), same / max(both, 1)
+    return signs, {"fraction_changed_again": frac, "p_same_sign": p,
+                   "bits_saved_per_changed": frac * (1.0 - h2(p))}
+
+
+def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: bool, prev_signs) -> tuple[dict, dict]:
     total = sum(t.numel() for t in cur.values())
     changes = diff(prev, cur)
     changed = sum(c.positions.size for c in changes.values())
     header = json.dumps({n: {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [0, 0]} for n, t in cur.items()})
     raw = encode_delta(changes, version=version, base=version - 1, total=total, encoding="raw")
-    compact = encode_delta(changes, version=version, base=version - 1, total=total, encoding="compact")
-    pos_bits = sum(int(np.prod(c.shape)) * h2(c.positions.size / int(np.prod(c.shape))) for c in changes.values())
-    res = np.concatenate([(c.new_bits - c.base_bits).view(np.int16) for c in changes.values()]) if changes else []
-    _, counts = np.unique(res, return_counts=True)
-    p = counts / max(counts.sum(), 1)
-    res_bits = float(-(p * np.log2(p)).sum()) * len(res)
+    blobs = {name: encode_delta(changes, version=version, base=version - 1, total=total, encoding=name)
+             for name in CODECS}
+    floor0, floor_ctx = floors(changes)
+    signs, repeat = sign_repeat(prev_signs, changes)
     sizes = {"full_bf16": 8 + len(header) + 2 * total, "trl_raw": len(raw),
-             "raw_zstd": len(zstandard.ZstdCompressor(level=3).compress(raw)), "compact": len(compact),
-             "entropy_floor": int((pos_bits + res_bits) / 8)}
-    # Bit-exactness of what a replica decodes.
-    path = tmp / f"d{version}.safetensors"
-    path.write_bytes(compact)
-    state = {k: v.clone() for k, v in prev.items()}
-    apply_to_state(state, read_patch_file(path))
-    exact = all(torch.equal(state[k].view(torch.int16), cur[k].view(torch.int16)) for k in cur)
+             "raw_zstd": len(zstandard.ZstdCompressor(level=3).compress(raw)), **{k: len(v) for k, v in blobs.items()},
+             "entropy_floor": int(floor0 / 8), "conditional_floor": int(floor_ctx / 8)}
+    paths = {}
+    exact = {}
+    for name, blob in blobs.items():
+        # Bit-exactness of what a replica decodes, through the Follower's apply path.
+        paths[name] = tmp / f"d{version}-{name}.safetensors"
+        paths[name].write_bytes(blob)
+        state = {k: v.clone() for k, v in prev.items()}
+        apply_to_state(state, read_patch_file(paths[name]))
+        exact[name] = all(torch.equal(state[k].view(torch.int16), cur[k].view(torch.int16)) for k in cur)
+        del state
+    per_tensor = json.loads(read_patch_file(paths["ctx"]).metadata["tensors"])
+    fallback = [n for n, e in per_tensor.items() if e.get("encoding", "ctx") != "ctx"]
+    out = {
+        "version": version, "changed": int(changed), "total": int(total), "density": changed / total,
+        "bytes": sizes, "bytes_per_changed": {k: (v / changed if changed else None) for k, v in sizes.items()},
+        "bit_exact": exact, "ctx_fallback_tensors": len(fallback), "tensors": len(per_tensor),
+        "sign_repeat": repeat,
+    }
+    if not timing:
+        return out, signs
+    del changes
 
     def ne_pass():
         for name, c in cur.items():
             torch.ne(c.view(torch.int16), prev[name].view(torch.int16))
 
-    def detect_encode():
-        ch = {}
-        for name, c in cur.items():
-            cb, pb = c.view(torch.int16).reshape(-1), prev[name].view(torch.int16).reshape(-1)
-            pos = torch.ne(cb, pb).nonzero().squeeze(1)
-            if pos.numel():
-                pn = pos.numpy()
-                ch[name] = TensorChange(tuple(c.shape), pn, cb.numpy().view(np.uint16)[pn], pb.numpy().view(np.uint16)[pn])
-        encode_delta(ch, version=version, base=version - 1, total=total, encoding="compact")
+    def detect_encode(encoding):
+        def run():
+            ch = {}
+            for name, c in cur.items():
+                cb, pb = c.view(torch.int16).reshape(-1), prev[name].view(torch.int16).reshape(-1)
+                pos = torch.ne(cb, pb).nonzero().squeeze(1)
+                if pos.numel():
+                    pn, pbn = pos.numpy(), pb.numpy().view(np.uint16)
+                    ch[name] = TensorChange(tuple(c.shape), pn, cb.numpy().view(np.uint16)[pn], pbn[pn], base=pbn)
+            encode_delta(ch, version=version, base=version - 1, total=total, encoding=encoding)
+        return run
 
-    def decode():
-        pf = read_patch_file(path)
-        for name, d in pf.tensors.items():
-            d.resolve(bits(prev[name]).reshape(-1)[d.positions])
+    base_bits = {name: bits(t).reshape(-1) for name, t in prev.items()}
 
-    return {
-        "version": version, "changed": int(changed), "total": int(total), "density": changed / total,
-        "bytes": sizes, "bytes_per_changed": {k: (v / changed if changed else None) for k, v in sizes.items()},
-        "bit_exact": bool(exact),
-        "time": {"ne_pass": timed(ne_pass, repeats), "detect_encode": timed(detect_encode, repeats),
-                 "decode": timed(decode, repeats)},
-    }
+    def decode(encoding):
+        def run():
+            pf = resolve_context(read_patch_file(paths[encoding]), base_bits)
+            for name, d in pf.tensors.items():
+                d.resolve(base_bits[name][d.positions])
+        return run
+
+    out["time"] = {"ne_pass": timed(ne_pass, repeats),
+                   **{f"detect_encode_{k}": timed(detect_encode(k), repeats) for k in CODECS},
+                   **{f"decode_{k}": timed(decode(k), repeats) for k in CODECS}}
+    return out, signs
 
 
 def gpu_rows(prev, cur, repeats: int) -> dict:
@@ -167,18 +245,21 @@ def gpu_rows(prev, cur, repeats: int) -> dict:
             out.append((pos.cpu(), a[pos].cpu(), b[pos].cpu()))
         return out
 
-    def detect_encode():
-        total = sum(t.numel() for t in c.values())
-        ch = {}
-        for name, (pos, nv, ov) in zip(c, detect_to_host()):
-            if pos.numel():
-                ch[name] = TensorChange(tuple(c[name].shape), pos.numpy(), nv.numpy().view(np.uint16),
-                                        ov.numpy().view(np.uint16))
-        encode_delta(ch, version=1, base=0, total=total, encoding="compact")
+    def detect_encode(encoding):
+        def run():
+            total = sum(t.numel() for t in c.values())
+            ch = {}
+            for name, (pos, nv, ov) in zip(c, detect_to_host()):
+                if pos.numel():
+                    # ctx's exponent sort runs on the GPU (the base stays there); only ranks come to the host.
+                    ch[name] = TensorChange(tuple(c[name].shape), pos.numpy(), nv.numpy().view(np.uint16),
+                                            ov.numpy().view(np.uint16), base=p[name].reshape(-1))
+            encode_delta(ch, version=1, base=0, total=total, encoding=encoding)
+        return run
 
     return {"available": True, "device": torch.cuda.get_device_name(0),
             "ne_pass": timed(sync(ne_pass), repeats), "detect_to_host": timed(sync(detect_to_host), repeats),
-            "detect_encode": timed(sync(detect_encode), repeats)}
+            **{f"detect_encode_{k}": timed(sync(detect_encode(k)), repeats) for k in CODECS}}
 
 
 def run(args) -> dict:
@@ -192,31 +273,46 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="dws-bench-"))
     gen = torch.Generator().manual_seed(args.seed)
     gpu = None
-    for name, lr, gap, n_deltas in scenarios:
+
+    def train(opt, steps: int) -> float:
+        step_s = 0.0
+        for _ in range(steps):
+            ids = torch.randint(0, min(cfg.vocab_size, 32000), (args.batch, args.seq), generator=gen)
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - t0
+        return step_s
+
+    for name, lr, gap, n_deltas, warm in scenarios:
         model.load_state_dict(base_state)
         # foreach=False: the fused multi-tensor path holds temporaries the size of the model (0.6B: +2.4 GB).
         opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
+        if warm:
+            log(f"{name}: {warm} warm-up steps")
+            train(opt, warm)
         prev = snapshot(model)
         deltas = []
+        prev_signs = None
         for i in range(n_deltas):
-            for _ in range(gap):
-                ids = torch.randint(0, min(cfg.vocab_size, 32000), (args.batch, args.seq), generator=gen)
-                t0 = time.perf_counter()
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step_s = time.perf_counter() - t0
+            step_s = train(opt, gap)
             cur = snapshot(model)
-            d = measure_delta(prev, cur, version=i + 1, repeats=args.repeats, tmp=tmp)
+            last = i == n_deltas - 1
+            d, prev_signs = measure_delta(prev, cur, version=i + 1, repeats=args.repeats, tmp=tmp, timing=last,
+                                          prev_signs=prev_signs)
             d["train_step_s"] = step_s
             deltas.append(d)
-            log(f"{name} delta {i + 1}/{n_deltas}: {d['density'] * 100:.3f}% changed, compact "
-                f"{d['bytes_per_changed']['compact']:.3f} B/changed, raw {d['bytes_per_changed']['trl_raw']:.2f}, "
-                f"bit-exact {d['bit_exact']}")
-            if gpu is None and name == scenarios[0][0] and i == n_deltas - 1:
+            bpc = d["bytes_per_changed"]
+            log(f"{name} delta {i + 1}/{n_deltas}: {d['density'] * 100:.3f}% changed; B/changed: compact "
+                f"{bpc['compact']:.3f}, ctx {bpc['ctx']:.3f}, floor {bpc['entropy_floor']:.3f}, conditional floor "
+                f"{bpc['conditional_floor']:.3f}; bit-exact {d['bit_exact']}"
+                + (f"; encode ctx {d['time']['detect_encode_ctx']['median_s']:.2f}s vs ne "
+                   f"{d['time']['ne_pass']['median_s']:.3f}s" if last else ""))
+            if gpu is None and name == scenarios[0][0] and last:
                 gpu = gpu_rows(prev, cur, args.repeats)
             prev = cur
-        results.append({"scenario": name, "lr": lr, "publish_every": gap, "deltas": deltas})
+        results.append({"scenario": name, "lr": lr, "publish_every": gap, "warmup_steps": warm, "deltas": deltas})
     return {
         "date": dt.date.today().isoformat(),
         "mode": "quick" if args.quick else "full",
@@ -233,35 +329,52 @@ def summarize(res: dict) -> list[dict]:
     rows = []
     for sc in res["scenarios"]:
         ds = sc["deltas"]
-        med = lambda f: statistics.median(f(d) for d in ds)  # noqa: E731
+        timed_d = [d for d in ds if "time" in d]
+        med = lambda f, xs=ds: statistics.median(f(d) for d in xs)  # noqa: E731
+        t = lambda key: med(lambda d: d["time"][key]["median_s"], timed_d)  # noqa: E731
+        repeats = [d["sign_repeat"] for d in ds if d.get("sign_repeat")]
         rows.append({
             "scenario": sc["scenario"], "density_pct": 100 * med(lambda d: d["density"]),
             **{f"bpce_{k}": med(lambda d, k=k: d["bytes_per_changed"][k] or 0) for k in FORMATS},
-            "compact_vs_full": med(lambda d: d["bytes"]["full_bf16"] / d["bytes"]["compact"]),
-            "encode_over_ne": med(lambda d: d["time"]["detect_encode"]["median_s"] / d["time"]["ne_pass"]["median_s"]),
-            "ne_ms": 1e3 * med(lambda d: d["time"]["ne_pass"]["median_s"]),
-            "encode_ms": 1e3 * med(lambda d: d["time"]["detect_encode"]["median_s"]),
-            "decode_ms": 1e3 * med(lambda d: d["time"]["decode"]["median_s"]),
-            "bit_exact": all(d["bit_exact"] for d in ds),
+            "ctx_vs_floor": med(lambda d: d["bytes"]["ctx"] / max(d["bytes"]["entropy_floor"], 1)),
+            "ctx_vs_compact": med(lambda d: d["bytes"]["ctx"] / d["bytes"]["compact"]),
+            "ne_ms": 1e3 * t("ne_pass"),
+            **{f"encode_{k}_ms": 1e3 * t(f"detect_encode_{k}") for k in CODECS},
+            **{f"decode_{k}_ms": 1e3 * t(f"decode_{k}") for k in CODECS},
+            **{f"encode_{k}_over_ne": t(f"detect_encode_{k}") / t("ne_pass") for k in CODECS},
+            **{f"decode_{k}_over_ne": t(f"decode_{k}") / t("ne_pass") for k in CODECS},
+            "sign_repeat_bits_saved": statistics.median(r["bits_saved_per_changed"] for r in repeats) if repeats
+            else None,
+            "bit_exact": all(all(d["bit_exact"].values()) for d in ds),
         })
     return rows
 
 
 def table(rows: list[dict], gpu: dict | None) -> str:
-    head = ("| scenario | changed % | full bf16 | TRL raw | raw+zstd | **compact** | entropy floor | compact vs full |"
-            " detect+encode / torch.ne | ne ms | encode ms | decode ms | bit-exact |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| scenario | changed % | TRL raw | raw+zstd | compact | **ctx (v2)** | order-0 floor | conditional floor |"
+            " ctx / floor | bit-exact |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['scenario']} | {r['density_pct']:.3f} | {r['bpce_full_bf16']:.0f} | {r['bpce_trl_raw']:.2f} |"
-                     f" {r['bpce_raw_zstd']:.2f} | **{r['bpce_compact']:.3f}** | {r['bpce_entropy_floor']:.3f} |"
-                     f" {r['compact_vs_full']:.0f}x | {r['encode_over_ne']:.1f}x | {r['ne_ms']:.1f} | {r['encode_ms']:.1f} |"
-                     f" {r['decode_ms']:.1f} | {'yes' if r['bit_exact'] else 'NO'} |")
+        lines.append(f"| {r['scenario']} | {r['density_pct']:.3f} | {r['bpce_trl_raw']:.2f} | {r['bpce_raw_zstd']:.2f} |"
+                     f" {r['bpce_compact']:.3f} | **{r['bpce_ctx']:.3f}** | {r['bpce_entropy_floor']:.3f} |"
+                     f" {r['bpce_conditional_floor']:.3f} | {r['ctx_vs_floor']:.2f} | {'yes' if r['bit_exact'] else 'NO'} |")
+    lines += ["", "(bytes per changed element, medians over each scenario's deltas)", "",
+              "| scenario | torch.ne ms | encode compact ms (×ne) | encode ctx ms (×ne) | decode compact ms (×ne) |"
+              " decode ctx ms (×ne) | sign-repeat context would save (bits/changed) |",
+              "|" + "---|" * 7]
+    for r in rows:
+        sr = r["sign_repeat_bits_saved"]
+        lines.append(f"| {r['scenario']} | {r['ne_ms']:.1f} | {r['encode_compact_ms']:.0f} ({r['encode_compact_over_ne']:.1f}×) |"
+                     f" {r['encode_ctx_ms']:.0f} ({r['encode_ctx_over_ne']:.1f}×) | {r['decode_compact_ms']:.0f}"
+                     f" ({r['decode_compact_over_ne']:.1f}×) | {r['decode_ctx_ms']:.0f} ({r['decode_ctx_over_ne']:.1f}×) |"
+                     f" {'-' if sr is None else f'{sr:.3f}'} |")
     lines.append("")
-    lines.append("(sizes in bytes per changed element; times are medians over repeats on this machine's CPU)")
+    lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU)")
     if gpu and gpu.get("available"):
         lines.append(f"GPU ({gpu['device']}): torch.ne pass {gpu['ne_pass']['median_s'] * 1e3:.2f} ms, detect + copy to "
-                     f"host {gpu['detect_to_host']['median_s'] * 1e3:.2f} ms, detect + encode "
-                     f"{gpu['detect_encode']['median_s'] * 1e3:.2f} ms")
+                     f"host {gpu['detect_to_host']['median_s'] * 1e3:.2f} ms, detect + encode compact "
+                     f"{gpu['detect_encode_compact']['median_s'] * 1e3:.2f} ms, ctx "
+                     f"{gpu['detect_encode_ctx']['median_s'] * 1e3:.2f} ms")
     else:
         lines.append("GPU rows: no GPU")
     return "\n".join(lines)
@@ -278,16 +391,16 @@ def plot(res: dict, rows: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2 if replicas else 1, figsize=(14 if replicas else 9, 4.5),
                              gridspec_kw={"width_ratios": [3, 2]} if replicas else None, squeeze=False)
     ax = axes[0][0]
-    width = 0.8 / len(FORMATS)
+    shown = [f for f in FORMATS if f != "full_bf16"]
+    width = 0.8 / len(shown)
     x = np.arange(len(rows))
-    for i, f in enumerate(FORMATS):
-        vals = [statistics.median(d["bytes"][f] for d in sc["deltas"]) for sc in res["scenarios"]]
-        ax.bar(x + i * width, vals, width, label=f.replace("_", " "))
+    for i, f in enumerate(shown):
+        ax.bar(x + i * width, [r[f"bpce_{f}"] for r in rows], width, label=f.replace("_", " "))
     ax.set_yscale("log")
-    ax.set_xticks(x + width * (len(FORMATS) - 1) / 2, [r["scenario"] for r in rows])
-    ax.set_ylabel("bytes per version (median, log)")
+    ax.set_xticks(x + width * (len(shown) - 1) / 2, [r["scenario"] for r in rows], fontsize=8)
+    ax.set_ylabel("bytes per changed element (median, log)")
     ax.set_title(f"payload by format — {res['model']['shape']} ({res['model']['parameters']:,} params)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     if replicas:
         ax = axes[0][1]
         labels = [f"{r['apply_mode']}\nverify {r.get('verify', 'every')}" for r in replicas]
@@ -307,7 +420,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model (CI smoke run); the full run is manual")
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--plot", default="bench/results.png")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

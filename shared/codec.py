@@ -342,9 +342,14 @@ class _BaseClasses:
     numpy on the host; a CUDA tensor keeps the O(numel) sort on its device and moves only sparse indices.
     """
 
+    # Host tensors take the numpy path (its uint8 argsort is a radix sort, faster than torch.sort on CPU); tests set
+    # this to run the device path on the CPU.
+    torch_on_cpu = False
+
     def __init__(self, base: Any, numel: int):
         self._torch = None
-        if not isinstance(base, np.ndarray) and getattr(getattr(base, "device", None), "type", "cpu") != "cpu":
+        device = getattr(getattr(base, "device", None), "type", None)
+        if device is not None and (device != "cpu" or self.torch_on_cpu):
             import torch
 
             t = base.reshape(-1)

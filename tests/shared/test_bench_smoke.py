@@ -1,5 +1,5 @@
 """`make bench --quick` must keep working (the full run is manual). No timing is asserted: only that it runs, that
-every format is measured on the same deltas, and that the compact deltas decode bit-exactly."""
+every format is measured on the same deltas, and that the compact and ctx deltas decode bit-exactly."""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ def test_bench_quick_runs_and_reports_every_format(tmp_path):
     assert res["mode"] == "quick" and res["scenarios"]
     for sc in res["scenarios"]:
         for d in sc["deltas"]:
-            assert d["bit_exact"] is True
+            assert d["bit_exact"] == {"compact": True, "ctx": True}
             b = d["bytes"]
-            assert set(b) == {"full_bf16", "trl_raw", "raw_zstd", "compact", "entropy_floor"}
+            assert set(b) == {"full_bf16", "trl_raw", "raw_zstd", "compact", "ctx", "entropy_floor",
+                              "conditional_floor"}
             assert b["entropy_floor"] <= b["compact"] < b["trl_raw"] < b["full_bf16"]
+            assert b["conditional_floor"] <= b["entropy_floor"] and b["conditional_floor"] <= b["ctx"] < b["trl_raw"]
+    assert any(sc["warmup_steps"] for sc in res["scenarios"]), "the warm scenario must be part of the run"
     assert "| scenario |" in proc.stdout
     assert "GPU rows: no GPU" in proc.stdout or "GPU (" in proc.stdout
     if plot:

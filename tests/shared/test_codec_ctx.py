@@ -205,3 +205,21 @@ def test_wrong_base_is_caught_never_silently_applied(tmp_path):
     bf16_bits(wrong["model.layers.0.mlp.weight"]).reshape(-1)[:5] += 1
     assert follower.sync_state(wrong, 1) == 2
     assert weights_digest(wrong) == weights_digest(states[2])
+
+
+def test_device_path_matches_host_path(monkeypatch):
+    """The torch path (what a CUDA base takes) must produce the same bytes and decode the same as numpy's."""
+    from shared import codec
+
+    base = _weights(30_000, 21)
+    new = _step(base, 3e-6, 22)
+    ch = _change(base, new, (30_000,))
+    enc = get_encoding("ctx")
+    host = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    monkeypatch.setattr(codec._BaseClasses, "torch_on_cpu", True)
+    tb = torch.from_numpy(base.view(np.int16)).view(torch.bfloat16)
+    dev = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=tb)
+    assert dev.params == host.params and np.array_equal(dev.arrays[""], host.arrays[""])
+    dec = enc.decode(host.arrays, host.params, base.size, base_context=tb)
+    assert np.array_equal(dec.positions, ch.positions)
+    assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
