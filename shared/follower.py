@@ -14,13 +14,14 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from shared.bucket import Bucket, BucketEntry, open_bucket
-from shared.digest import weights_digest
+from shared.digest import algorithm_of, weights_digest
 from shared.errors import ChainError, DigestMismatch, DwsError, FormatError, IntegrityError
 from shared.formats import PatchFile, bits, read_patch_file
 from shared.manifest import MANIFEST_PATH, FileEntry, Manifest, read_manifest, sha256_file
@@ -55,8 +56,29 @@ class SyncPlan:
 
 @dataclass(frozen=True)
 class VerifiedFile:
+    """A downloaded file whose size and sha256 match the manifest. For a version in parts there is one per part,
+    in index order: apply them one by one, and check the version's digest (`entry.digest`) only after `last_part`.
+    `slices` (name -> rows [r0, r1) of the full tensor, from the part's checked header) says where each of the
+    part's tensors goes; see shared/parts.py for the header."""
+
     entry: FileEntry
     path: Path
+    part: int | None = None  # index of this part; None for a single-file version
+    parts: int = 1
+    slices: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def version(self) -> int:
+        return self.entry.version
+
+    @property
+    def kind(self) -> str:
+        return "anchor" if self.entry.base is None else "delta"
+
+    @property
+    def last_part(self) -> bool:
+        """True for the file after which the version is complete (the only file of a single-file version)."""
+        return self.part is None or self.part == self.parts - 1
 
 
 def _delta_chain(m: Manifest, start: int, target: int) -> list[FileEntry] | None:
@@ -92,8 +114,12 @@ def plan_sync(m: Manifest, current: int | None, *, avoid_deltas_from: int | None
 
 
 class Follower:
-    def __init__(self, bucket: Bucket | str, *, cache_dir: str | Path | None = None, token: str | None = None):
+    def __init__(self, bucket: Bucket | str, *, cache_dir: str | Path | None = None, token: str | None = None,
+                 download_workers: int = 4):
+        if download_workers < 1:
+            raise ValueError("download_workers must be >= 1")
         self.bucket = bucket if isinstance(bucket, Bucket) else open_bucket(bucket, token=token)
+        self.download_workers = download_workers
         self._own_cache = cache_dir is None
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="dws-cache-"))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -124,29 +150,58 @@ class Follower:
         return plan_sync(m, current, avoid_deltas_from=avoid_deltas_from)
 
     # --------------------------------------------------------------------------------------------- files
-    def fetch(self, plan: SyncPlan) -> list[VerifiedFile]:
-        """Download every file of the plan and check its size and sha256. All or nothing: raises IntegrityError."""
-        out = []
+    def fetch(self, plan: SyncPlan, *, manifest: Manifest | None = None) -> list[VerifiedFile]:
+        """Download every file of the plan (a version's parts in parallel, at most `download_workers` at a time) and
+        check its size and sha256, and each part's slice header against the model and layout. All or nothing:
+        raises IntegrityError (a bad or missing file) or FormatError (a hostile part header) before anything can be
+        applied."""
+        m = manifest or self._manifest
+        jobs = []  # (entry, path, bytes, sha256, part index or None)
         for e in plan.steps:
-            local = self.cache_dir / e.path
-            if not (local.is_file() and local.stat().st_size == e.bytes and sha256_file(local) == e.sha256):
-                try:
-                    self.bucket.download(e.path, local)
-                except FileNotFoundError:
-                    raise IntegrityError(f"v{e.version}: {e.path} is listed in the manifest but missing",
-                                         version=e.version) from None
-                size = local.stat().st_size
-                if size != e.bytes or sha256_file(local) != e.sha256:
-                    local.unlink(missing_ok=True)
-                    raise IntegrityError(f"v{e.version}: {e.path} fails its sha256 check ({size} bytes, manifest "
-                                         f"says {e.bytes}); not applied", version=e.version)
-            out.append(VerifiedFile(e, local))
-        return out
+            for k, (path, size, sha) in enumerate(e.files):
+                jobs.append((e, path, size, sha, k if e.parts else None))
+        if len(jobs) > 1 and self.download_workers > 1:
+            with ThreadPoolExecutor(max_workers=min(self.download_workers, len(jobs)),
+                                    thread_name_prefix="dws-fetch") as pool:
+                results = list(pool.map(lambda job: self._fetch_one(*job, m), jobs))
+        else:
+            results = [self._fetch_one(*job, m) for job in jobs]
+        return results
+
+    def _fetch_one(self, e: FileEntry, path: str, size: int, sha: str, part: int | None,
+                   m: Manifest | None) -> VerifiedFile:
+        local = self.cache_dir / path
+        if not (local.is_file() and local.stat().st_size == size and sha256_file(local) == sha):
+            try:
+                self.bucket.download(path, local)
+            except FileNotFoundError:
+                raise IntegrityError(f"v{e.version}: {path} is listed in the manifest but missing",
+                                     version=e.version) from None
+            got = local.stat().st_size
+            if got != size or sha256_file(local) != sha:
+                local.unlink(missing_ok=True)
+                raise IntegrityError(f"v{e.version}: {path} fails its sha256 check ({got} bytes, manifest "
+                                     f"says {size}); not applied", version=e.version)
+        if part is None:
+            return VerifiedFile(e, local)
+        from shared.parts import part_info
+
+        info = part_info(local, shapes=m.model.shapes if m else None, index=part, count=len(e.parts))
+        return VerifiedFile(e, local, part, len(e.parts), info.slices)
 
     def decode(self, vf: VerifiedFile, *, manifest: Manifest | None = None) -> PatchFile:
         """Decode and validate a verified file against the model identity and the manifest entry."""
         m = manifest or self._manifest
         shapes = m.model.shapes if m else None
+        if vf.part is not None:
+            # A part holds row slices: its tensors have the slices' shapes, checked against the full ones.
+            from shared.parts import read_part
+
+            pf, _ = read_part(vf.path, shapes=shapes, index=vf.part, count=vf.parts, version=vf.entry.version,
+                              base=vf.entry.base)
+            if (pf.kind == "anchor") != (vf.entry.base is None):
+                raise FormatError(f"{vf.path.name}: manifest and file disagree on whether this is an anchor")
+            return pf
         pf = read_patch_file(vf.path, shapes=shapes, base=vf.entry.base)
         validate_patch(pf, vf.entry, shapes)
         return pf
@@ -161,7 +216,9 @@ class Follower:
         """Fetch (all verified first) then yield each decoded patch in order."""
         m = self.manifest()
         plan = self.plan(current, manifest=m)
-        for vf in self.fetch(plan):
+        for vf in self.fetch(plan, manifest=m):
+            if vf.part is not None:
+                raise FormatError(f"v{vf.version} is stored in parts; apply them with sync_state() or fetch()")
             yield vf.entry, self.decode(vf, manifest=m)
 
     # --------------------------------------------------------------------------------------------- plain dicts
@@ -185,27 +242,77 @@ class Follower:
             log.warning("delta path from v%s failed (%s); resyncing from the newest anchor", current, exc)
             return self._run_plan(state, self.plan(current, manifest=m, avoid_deltas_from=current), m, verify=verify)
 
+    def apply_plan(self, state: MutableMapping[str, torch.Tensor], plan: SyncPlan, manifest: Manifest, *,
+                   verify: bool = True) -> int:
+        """Fetch and apply one plan to a plain dict, checking each version's digest (no fallback; `sync_state`
+        adds the retry from an anchor). Raises DigestMismatch naming the first version that does not match."""
+        return self._run_plan(state, plan, manifest, verify=verify)
+
     def _run_plan(self, state, plan: SyncPlan, m: Manifest, *, verify: bool) -> int:
-        files = self.fetch(plan)
-        patches = [self.decode(vf, manifest=m) for vf in files]  # every file decodes before any is applied
+        files = self.fetch(plan, manifest=m)
+        # Single files decode before any is applied; a version in parts decodes one part at a time (memory bounded
+        # by one part), its part headers having been checked by fetch(), and rolls back if a later part is bad.
+        patches = {id(vf): self.decode(vf, manifest=m) for vf in files if vf.part is None}
         version = plan.current
-        for vf, pf in zip(files, patches):
+        i = 0
+        while i < len(files):
+            vf = files[i]
+            if vf.part is not None:
+                group = files[i:i + vf.parts]
+                self._apply_parts(state, group, m, verify=verify)
+                version = vf.version
+                i += vf.parts
+                continue
+            pf = patches[id(vf)]
             if pf.kind == "anchor":
                 # Stage on a copy: an anchor replaces everything, so a bad one must not wipe a good state.
                 staged: dict[str, torch.Tensor] = {}
                 apply_to_state(staged, pf)
-                if verify and weights_digest(staged) != vf.entry.digest:
+                if verify and weights_digest(staged, algorithm=algorithm_of(vf.entry.digest)) != vf.entry.digest:
                     raise DigestMismatch(f"anchor v{pf.version} does not hash to its manifest digest",
                                          version=pf.version)
                 state.clear()
                 state.update(staged)
             else:
                 apply_to_state(state, pf)
-                if verify and weights_digest(state) != vf.entry.digest:
+                if verify and weights_digest(state, algorithm=algorithm_of(vf.entry.digest)) != vf.entry.digest:
                     raise DigestMismatch(f"after v{pf.version} the weights do not match the manifest digest",
                                          version=pf.version)
             version = pf.version
+            i += 1
         return plan.target if plan.steps else version
+
+    def _apply_parts(self, state, group: list[VerifiedFile], m: Manifest, *, verify: bool) -> None:
+        """Apply every part of one version. An anchor's parts fill a staged model (swapped in once complete and
+        verified); a delta's parts write in place, keeping each touched element's old value so that a bad later
+        part, or a digest mismatch, puts `state` back to the version before."""
+        from shared.parts import apply_part, read_part, undo_part
+
+        e = group[0].entry
+        if len(group) != len(e.parts) or [vf.part for vf in group] != list(range(len(e.parts))):
+            raise FormatError(f"v{e.version}: the plan does not hold every part of the version")
+        shapes = m.model.shapes
+        anchor = e.base is None
+        target = {n: torch.empty(s, dtype=torch.bfloat16) for n, s in shapes.items()} if anchor else state
+        undo: list = []
+        try:
+            for vf in group:
+                pf, info = read_part(vf.path, shapes=shapes, index=vf.part, count=vf.parts, version=e.version,
+                                     base=e.base)
+                if (pf.kind == "anchor") != anchor:
+                    raise FormatError(f"{vf.path.name}: manifest and file disagree on whether this is an anchor")
+                undo.extend(apply_part(target, pf, info))
+                del pf  # one decoded part at a time
+            if verify and weights_digest(target, algorithm=algorithm_of(e.digest)) != e.digest:
+                raise DigestMismatch(f"after v{e.version} ({len(group)} parts) the weights do not match the manifest "
+                                     "digest", version=e.version)
+        except BaseException:
+            if not anchor:
+                undo_part(undo[::-1])
+            raise
+        if anchor:
+            state.clear()
+            state.update(target)
 
     def materialize(self) -> tuple[int, dict[str, torch.Tensor]]:
         """The latest version as a fresh dict (newest anchor + deltas), digest-verified."""

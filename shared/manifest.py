@@ -30,6 +30,24 @@ def delta_path(version: int) -> str:
     return f"deltas/v{version:08d}.safetensors"
 
 
+def part_path(version: int, index: int, count: int, *, anchor: bool) -> str:
+    """The one path part `index` of `count` of a version may have."""
+    return f"{'anchors' if anchor else 'deltas'}/v{version:08d}.part{index:05d}-of-{count:05d}.safetensors"
+
+
+LAYOUT_DIM0_CHUNKS = "dim0-chunks"
+
+
+def chunk_rows(rows: int, index: int, count: int) -> tuple[int, int]:
+    """Rows [start, stop) that part `index` of `count` holds of a tensor with `rows` rows ("dim0-chunks", the same
+    split as torch.chunk and FSDP2's Shard(0): trailing parts may be empty)."""
+    if not 0 <= index < count:
+        raise ValueError(f"part {index} of {count} does not exist")
+    size = -(-rows // count) if rows else 0
+    start = min(index * size, rows)
+    return start, min(start + size, rows)
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -80,30 +98,91 @@ class ModelIdentity(_Strict):
         return {k: v.shape for k, v in self.tensors.items()}
 
 
-class FileEntry(_Strict):
-    """One stored anchor or delta; `digest` is the weights digest of the model *after* this version."""
+def _check_file_path(v: str) -> str:
+    safe_path(v)
+    if not (v.startswith("anchors/") or v.startswith("deltas/")) or v.count("/") != 1:
+        raise ValueError("file paths must be directly under anchors/ or deltas/")
+    return v
 
-    version: int = Field(ge=0)
+
+DIGEST_PATTERN = r"^(xxh3_128:[0-9a-f]{32}|xsum64:[0-9a-f]{16})$"
+
+
+class PartEntry(_Strict):
+    """One part file of a version: part `index` of the entry's parts, holding the rows `layout` assigns it."""
+
+    index: int = Field(ge=0)
     path: str
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    digest: str = Field(pattern=r"^xxh3_128:[0-9a-f]{32}$")
-    base: int | None = None
     changed: int | None = Field(default=None, ge=0)
-    encoding: str | None = None
 
     @field_validator("path")
     @classmethod
     def _safe(cls, v: str) -> str:
-        safe_path(v)
-        if not (v.startswith("anchors/") or v.startswith("deltas/")) or v.count("/") != 1:
-            raise ValueError("file paths must be directly under anchors/ or deltas/")
-        return v
+        return _check_file_path(v)
+
+
+class FileEntry(_Strict):
+    """One stored anchor or delta; `digest` is the weights digest of the model *after* this version.
+
+    A single file has `path` and `sha256`; a version in parts has neither, but `parts` (all of them, in index
+    order) and `layout`; `bytes` and `changed` are then the totals over its parts."""
+
+    version: int = Field(ge=0)
+    path: str | None = None
+    bytes: int = Field(ge=0)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    digest: str = Field(pattern=DIGEST_PATTERN)
+    base: int | None = None
+    changed: int | None = Field(default=None, ge=0)
+    encoding: str | None = None
+    layout: Literal["dim0-chunks"] | None = None
+    parts: tuple[PartEntry, ...] = ()
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, v: str | None) -> str | None:
+        return v if v is None else _check_file_path(v)
+
+    @model_validator(mode="after")
+    def _one_file_or_parts(self):
+        if not self.parts:
+            if self.path is None or self.sha256 is None or self.layout is not None:
+                raise ValueError(f"v{self.version}: a single-file entry needs path and sha256 and has no layout")
+            return self
+        if self.path is not None or self.sha256 is not None or self.layout is None:
+            raise ValueError(f"v{self.version}: an entry in parts has a layout and no path/sha256 of its own")
+        n = len(self.parts)
+        for k, p in enumerate(self.parts):
+            if p.index != k:
+                raise ValueError(f"v{self.version}: parts must be listed once each, in order 0..{n - 1}; "
+                                 f"position {k} holds part {p.index}")
+            want = part_path(self.version, k, n, anchor=self.base is None)
+            if p.path != want:
+                raise ValueError(f"v{self.version}: part {k} of {n} must be stored at {want}, not {p.path}")
+        if self.bytes != sum(p.bytes for p in self.parts):
+            raise ValueError(f"v{self.version}: bytes {self.bytes} is not the sum of its parts' sizes")
+        if self.changed is not None and all(p.changed is not None for p in self.parts) \
+                and self.changed != sum(p.changed for p in self.parts):
+            raise ValueError(f"v{self.version}: changed {self.changed} is not the sum of its parts'")
+        return self
+
+    @property
+    def files(self) -> tuple[tuple[str, int, str], ...]:
+        """(path, bytes, sha256) of every stored file of this entry: itself, or each part in order."""
+        if self.parts:
+            return tuple((p.path, p.bytes, p.sha256) for p in self.parts)
+        return ((self.path, self.bytes, self.sha256),)
+
+    def describe_path(self) -> str:
+        return self.path if not self.parts else f"{self.parts[0].path} (+{len(self.parts) - 1} more part(s))"
 
 
 class Manifest(_Strict):
     format: Literal["dws-manifest"] = MANIFEST_FORMAT
     format_version: Literal[1] = 1
+    digest: Literal["xxh3_128", "xsum64"] = "xxh3_128"  # algorithm of new versions; absent in old manifests
     model: ModelIdentity
     latest: int = Field(ge=0)
     latest_digest: str
@@ -132,6 +211,14 @@ class Manifest(_Strict):
             raise ValueError(f"latest v{self.latest} is not listed")
         if entry.digest != self.latest_digest:
             raise ValueError("latest_digest differs from the latest entry's digest")
+        if not self.latest_digest.startswith(self.digest + ":"):
+            raise ValueError(f"latest_digest is not a {self.digest} digest, the algorithm this manifest names")
+        seen: set[str] = set()
+        for e in (*self.anchors, *self.deltas):
+            for path, _, _ in e.files:
+                if path in seen:
+                    raise ValueError(f"file {path} is listed twice")
+                seen.add(path)
         return self
 
     def entry(self, version: int) -> FileEntry | None:
@@ -152,7 +239,8 @@ class Manifest(_Strict):
 
     @property
     def paths(self) -> set[str]:
-        return {e.path for e in (*self.anchors, *self.deltas)}
+        """Every stored file the manifest names (each part of a version in parts)."""
+        return {path for e in (*self.anchors, *self.deltas) for path, _, _ in e.files}
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(indent=1).encode()

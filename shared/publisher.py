@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from shared.bucket import Bucket, open_bucket
-from shared.digest import weights_digest
+from shared.digest import DigestBuilder, ElementSum, algorithm_of
 from shared.errors import (
     DwsError,
     ModelMismatchError,
@@ -131,6 +131,7 @@ class Publisher:
         self._spool = Path(spool_dir) if spool_dir else Path(tempfile.mkdtemp(prefix="dws-spool-"))
         self._manifest: Manifest | None = read_manifest(self.bucket)
         self._prev: dict[str, torch.Tensor] | None = None
+        self._esum: ElementSum | None = None  # digest element sum of `_prev`, kept up to date in O(changed)
         # The model every publish must match: the bucket's, or else the first snapshot's.
         self._shapes = self._manifest.model.shapes if self._manifest else None
         self._prev_version: int | None = self._manifest.latest if self._manifest else None
@@ -272,8 +273,8 @@ class Publisher:
         t0 = time.perf_counter()
         delta_bytes_blob: bytes | None = None
         changed = total
+        changes: dict[str, TensorChange] = {}
         if self._prev is not None:
-            changes = {}
             changed = 0
             for name, cur in snap.items():
                 prev = self._prev[name]
@@ -289,7 +290,18 @@ class Publisher:
         encode_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        digest = weights_digest(snap)
+        shapes = {name: tuple(t.shape) for name, t in snap.items()}
+        if self._prev is not None and self._esum is not None:
+            # O(changed): the previous version's element sum, minus the old values' terms, plus the new ones'.
+            esum = ElementSum(self._esum.value)
+            for name, ch in changes.items():
+                esum.replace(name, ch.shape, ch.positions, ch.base_bits, ch.new_bits)
+        else:
+            builder = DigestBuilder()
+            for name in sorted(snap):
+                builder.update(name, snap[name])
+            esum = ElementSum(builder.partial_sum)
+        digest = esum.digest(shapes)
         digest_s = time.perf_counter() - t0
 
         want_anchor = self._wants_anchor(len(delta_bytes_blob) if delta_bytes_blob is not None else None, total)
@@ -327,7 +339,7 @@ class Publisher:
                                kinds=tuple(kinds), changed=changed, total=total, delta_bytes=delta_bytes,
                                anchor_bytes=anchor_bytes, snapshot_s=snapshot_s, encode_s=encode_s,
                                digest_s=digest_s, upload_s=upload_s, digest=digest)
-        self._prev, self._prev_version = snap, version
+        self._prev, self._prev_version, self._esum = snap, version, esum
         log.info("published v%d %s: %d/%d changed (%.3f%%), %s, encode %.3fs upload %.3fs%s", version,
                  "+".join(kinds), changed, total, 100.0 * changed / max(total, 1),
                  ", ".join(f"{k} {b:,} B" for k, b in (("delta", delta_bytes), ("anchor", anchor_bytes)) if b),
@@ -355,7 +367,8 @@ class Publisher:
         oldest = anchors[0].version
         deltas = [d for d in deltas if d.version > oldest]
         manifest = Manifest(model=m.model if m else self._identity(snap), latest=version, latest_digest=digest,
-                            anchors=tuple(anchors), deltas=tuple(deltas), owner=self.owner)
+                            digest=algorithm_of(digest), anchors=tuple(anchors), deltas=tuple(deltas),
+                            owner=self.owner)
         self._lease.check(f"committing v{version}")
         write_manifest(self.bucket, manifest)
         dropped = sorted((m.paths if m else set()) - manifest.paths)

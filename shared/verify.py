@@ -1,7 +1,8 @@
 """`dws verify BUCKET`: replay the whole kept history and prove every stored version.
 
-Starting from the oldest kept anchor, every delta is applied in order; every file's sha256 and every version's
-weights digest is checked; every later anchor must equal the replayed state. The first bad version is named.
+Starting from the oldest kept anchor, every delta is applied in order; every file's sha256 (each part of a version
+in parts, and each part's slice header) and every version's weights digest (with the algorithm the digest names) is
+checked; every later anchor must equal the replayed state. The first bad version is named.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.bucket import open_bucket
-from shared.digest import weights_digest
-from shared.errors import ChainError, DwsError
-from shared.follower import Follower, SyncPlan, apply_to_state
+from shared.digest import algorithm_of, weights_digest
+from shared.errors import ChainError, DigestMismatch, DwsError
+from shared.follower import Follower, SyncPlan
 from shared.manifest import read_manifest
 
 
@@ -53,32 +54,41 @@ def verify_bucket(address: str, *, token: str | None = None) -> VerifyResult:
     for e in entries:
         if e.version < start or (e.version == start and e.base is not None):
             continue  # deltas before the oldest kept anchor have no base to replay onto
+        algo = algorithm_of(e.digest)
+        what = "anchor" if e.base is None else "delta"
+        parts = f" in {len(e.parts)} parts" if e.parts else ""
         try:
-            (vf,) = follower.fetch(SyncPlan(None, e.version, e.digest, (e,)))
-            pf = follower.decode(vf, manifest=m)
-            if pf.kind == "anchor":
+            plan = SyncPlan(None if e.base is None else state_version, e.version, e.digest, (e,))
+            if e.base is None:
                 fresh: dict[str, torch.Tensor] = {}
-                apply_to_state(fresh, pf)
-                if weights_digest(fresh) != e.digest:
-                    res.fail(e.version, f"anchor {e.path} does not hash to its manifest digest")
+                try:
+                    # Every file's sha256 and every part's slice header are checked before anything is applied.
+                    follower.apply_plan(fresh, plan, m, verify=True)
+                except DigestMismatch:
+                    res.fail(e.version, f"anchor {e.describe_path()}{parts} does not hash to its manifest digest")
                     return res
                 # Only a state replayed up to this very version can be compared: two anchors in a row (a delta
                 # larger than an anchor is not stored) leave the previous version's state here.
-                if state_version == e.version and weights_digest(state) != e.digest:
-                    res.fail(e.version, f"anchor {e.path} differs from the replayed deltas")
+                if state_version == e.version and weights_digest(state, algorithm=algo) != e.digest:
+                    res.fail(e.version, f"anchor {e.describe_path()}{parts} differs from the replayed deltas")
                     return res
                 state = fresh
             else:
-                apply_to_state(state, pf)
-                if weights_digest(state) != e.digest:
-                    res.fail(e.version, f"after delta {e.path} the weights do not match the manifest digest")
+                if e.base != state_version:
+                    res.fail(e.version, f"delta names base v{e.base}, but the replay is at v{state_version}")
+                    return res
+                try:
+                    follower.apply_plan(state, plan, m, verify=True)
+                except DigestMismatch:
+                    res.fail(e.version, f"after delta {e.describe_path()}{parts} the weights do not match the "
+                             "manifest digest")
                     return res
             state_version = e.version
         except DwsError as exc:
             res.fail(e.version, str(exc))
             return res
         res.checked += 1
-        res.lines.append(f"ok   v{e.version} {'anchor' if e.base is None else 'delta '} {e.bytes:>12,} B  {e.digest}")
+        res.lines.append(f"ok   v{e.version} {what:<6} {e.bytes:>12,} B  {e.digest}{parts}")
     res.lines.append(f"OK: {res.checked} file(s) verified, latest v{m.latest} reproduced bit-exactly"
                      if res.ok else "FAILED")
     return res

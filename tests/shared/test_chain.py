@@ -17,7 +17,8 @@ from shared.errors import (ChainError, FormatError, IntegrityError, ModelMismatc
                            PublishError)
 from shared.follower import Follower
 from shared.manifest import MANIFEST_PATH, Manifest, read_manifest
-from shared.publisher import OWNER_PATH, Publisher
+from shared.lease import OWNER_PATH
+from shared.publisher import Publisher
 from shared.verify import verify_bucket
 
 

@@ -1,4 +1,4 @@
-"""One writer per bucket: the publisher's `owner.json` lease (shared/publisher.py `BucketLease`).
+"""One writer per bucket: the publisher's `owner.json` lease (shared/lease.py `BucketLease`).
 
 A second trainer pointed at a bucket by mistake must refuse with an error naming the owner instead of interleaving
 versions; `take_over` hands the bucket to the new one and stops the old one before it writes again; a restarted
@@ -19,12 +19,13 @@ import time
 import pytest
 import torch
 
-import shared.publisher as publisher_mod
+import shared.lease as lease_mod
 from shared.bucket import open_bucket
 from shared.errors import FormatError, OwnerConflictError, PublishError
 from shared.follower import Follower
 from shared.manifest import delta_path, read_manifest
-from shared.publisher import OWNER_PATH, Publisher
+from shared.lease import OWNER_PATH
+from shared.publisher import Publisher
 from shared.verify import verify_bucket
 
 
@@ -112,7 +113,7 @@ def test_restart_with_the_same_run_id_continues(tmp_path, monkeypatch):
     b = tmp_path / "b"
     a = Publisher(b, run_id="run-a", lease_settle_s=0)
     publish(a, 0)
-    monkeypatch.setattr(publisher_mod, "_CLAIMANT", "another-process")  # what a restarted process looks like
+    monkeypatch.setattr(lease_mod, "_CLAIMANT", "another-process")  # what a restarted process looks like
     a2 = Publisher(b, run_id="run-a", lease_settle_s=0)
     publish(a2, 1)
     assert owner(b)["claimant"] == "another-process"
@@ -132,9 +133,9 @@ def test_default_run_id_is_shared_within_a_process(tmp_path, monkeypatch):
     publish(a2, 1)
     assert latest(b) == 1
     monkeypatch.setenv("SPACE_ID", "alice/trainer")
-    assert publisher_mod.default_run_id() == "alice/trainer"
+    assert lease_mod.default_run_id() == "alice/trainer"
     monkeypatch.setenv("DWS_RUN_ID", "exp-7")
-    assert publisher_mod.default_run_id() == "exp-7"
+    assert lease_mod.default_run_id() == "exp-7"
 
 
 def test_simultaneous_claims_leave_exactly_one_owner(tmp_path):
