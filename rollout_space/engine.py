@@ -1,7 +1,13 @@
-"""The ``dws`` WeightTransferEngine (worker side). Registered lazily by :func:`rollout_space.plugin.register`.
+"""The ``dws`` WeightTransferEngine (worker side): validate, write in place, read back. Registered lazily by
+rollout_space/plugin.py; imported only inside vLLM workers that selected ``--weight-transfer-config
+'{"backend": "dws"}'``.
 
-See rollout_space/plugin.py for the protocol; this module is imported only inside vLLM workers that selected
-``--weight-transfer-config '{"backend": "dws"}'``.
+Owns what happens to the served weights of one worker (one TP rank). Every file is validated *before* the first
+write (names, shapes, index ranges, finite values, base version); then each changed tensor is written through the
+:class:`~rollout_space.patchmap.PatchMap` -- O(changed) integer arithmetic and one ``index_copy_`` per placement,
+one bounded chunk at a time, no full-shape staging -- and the written positions are read back and compared
+(O(changed)). The full served-weights digest is *not* computed inside the pause on the sync path: the gateway
+runs it after resume in chunks (``digest_start`` / ``digest_step``) and stops claiming the version on a mismatch.
 """
 
 from __future__ import annotations
@@ -11,30 +17,58 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from rollout_space.plugin import (
-    BACKEND,
-    DEFAULT_CHUNK_BYTES,
-    DwsInitInfo,
-    DwsUpdateInfo,
-    InconsistentWeightsError,
-    PatchError,
-    decode_delta,
-    resolve_decoder,
-    validate_anchor,
-    validate_delta,
-)
-from rollout_space.weights import CheckpointView
+from rollout_space.patchmap import PatchMap, UnsupportedModelError, checkpoint_shapes, resolve_model_dir
+from rollout_space.plugin import BACKEND
+from rollout_space.prepared import CHUNK_ELEMENTS, PreparedReader, is_prepared
+from rollout_space.updates import DwsInitInfo, DwsUpdateInfo, InconsistentWeightsError, PatchError
+from shared.errors import FormatError
 
 logger = logging.getLogger("dws.engine")
 
 
-class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
-    """Applies dws deltas / anchors from local files, in place, in checkpoint coordinates."""
+def _finite_bits(bits: torch.Tensor) -> bool:
+    # bf16 NaN/Inf: the exponent field is all ones.
+    return not bool(((bits.to(torch.int32) & 0x7F80) == 0x7F80).any())
 
-    dws_backend = True  # marker read by DwsWorkerExtension (avoids importing this module in every process)
+
+class _MemoryDelta:
+    """A delta decoded in this worker by ``shared.formats`` (the /update_weights route), with the same interface
+    as :class:`PreparedReader`: tensors with a mode, chunks of (positions, int16 payload)."""
+
+    def __init__(self, pf) -> None:
+        from rollout_space.prepared import PreparedTensor
+
+        self.version, self.base = pf.version, pf.base
+        self._pf = pf
+        self.tensors = {}
+        for name, t in pf.tensors.items():
+            if getattr(t, "needs_base_context", False):
+                mode, count = "context", int(t.count)
+            else:
+                mode, count = ("values" if t.values is not None else "residual"), int(t.positions.size)
+            self.tensors[name] = PreparedTensor(name, tuple(pf.shapes.get(name, ())), mode, count,
+                                                getattr(t, "encoding", None))
+
+    def chunks(self, name: str, chunk: int = CHUNK_ELEMENTS):
+        t = self._pf.tensors[name]
+        payload = t.values if t.values is not None else t.residual
+        pos = np.asarray(t.positions, dtype=np.int64)
+        pay = np.ascontiguousarray(payload).view(np.int16)
+        for lo in range(0, pos.size, chunk):
+            yield torch.from_numpy(pos[lo:lo + chunk]), torch.from_numpy(pay[lo:lo + chunk])
+
+    def context_tensor(self, name: str):
+        return self._pf.tensors[name]
+
+
+class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
+    """Applies dws deltas / anchors from local files, in place, in checkpoint coordinates, on this rank."""
+
+    dws_backend = True  # marker read by the worker extension
 
     init_info_cls = DwsInitInfo
     update_info_cls = DwsUpdateInfo
@@ -42,163 +76,285 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.view = CheckpointView(model)
-        self.chunk_bytes = int(os.environ.get("DWS_PATCH_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        t = time.perf_counter()
+        model_dir = resolve_model_dir(str(self.model_config.model))
+        self.map = PatchMap(model, checkpoint_shapes(model_dir))
+        self.map_ms = round((time.perf_counter() - t) * 1e3, 1)
+        if self.map.ignored:
+            logger.info("dws: checkpoint tensors vLLM does not load: %s", self.map.ignored[:10])
         self.version: int | None = None
         self.consistent = True
+        self.generation = 0  # bumped by every write: a digest that spans a write is void
         self.last: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
-        model_dir = getattr(self.model_config, "model", None)
-        if model_dir and os.path.isdir(model_dir):
-            try:
-                ignored = self.view.check_against_checkpoint(model_dir)
-                if ignored:
-                    logger.info("dws: checkpoint tensors vLLM does not load: %s", ignored[:10])
-            except FileNotFoundError:
-                pass
+        self._resolved: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # path -> base-context decodes
+        self._digest: dict[str, Any] | None = None
 
-    # ---- lifecycle -------------------------------------------------------------------------------------------
+    # ---- vLLM lifecycle ------------------------------------------------------------------------------------------
     def init_transfer_engine(self, init_info: DwsInitInfo) -> None:
         if init_info.digest is not None:
-            served = self.view.digest()
+            served = self.map.digest()
             if served != init_info.digest:
                 raise InconsistentWeightsError(f"served digest {served} != declared {init_info.digest}")
         self.version = init_info.version
         self.consistent = True
 
     def start_weight_update(self) -> None:
-        """No-op: patches are applied in place (no layerwise reload)."""
+        """No-op: patches are written in place (no layerwise reload)."""
 
     def finish_weight_update(self) -> None:
-        """No-op: patches are applied in place (no layerwise reload)."""
+        """No-op: patches are written in place (no layerwise reload)."""
 
     def shutdown(self) -> None:
         pass
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on a CPU-only build.
-        typed = self.parse_update_info(update_info)
-        self.receive_weights(typed)
+        self.receive_weights(self.parse_update_info(update_info))
+        self._sync_device()
+
+    def receive_weights(self, info: DwsUpdateInfo) -> dict[str, Any]:
+        return self.apply_file(info)
+
+    @staticmethod
+    def _sync_device() -> None:
         if torch.accelerator.current_accelerator() is not None:
             torch.accelerator.synchronize()
 
-    # ---- the update ------------------------------------------------------------------------------------------
-    def receive_weights(self, info: DwsUpdateInfo) -> None:
+    # ---- one sync: every file of a version, in order (the dws_apply RPC) -----------------------------------------
+    def apply(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        records = [self.apply_file(self.parse_update_info(s)) for s in steps]
+        self._sync_device()
+        return {"steps": records, "version": self.version, "ms": round((time.perf_counter() - t0) * 1e3, 3)}
+
+    def apply_file(self, info: DwsUpdateInfo) -> dict[str, Any]:
         t0 = time.perf_counter()
         if not os.path.isfile(info.path):
             raise PatchError(f"no such file {info.path}")
         if info.kind == "delta":
-            if not self.consistent:
-                raise PatchError("weights are inconsistent after a failed update; apply an anchor first")
-            if info.base is not None and self.version is not None and info.base != self.version:
-                raise PatchError(f"delta base {info.base} != served version {self.version}")
-            decoded = decode_delta(resolve_decoder(info.decoder), info.path, self.view.shapes(), info.base)
-            for attr in ("version", "base"):  # a decoded file that states its own version/base must agree
-                stated, asked = getattr(decoded, attr, None), getattr(info, attr)
-                if stated is not None and asked is not None and stated != asked:
-                    raise PatchError(f"{info.path} is {attr} {stated}, update_info says {asked}")
-            patches = validate_delta(self.view, decoded)
-            del decoded
-            names = [n for n, _, _ in patches]
-            n_values = sum(int(p.numel()) for _, p, _ in patches)
+            source = self._open_delta(info)
+            plan = self._validate_delta(source, info)
         else:
-            names = validate_anchor(self.view, info.path, check_values=info.check_values)
-            patches = None
-            n_values = sum(self.view[n].numel for n in names)
+            plan = self._validate_anchor(info)
         t1 = time.perf_counter()
-
-        try:  # from here on weights may change
+        try:  # from here on weights change
+            self.generation += 1
             if info.kind == "delta":
-                self._apply_delta(patches, info.apply_mode)
+                n_values, mismatched = self._write_delta(source, plan, info.path)
             else:
-                self._apply_anchor(info.path, names, info.apply_mode)
+                n_values, mismatched = self._write_anchor(info.path, plan), 0
+            self._sync_device()
         except Exception as exc:
             self.consistent, self.version = False, None
             raise InconsistentWeightsError(f"applying {info.path} failed after writing started: {exc}") from exc
+        if mismatched:
+            self.consistent, self.version = False, None
+            raise InconsistentWeightsError(f"{info.path}: {mismatched} written values do not read back")
         t2 = time.perf_counter()
-
         digest = None
         if info.verify:
-            digest = self.view.digest()
+            digest = self.map.digest()
             if info.expected_digest is not None and digest != info.expected_digest:
                 self.consistent, self.version = False, None
                 raise InconsistentWeightsError(
-                    f"digest after {info.kind} v{info.version}: served {digest} != expected {info.expected_digest}"
-                )
+                    f"digest after {info.kind} v{info.version}: served {digest} != expected {info.expected_digest}")
         t3 = time.perf_counter()
-        self.consistent = True
-        self.version = info.version
-        self.last = {
-            "kind": info.kind,
-            "version": info.version,
-            "base": info.base,
-            "digest": digest,
-            "tensors": len(names),
-            "values": n_values,
-            "apply_mode": info.apply_mode,
-            "validate_ms": round((t1 - t0) * 1e3, 3),
-            "apply_ms": round((t2 - t1) * 1e3, 3),
-            "digest_ms": round((t3 - t2) * 1e3, 3),
-        }
+        self.consistent, self.version = True, info.version
+        self._resolved.pop(info.path, None)
+        self.last = {"kind": info.kind, "version": info.version, "base": info.base, "digest": digest,
+                     "tensors": len(plan), "values": n_values, "readback": info.kind == "delta",
+                     "validate_ms": round((t1 - t0) * 1e3, 3), "apply_ms": round((t2 - t1) * 1e3, 3),
+                     "digest_ms": round((t3 - t2) * 1e3, 3)}
         self.history = (self.history + [self.last])[-32:]
         logger.info("dws: applied %s", self.last)
+        return self.last
 
-    def _apply_delta(self, patches, mode: str) -> None:
-        if mode == "direct":
-            with torch.no_grad():
-                for name, pos, val in patches:
-                    flat = self.view[name].flat()
-                    flat.index_copy_(0, pos.to(flat.device), val.to(flat.device))
-            return
-        from vllm.model_executor.model_loader.checkpoint_weight_patch import (
-            CheckpointWeightPatch,
-            load_checkpoint_weight_patches,
-        )
+    # ---- deltas ----------------------------------------------------------------------------------------------
+    def _open_delta(self, info: DwsUpdateInfo):
+        if not self.consistent:
+            raise PatchError("weights are inconsistent after a failed update; apply an anchor first")
+        if is_prepared(info.path):
+            try:
+                return PreparedReader(info.path)
+            except FormatError as exc:
+                raise PatchError(str(exc)) from None
+        from shared.formats import read_patch_file
 
-        device = self.view[patches[0][0]].param.device if patches else None
-        load_checkpoint_weight_patches(
-            self.model,
-            (
-                CheckpointWeightPatch(
-                    name=name,
-                    shape=self.view[name].shape,
-                    dtype=torch.bfloat16,
-                    values=val.to(device),
-                    indices=pos.to(device),
-                )
-                for name, pos, val in patches
-            ),
-            max_chunk_bytes=self.chunk_bytes,
-            validate_unique_indices=False,  # validate_delta already proved sorted + unique
-        )
+        try:  # the protocol's reader; TRL-layout files take their shapes from the served model
+            pf = read_patch_file(info.path, shapes=self.map.shapes(), base=info.base)
+        except FormatError as exc:
+            raise PatchError(str(exc)) from None
+        if pf.kind != "delta":
+            raise PatchError(f"{info.path} is an anchor, update_info says delta")
+        return _MemoryDelta(pf)
 
-    def _apply_anchor(self, path: str, names: list[str], mode: str) -> None:
+    def _validate_delta(self, src, info: DwsUpdateInfo) -> list[str]:
+        for attr in ("version", "base"):  # a file that states its own version/base must agree
+            stated, asked = getattr(src, attr, None), getattr(info, attr)
+            if stated is not None and asked is not None and stated != asked:
+                raise PatchError(f"{info.path} is {attr} {stated}, update_info says {asked}")
+        base = info.base if info.base is not None else src.base
+        if base is not None and self.version is not None and base != self.version:
+            raise PatchError(f"delta base {base} != served version {self.version}")
+        names = []
+        for name, t in sorted(src.tensors.items()):
+            if name not in self.map:
+                raise PatchError(f"unknown tensor {name!r} (not a checkpoint tensor the served model loads)")
+            if t.shape and tuple(t.shape) != self.map.shapes()[name]:
+                raise PatchError(f"{name}: delta shape {list(t.shape)} != served {list(self.map.shapes()[name])}")
+            if t.count == 0:
+                continue
+            if t.mode != "context":
+                numel = self.map.numel(name)
+                for pos, payload in src.chunks(name):  # positions are sorted (checked by the decoder)
+                    if pos.numel() and (int(pos[0]) < 0 or int(pos[-1]) >= numel):
+                        raise PatchError(f"{name}: positions out of range [0, {numel})")
+                    if t.mode == "values" and not _finite_bits(payload):
+                        raise PatchError(f"{name}: values contain NaN or Inf")
+            names.append(name)
+        return names
+
+    def prepare(self, path: str) -> dict[str, Any]:
+        """Decode the base-context tensors of a prepared file against the current weights (between engine steps,
+        before the pause), so the pause only writes. Rejections here change nothing."""
+        t0 = time.perf_counter()
+        src = PreparedReader(path)
+        out = {}
+        for name, t in sorted(src.tensors.items()):
+            if t.mode == "context":
+                out[name] = self._decode_context(src, name)
+        self._resolved[path] = out
+        return {"tensors": len(out), "ms": round((time.perf_counter() - t0) * 1e3, 3)}
+
+    def _decode_context(self, src, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from shared.codec import get_encoding
+
+        base = self.map.tensor(name).reshape(-1)  # zero-copy at TP=1; merged across ranks at TP>1
+        if isinstance(src, _MemoryDelta):
+            dec = src.context_tensor(name).decode(base)
+        else:
+            arrays, params, numel = src.context_arrays(name)
+            t = src.tensors[name]
+            try:
+                dec = get_encoding(t.encoding).decode(arrays, params, numel, base_context=base)
+            except FormatError as exc:
+                raise PatchError(f"{name}: {exc}") from None
+        if dec.values is None:
+            raise PatchError(f"{name}: a base-context decode must give absolute values")
+        vals = torch.from_numpy(np.ascontiguousarray(dec.values).view(np.int16))
+        if not _finite_bits(vals):
+            raise PatchError(f"{name}: values contain NaN or Inf")
+        return torch.from_numpy(np.asarray(dec.positions, dtype=np.int64)), vals
+
+    def _write_delta(self, src, names: list[str], path: str) -> tuple[int, int]:
+        resolved = self._resolved.get(path, {})
+        n_values = mismatched = 0
+        with torch.no_grad():
+            for name in names:
+                t = src.tensors[name]
+                if t.mode == "context":
+                    pos, vals = resolved.get(name) or self._decode_context(src, name)  # unprepared: in the pause
+                    chunks, mode = [(pos, vals)], "values"
+                else:
+                    chunks, mode = src.chunks(name), t.mode
+                for pos, payload in chunks:
+                    n_values += int(pos.numel())
+                    mismatched += self._write_chunk(name, pos, payload, mode)
+        return n_values, mismatched
+
+    def _write_chunk(self, name: str, pos: torch.Tensor, payload: torch.Tensor, mode: str) -> int:
+        dev = self.map.placements[name][0].target.device
+        pos = pos.to(dev)
+        payload = payload.to(dev)
+        bad = 0
+        for pl, mask, dst in self.map.locations(name, pos):
+            p = payload if mask is None else payload[mask]
+            if mode == "residual":
+                # new = base + residual (mod 2**16): int16 addition wraps exactly like the encoder's uint16 one
+                p = pl.target.index_select(0, dst).view(torch.int16) + p
+            new = p.view(torch.bfloat16)
+            pl.target.index_copy_(0, dst, new)
+            # Read back what vLLM now serves at those positions: proves the write reached the live tensor.
+            back = pl.target.index_select(0, dst).view(torch.int16)
+            bad += int((back != new.view(torch.int16)).sum())
+        return bad
+
+    # ---- anchors ---------------------------------------------------------------------------------------------
+    def _validate_anchor(self, info: DwsUpdateInfo) -> list[str]:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(info.path, framework="pt") as f:
+                header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+                names = set(self.map.names())
+                extra, missing = sorted(set(header) - names), sorted(names - set(header))
+                if extra:
+                    raise PatchError(f"anchor has unknown tensors {extra[:5]}")
+                if missing:
+                    raise PatchError(f"anchor lacks tensors {missing[:5]}")
+                shapes = self.map.shapes()
+                for name, (dtype, shape) in sorted(header.items()):
+                    if dtype != "BF16":
+                        raise PatchError(f"{name}: anchor dtype must be BF16, got {dtype}")
+                    if shape != shapes[name]:
+                        raise PatchError(f"{name}: anchor shape {list(shape)} != served {list(shapes[name])}")
+                if info.check_values:  # one tensor in memory at a time
+                    for name in sorted(header):
+                        if not _finite_bits(f.get_tensor(name).view(torch.int16)):
+                            raise PatchError(f"{name}: anchor values contain NaN or Inf")
+        except SafetensorError as exc:
+            raise PatchError(f"{info.path}: unreadable safetensors file ({exc})") from None
+        return sorted(header)
+
+    def _write_anchor(self, path: str, names: list[str]) -> int:
         from safetensors import safe_open
 
+        n = 0
         with safe_open(path, framework="pt") as f, torch.no_grad():
             for name in names:  # one dense tensor in memory at a time
-                tensor = f.get_tensor(name)
-                if mode == "direct":
-                    self.view[name].view().copy_(tensor)
-                    continue
-                from vllm.model_executor.model_loader.checkpoint_weight_patch import (
-                    CheckpointWeightPatch,
-                    load_checkpoint_weight_patches,
-                )
+                x = f.get_tensor(name).contiguous()
+                for pl in self.map.placements[name]:
+                    src = x.as_strided(pl.sizes, pl.src_strides, pl.src_offset)
+                    pl.region().copy_(src.to(pl.target.device))
+                n += x.numel()
+        return n
 
-                s = self.view[name]
-                load_checkpoint_weight_patches(
-                    self.model,
-                    [CheckpointWeightPatch(name, s.shape, torch.bfloat16, tensor.reshape(-1).to(s.param.device))],
-                    max_chunk_bytes=self.chunk_bytes,
-                )
+    # ---- the served digest, in chunks between engine steps ---------------------------------------------------
+    def digest_start(self) -> dict[str, Any]:
+        from shared.digest import DigestBuilder
+
+        self._digest = {"builder": DigestBuilder(), "names": self.map.names(), "i": 0,
+                        "generation": self.generation, "ms": 0.0}
+        return {"tensors": len(self._digest["names"])}
+
+    def digest_step(self, budget_bytes: int) -> dict[str, Any]:
+        d = self._digest
+        if d is None:
+            raise PatchError("no digest in progress (call dws_digest_start)")
+        if d["generation"] != self.generation:
+            self._digest = None
+            raise PatchError("the weights changed while the digest was being computed")
+        t0 = time.perf_counter()
+        done_bytes = 0
+        names = d["names"]
+        while d["i"] < len(names) and done_bytes < budget_bytes:
+            name = names[d["i"]]
+            d["builder"].update(name, self.map.tensor(name))
+            done_bytes += self.map.numel(name) * 2
+            d["i"] += 1
+        d["ms"] += (time.perf_counter() - t0) * 1e3
+        if d["i"] < len(names):
+            return {"done": False, "tensors_done": d["i"], "ms": round(d["ms"], 3)}
+        self._digest = None
+        return {"done": True, "digest": d["builder"].hexdigest(), "generation": self.generation,
+                "version": self.version, "ms": round(d["ms"], 3)}
 
     def status(self) -> dict[str, Any]:
-        return {
-            "backend": BACKEND,
-            "version": self.version,
-            "consistent": self.consistent,
-            "architecture": self.view.architecture,
-            "tensors": len(self.view.names()),
-            "last": self.last,
-        }
+        return {"backend": BACKEND, "version": self.version, "consistent": self.consistent,
+                "architecture": self.map.architecture, "tensors": len(self.map.names()),
+                "tp_size": self.map.tp_size, "tp_rank": self.map.tp_rank, "map_ms": self.map_ms,
+                "generation": self.generation, "last": self.last}
+
+
+__all__ = ["DwsWeightTransferEngine", "UnsupportedModelError"]

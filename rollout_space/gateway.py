@@ -24,6 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from shared.wire import MODEL_VERSION_FIELD, MODEL_VERSION_HEADER, MODEL_VERSIONS_FIELD
+
 from rollout_space.sync import Syncer
 from rollout_space.vllm_proc import VllmServer
 
@@ -42,6 +44,8 @@ class GatewayInfo:
     requests: int = 0
     failed_requests: int = 0
     in_flight: int = 0
+    unavailable: int = 0  # the gateway's own 503s (vLLM starting / restarting / failed): failures a client saw
+    max_n: int = 64  # completions per request; vLLM would accept thousands, each holding KV memory
     vllm_state: str = "starting"  # starting | ready | restarting | failed
 
 
@@ -134,6 +138,7 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
                 "vllm_restarts": server.restarts if server else 0,
                 "vllm_pid": server.proc.pid if server and server.proc else None, "uptime_s": round(time.time() - info.started, 1),
                 "requests": info.requests, "failed_requests": info.failed_requests, "in_flight": info.in_flight,
+                "unavailable_503": info.unavailable, "max_n": info.max_n,
                 **syncer.status()}
 
     app.state.status = status_dict
@@ -155,6 +160,7 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
         if info.api_key and not _bearer_ok(request, info.api_key):
             return _err(401, "missing or wrong bearer token")
         if info.vllm_state != "ready":
+            info.unavailable += 1
             return _err(503, f"vLLM is {info.vllm_state}; retry shortly", retry_after_s=5)
         body = b""
         if request.method == "POST":
@@ -173,6 +179,9 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
                 return _err(400, "request body must be JSON")
             if not isinstance(payload, dict):
                 return _err(400, "request body must be a JSON object")
+            n = payload.get("n", 1)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= info.max_n):
+                return _err(400, f"n must be an integer from 1 to {info.max_n}, got {n!r}")
             stream = bool(payload.get("stream"))
         else:
             stream = False
@@ -190,7 +199,7 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
             return _err(502, f"inference server unreachable: {type(exc).__name__}")
         if stream and resp.status_code == 200:
             return StreamingResponse(_relay_stream(resp, v_start), status_code=200, media_type="text/event-stream",
-                                     headers={"X-DWS-Model-Version": str(v_start)})
+                                     headers={MODEL_VERSION_HEADER: str(v_start)})
         try:
             raw = await resp.aread()
         finally:
@@ -204,10 +213,10 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
         except ValueError:
             return Response(raw, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
         if isinstance(data, dict) and resp.status_code == 200:
-            data["model_version"] = v_end
+            data[MODEL_VERSION_FIELD] = v_end
             if v_start != v_end:
-                data["model_versions"] = [v_start, v_end]
-        return JSONResponse(data, status_code=resp.status_code, headers={"X-DWS-Model-Version": str(v_end)})
+                data[MODEL_VERSIONS_FIELD] = [v_start, v_end]
+        return JSONResponse(data, status_code=resp.status_code, headers={MODEL_VERSION_HEADER: str(v_end)})
 
     async def _relay_stream(resp: httpx.Response, v_start):
         seen = {v_start}
@@ -218,9 +227,9 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
                         chunk = json.loads(line[6:])
                         v = syncer.state.served_version
                         seen.add(v)
-                        chunk["model_version"] = v
+                        chunk[MODEL_VERSION_FIELD] = v
                         if len(seen) > 1:
-                            chunk["model_versions"] = sorted(x for x in seen if x is not None)
+                            chunk[MODEL_VERSIONS_FIELD] = sorted(x for x in seen if x is not None)
                         line = "data: " + json.dumps(chunk, separators=(",", ":"))
                     except ValueError:
                         pass

@@ -1,10 +1,22 @@
-"""The replica's sync loop: keep the served weights on the bucket's latest version (docs/design.md §3.4 rules 4-5, §6.1).
+"""The replica's sync loop: keep the served weights on the bucket's latest version (DESIGN.md §3 rules 4-5, §4).
 
-Each round: read the manifest (cheap etag check), plan the shortest verified path from the served version, download
-every file and check its sha256 and decode/validate it against the model identity -- all *outside* the pause -- then
-pause vLLM (requests held, not dropped), apply every step in place, resume. The served version changes only when
-the plugin reports success; when a digest mismatches the replica stops claiming any version and resyncs from the
-newest anchor, and on any other failure it keeps serving its last good version.
+Owns the order of a sync and what the replica claims. A version is an ordered list of verified files; each round:
+
+1. read the manifest (cheap etag check) and plan the shortest verified path from the served version;
+2. download every file and check its sha256 (shared/follower.py), then, file by file, decode and validate it
+   against the model identity and write it as a *prepared* file (rollout_space/prepared.py): the form the worker
+   writes directly -- all while vLLM keeps serving, with memory bounded by one file;
+3. tensors whose encoding needs the whole base (``needs_base_context``) are decoded by the worker against its
+   weights between engine steps (``dws_prepare``), still before the pause;
+4. pause vLLM (requests held, not dropped), one ``dws_apply`` RPC writes every file in place and reads the written
+   positions back (O(changed)), resume;
+5. after resume, the full served-weights digest runs in chunks between engine steps; its result decides whether
+   the replica claims the version (``verified_versions``, ``digest_match``). On a mismatch the replica stops
+   claiming any version (``served_version`` null), says so in ``last_sync.error`` and resyncs from the newest
+   anchor. The time from resume to that verdict is the window in which a wrong weight could be served
+   (``verify_window_s``, reported per sync and on /status).
+
+On any failure before the pause the last good version keeps being served.
 """
 
 from __future__ import annotations
@@ -15,30 +27,41 @@ import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from shared.errors import DwsError
+from shared.errors import DwsError, FormatError
 from shared.follower import Follower, SyncPlan
 from shared.manifest import Manifest
 
+from rollout_space.prepared import write_prepared
 from rollout_space.vllm_proc import VllmControl, VllmError
 
 log = logging.getLogger("dws.rollout.sync")
 
 VERIFY_MODES = ("every", "anchors")
+DIGEST_CHUNK_BYTES = 64 << 20  # weights hashed per RPC after resume: bounds how long one engine step waits
 
 
 @dataclass
 class SyncRecord:
-    """One sync round, as /status and the dashboard show it."""
+    """One sync round, as /status and the dashboard show it (a superset of shared.wire.SyncRecord)."""
 
     started: float
     plan: str
     from_version: int | None
     to_version: int | None
     bytes: int = 0
-    download_s: float = 0.0
-    pause_s: float = 0.0
-    apply_s: float = 0.0
+    download_s: float = 0.0  # download + sha256 + decode + prepare, all before the pause
+    decode_s: float = 0.0
+    prepare_s: float = 0.0  # worker-side base-context decode between engine steps (0 without such tensors)
+    pause_s: float = 0.0  # pause -> resume, as the gateway sees it
+    apply_s: float = 0.0  # the dws_apply round trip inside the pause
+    worker_apply_s: float = 0.0  # of which the worker's own validate + write + read-back
+    control_s: float = 0.0  # pause_s - worker_apply_s: the control plane's share of the pause
+    changed: int = 0
+    verify_s: float | None = None  # the after-resume digest (worker time)
+    verify_window_s: float | None = None  # resume -> verdict: how long an undetected wrong weight could be served
+    verified: bool | None = None
     ok: bool = False
     error: str | None = None
 
@@ -53,40 +76,77 @@ class SyncState:
     syncs: int = 0
     failures: int = 0
     resyncs_from_anchor: int = 0
+    digest_mismatches: int = 0
     last: SyncRecord | None = None
     history: deque = field(default_factory=lambda: deque(maxlen=50))
     versions_served: list[int] = field(default_factory=list)  # every version this replica has served, in order
-    # version -> digest this replica proved it held after applying that version (checked by the plugin inside the
-    # pause, then measured again after resume for the target). An end-to-end check compares these with the trainer's
-    # own digests, so a version counts here only once its bytes were hashed on the replica, never from the manifest.
+    # version -> digest this replica measured over the weights it served at that version (after resume, every
+    # weight hashed on the replica, never taken from the manifest). An end-to-end check compares these with the
+    # trainer's own digests.
     verified: dict[int, str] = field(default_factory=dict)
 
 
 VERIFIED_ON_STATUS = 512
 
 
+def _summary(values) -> dict:
+    vals = sorted(values)
+    if not vals:
+        return {"count": 0, "median": None, "max": None}
+    return {"count": len(vals), "median": round(statistics.median(vals), 1), "max": round(vals[-1], 1)}
+
+
 def _pause_summary(history) -> dict:
     """Median / max pause of the recent successful syncs that paused vLLM (a sync rejected before the pause has
     pause 0 and would drag the median down)."""
-    pauses = sorted(r.pause_s * 1e3 for r in history if r.ok and r.pause_s > 0)
-    if not pauses:
-        return {"count": 0, "median": None, "max": None}
-    return {"count": len(pauses), "median": round(statistics.median(pauses), 1), "max": round(pauses[-1], 1)}
+    return _summary(r.pause_s * 1e3 for r in history if r.ok and r.pause_s > 0)
+
+
+def check_anchor(path: Path, entry, shapes: dict | None) -> None:
+    """An anchor's header and values, streamed one tensor at a time (an anchor is model-sized: never decoded whole
+    here): names and shapes of the model identity, bf16, finite, the version the manifest says."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stated = meta.get("version", meta.get("model_version"))
+            if stated is not None and str(stated) != str(entry.version):
+                raise FormatError(f"{entry.path}: file says v{stated}, manifest says v{entry.version}")
+            keys = sorted(f.keys())
+            if shapes is not None:
+                missing, extra = sorted(set(shapes) - set(keys)), sorted(set(keys) - set(shapes))
+                if missing or extra:
+                    raise FormatError(f"{entry.path}: anchor lacks {missing[:3]} / has unknown {extra[:3]}")
+            for name in keys:
+                sl = f.get_slice(name)
+                if sl.get_dtype() != "BF16":
+                    raise FormatError(f"{entry.path}: {name} is {sl.get_dtype()}, anchors are BF16")
+                if shapes is not None and tuple(sl.get_shape()) != tuple(shapes[name]):
+                    raise FormatError(f"{entry.path}: {name} has shape {sl.get_shape()}, the model has "
+                                      f"{tuple(shapes[name])}")
+                bits = f.get_tensor(name).view(torch.int16)
+                if bool(((bits.to(torch.int32) & 0x7F80) == 0x7F80).any()):
+                    raise FormatError(f"{entry.path}: {name} contains NaN or Inf")
+    except SafetensorError as exc:
+        raise FormatError(f"{entry.path}: unreadable safetensors file ({exc})") from None
 
 
 class Syncer:
     def __init__(self, follower: Follower, control: VllmControl, *, verify: str = "every",
-                 poll_interval: float = 3.0, apply_mode: str = "loader"):
+                 poll_interval: float = 3.0, digest_chunk_bytes: int = DIGEST_CHUNK_BYTES):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
         self.follower = follower
         self.control = control
         self.verify = verify
-        self.apply_mode = apply_mode  # "loader": vLLM's checkpoint patch loader; "direct": index writes (TP=1)
         self.poll_interval = poll_interval
+        self.digest_chunk_bytes = digest_chunk_bytes
         self.state = SyncState()
         self.paused = False
         self.syncing = False
+        self.verifying = False
         self._nudge = asyncio.Event()
         self._lock = asyncio.Lock()
         self._avoid_deltas = False  # set after a failed delta path: next round goes through an anchor
@@ -115,7 +175,7 @@ class Syncer:
         """After (re)start: which kept version, if any, is vLLM serving? Saves downloading an anchor when the base
         model already is one of the bucket's versions (typically v0)."""
         try:
-            digest = await self.control.digest()
+            digest, _ = await self.control.digest_chunked(self.digest_chunk_bytes)
             m = await asyncio.to_thread(self.follower.manifest)
         except (VllmError, DwsError) as exc:
             log.warning("could not identify the served weights: %s", exc)
@@ -163,13 +223,26 @@ class Syncer:
         self.syncing = True
         rec = SyncRecord(started=time.time(), plan=plan.describe(), from_version=st.served_version,
                          to_version=plan.target, bytes=plan.bytes)
+        prepared_dir = self.follower.cache_dir / "prepared"
         try:
             t0 = time.perf_counter()
             files = await asyncio.to_thread(self.follower.fetch, plan)
-            # Decode and validate before the pause: a hostile or broken delta never gets near the weights.
-            await asyncio.to_thread(lambda: [self.follower.decode(vf, manifest=m) for vf in files])
+            # Decode and validate before the pause, file by file: a hostile or broken delta never gets near the
+            # weights, and the worker receives the decoded form so the pause only writes.
+            t1 = time.perf_counter()
+            steps = []
+            for i, vf in enumerate(files):
+                steps.append(await asyncio.to_thread(self._prepare_file, vf, m, prepared_dir / f"{i:03d}.safetensors",
+                                                     rec))
+            rec.decode_s = time.perf_counter() - t1
+            if steps and steps[0]["kind"] == "delta" and steps[0].pop("context", 0):
+                t2 = time.perf_counter()  # base-context tensors of the first file decode against the served base
+                await self.control.prepare(steps[0]["path"])
+                rec.prepare_s = time.perf_counter() - t2
+            for s in steps:
+                s.pop("context", None)
             rec.download_s = time.perf_counter() - t0
-            await self._apply(files, plan, rec, m)
+            await self._apply(steps, plan, rec, m)
             rec.ok = True
             st.syncs += 1
             self._avoid_deltas = False
@@ -185,7 +258,26 @@ class Syncer:
             st.history.append(rec)
             keep = {s.path for s in plan.steps}
             await asyncio.to_thread(self.follower.prune_cache, keep if not rec.ok else set())
+            for p in prepared_dir.glob("*.safetensors"):
+                p.unlink(missing_ok=True)
+        if rec.ok and rec.verified is False:
+            self.nudge()  # resync from the anchor now, not at the next poll
         return rec
+
+    def _prepare_file(self, vf, m: Manifest, dest: Path, rec: SyncRecord) -> dict:
+        """One verified file -> one step of dws_apply (decoded + validated here; memory bounded by this file)."""
+        e = vf.entry
+        if e.base is None:
+            check_anchor(vf.path, e, m.model.shapes if m.model else None)
+            return {"path": str(vf.path), "kind": "anchor", "version": e.version, "base": None, "verify": False,
+                    "check_values": False}
+        pf = self.follower.decode(vf, manifest=m)
+        summary = write_prepared(pf, dest, source=e.path)
+        context = sum(1 for t in pf.tensors.values() if getattr(t, "needs_base_context", False))
+        del pf
+        rec.changed += summary["changed"]
+        return {"path": str(dest), "kind": "delta", "version": e.version, "base": e.base, "verify": False,
+                "context": context}
 
     def _no_plan(self, exc: BaseException) -> SyncRecord:
         """The bucket is unreachable, or its manifest is hostile, broken or leads nowhere: nothing was fetched or
@@ -202,87 +294,102 @@ class Syncer:
                                                st.served_version)
         return rec
 
-    async def _apply(self, files, plan: SyncPlan, rec: SyncRecord, m: Manifest) -> None:
+    async def _apply(self, steps: list[dict], plan: SyncPlan, rec: SyncRecord, m: Manifest) -> None:
         st = self.state
+        before = st.served_version
         t_pause = time.perf_counter()
         await self.control.pause()
         self.paused = True
-        expected = st.served_digest or (m.digest_of(st.served_version) if st.served_version is not None else None)
         try:
-            await self.control.start_update()
             t_apply = time.perf_counter()
-            for vf in files:
-                e = vf.entry
-                check = self.verify == "every" or e.base is None
-                info = {"path": str(vf.path), "kind": "anchor" if e.base is None else "delta", "version": e.version,
-                        "base": e.base, "expected_digest": e.digest if check else None, "verify": check,
-                        "decoder": "shared.formats:read_for_replica", "apply_mode": self.apply_mode}
-                try:
-                    await self.control.update(info)
-                except VllmError:
-                    # The plugin validates before writing, so a rejected patch leaves the last good version in
-                    # place -- but prove it (still inside the pause) rather than trust it.
-                    await self._recheck(expected)
-                    raise
-                st.served_version = e.version
-                st.served_digest = e.digest if check else None
-                st.digest_match = True if check else None
-                if check:
-                    st.verified[e.version] = e.digest
-                expected = e.digest
+            try:
+                result = await self.control.apply(steps)
+            except VllmError:
+                await self._after_failed_apply(before)
+                raise
             rec.apply_s = time.perf_counter() - t_apply
-            await self.control.finish_update(plan.target)
+            rec.worker_apply_s = (result.get("ms") or 0.0) / 1e3
         finally:
             try:
                 await self.control.resume()
             finally:
                 self.paused = False
                 rec.pause_s = time.perf_counter() - t_pause
+                rec.control_s = max(0.0, rec.pause_s - rec.worker_apply_s)
+        t_resumed = time.perf_counter()
+        # Serving the new version now (every written position was read back inside the pause); claimed as verified
+        # only once the full digest below agrees.
+        st.served_version = plan.target
+        st.served_digest, st.digest_match = None, None
         st.versions_served.append(plan.target)
-        if self.verify == "every":
-            # An independent measurement of what vLLM serves, outside the pause (the plugin also checked inside).
-            try:
-                st.served_digest = await self.control.digest()
-            except VllmError as exc:
-                log.warning("could not read the served digest: %s", exc)
-                st.served_digest = None
-            st.digest_match = st.served_digest == m.digest_of(plan.target)
-            if st.digest_match:
-                st.verified[plan.target] = st.served_digest
-            else:
-                st.verified.pop(plan.target, None)
-                log.error("served digest %s differs from v%d's %s; resyncing from the newest anchor",
-                          st.served_digest, plan.target, m.digest_of(plan.target))
-                self.forget_version()
-                self._avoid_deltas = True
         async with self.version_changed:
             self.version_changed.notify_all()
-        log.info("now serving v%d (%s; download %.3fs, pause %.1f ms, apply %.1f ms)", plan.target, plan.describe(),
-                 rec.download_s, rec.pause_s * 1e3, rec.apply_s * 1e3)
+        if self.verify == "every" or plan.from_anchor:
+            await self._verify(plan, rec, m, t_resumed)
+        log.info("now serving v%d (%s; before pause %.3fs, pause %.1f ms, apply %.1f ms, verified %s)", plan.target,
+                 plan.describe(), rec.download_s, rec.pause_s * 1e3, rec.apply_s * 1e3, rec.verified)
 
-    async def _recheck(self, expected: str | None) -> None:
+    async def _verify(self, plan: SyncPlan, rec: SyncRecord, m: Manifest, t_resumed: float) -> None:
+        st = self.state
+        want = m.digest_of(plan.target)
+        self.verifying = True
         try:
-            digest = await self.control.digest()
+            digest, worker_ms = await self.control.digest_chunked(self.digest_chunk_bytes)
         except VllmError as exc:
-            log.error("cannot read the served digest after a failed update (%s)", exc)
-            digest = None
-        if expected is None or digest != expected:
+            log.warning("could not read the served digest: %s", exc)
+            digest, worker_ms = None, None
+        finally:
+            self.verifying = False
+        rec.verify_s = None if worker_ms is None else worker_ms / 1e3
+        rec.verify_window_s = time.perf_counter() - t_resumed
+        st.served_digest = digest
+        st.digest_match = digest is not None and digest == want
+        rec.verified = st.digest_match
+        if st.digest_match:
+            st.verified[plan.target] = digest
+            return
+        st.verified.pop(plan.target, None)
+        if digest is None:  # no verdict (vLLM gone): the supervisor restarts it and identify() decides
+            return
+        st.digest_mismatches += 1
+        st.resyncs_from_anchor += 1
+        rec.error = (f"DigestMismatch: served weights hash to {digest}, v{plan.target} is {want}; stopped claiming "
+                     "the version, resyncing from the newest anchor")
+        log.error("%s", rec.error)
+        self.forget_version()
+        self._avoid_deltas = True
+
+    async def _after_failed_apply(self, before: int | None) -> None:
+        """The worker validates every file before writing, so a rejected update leaves the last good version in
+        place -- unless it failed after writing started, which the engine records as inconsistent."""
+        try:
+            status = await self.control.worker_status()
+        except VllmError as exc:
+            log.error("cannot read the worker state after a failed update (%s)", exc)
+            status = {}
+        if not status.get("consistent", False):
             log.error("served weights are no longer a known version; resyncing from the newest anchor")
             self.forget_version()
             self._avoid_deltas = True
+        else:
+            self.state.served_version = before
 
     def status(self) -> dict:
         st = self.state
         lag = None if st.latest_version is None or st.served_version is None else st.latest_version - st.served_version
+        hist = list(st.history)
         return {
             "served_version": st.served_version, "served_digest": st.served_digest, "digest_match": st.digest_match,
             "latest_version": st.latest_version, "latest_digest": st.latest_digest, "lag": lag,
             "syncs": st.syncs, "failures": st.failures, "resyncs_from_anchor": st.resyncs_from_anchor,
-            "verify": self.verify, "apply_mode": self.apply_mode, "poll_interval_s": self.poll_interval, "paused": self.paused,
-            "syncing": self.syncing,
+            "digest_mismatches": st.digest_mismatches,
+            "verify": self.verify, "poll_interval_s": self.poll_interval, "paused": self.paused,
+            "syncing": self.syncing, "verifying": self.verifying,
             "last_sync": asdict(st.last) if st.last else None,
-            "recent_syncs": [asdict(r) for r in list(st.history)[-10:]],
-            "pause_ms": _pause_summary(st.history),
+            "recent_syncs": [asdict(r) for r in hist[-10:]],
+            "pause_ms": _pause_summary(hist),
+            # resume -> full-digest verdict: the window in which a wrong weight could be served undetected
+            "verify_window_ms": _summary(r.verify_window_s * 1e3 for r in hist if r.verify_window_s is not None),
             # Bounded: a long run keeps only the newest entries on /status (JSON keys are strings).
             "verified_versions": {str(v): st.verified[v] for v in sorted(st.verified)[-VERIFIED_ON_STATUS:]},
         }

@@ -43,6 +43,31 @@ class VllmOptions:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 600.0
     log_file: Path | None = None
+    tensor_parallel_size: int = 1
+    # The trainer's importance weights need the logprobs of the distribution that sampled the tokens (after
+    # temperature / top-p / top-k), not of the raw logits.
+    logprobs_mode: str = "processed_logprobs"
+
+    def __post_init__(self) -> None:
+        check_extra_args(self.extra_args)
+
+
+# Flags the replica decides itself: the dev routes rewrite weights, so vLLM must listen on loopback only, on the
+# port the gateway proxies to; the backend and the extension are what make it a dws replica at all.
+RESERVED_FLAGS = ("--host", "--port", "--weight-transfer-config", "--worker-extension-cls", "--model",
+                  "--uds", "--tensor-parallel-size", "-tp")
+
+
+class ReservedFlagError(ValueError):
+    """Extra vLLM arguments tried to set a flag the replica owns."""
+
+
+def check_extra_args(args: list[str]) -> None:
+    for a in args:
+        flag = a.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            raise ReservedFlagError(f"extra vLLM arguments may not set {flag}: the replica sets it itself "
+                                    "(vLLM listens on 127.0.0.1 only; use --tensor-parallel-size for TP)")
 
 
 class VllmServer:
@@ -60,7 +85,10 @@ class VllmServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", o.model,
                "--host", LOOPBACK, "--port", str(o.port), "--dtype", "bfloat16",
                "--weight-transfer-config", json.dumps({"backend": "dws"}),
-               "--worker-extension-cls", "rollout_space.plugin.DwsWorkerExtension"]
+               "--worker-extension-cls", "rollout_space.extension.DwsWorkerExtension",
+               "--logprobs-mode", o.logprobs_mode]
+        if o.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(o.tensor_parallel_size)]
         if o.served_model_name:
             cmd += ["--served-model-name", o.served_model_name]
         if o.gpu_memory_utilization is not None:
@@ -77,7 +105,10 @@ class VllmServer:
         # worker keeps its core fully busy. Every replica on the machine picks the same core, and any other process
         # that ends up confined there stops making progress (seen: a trainer stuck for minutes beside two replicas
         # on 2 cores). Unpinned threads let the scheduler share the cores; set the variable to pin on a dedicated box.
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        # With TP > 1 on CPU, vLLM needs one explicit core list per rank ("nobind" is refused): the lowest cores,
+        # one per rank, unless the operator set a layout.
+        tp = self.opts.tensor_parallel_size
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind" if tp == 1 else "|".join(str(i) for i in range(tp)))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # vLLM's compile-cache key ignores --weight-transfer-config: a graph compiled without the dws backend's
         # live CPU weights must not be reused here, so dws keeps a cache of its own.
@@ -153,14 +184,30 @@ class VllmControl:
     async def resume(self) -> None:
         await self._post("/resume")
 
-    async def start_update(self) -> None:
-        await self._post("/start_weight_update")
+    async def apply(self, steps: list[dict]) -> dict:
+        """Every file of a sync in one round trip (rollout_space/extension.py ``dws_apply``); rank 0's record."""
+        results = await self.rpc("dws_apply", json.dumps(steps))
+        return results[0] if results and isinstance(results[0], dict) else {}
 
-    async def update(self, info: dict) -> None:
-        await self._post("/update_weights", json={"update_info": info})
+    async def prepare(self, path: str) -> dict:
+        results = await self.rpc("dws_prepare", path)
+        return results[0] if results and isinstance(results[0], dict) else {}
 
-    async def finish_update(self, version: int) -> None:
-        await self._post("/finish_weight_update", json={"weight_version": str(version)})
+    async def worker_status(self) -> dict:
+        results = await self.rpc("dws_status")
+        return results[0] if results and isinstance(results[0], dict) else {}
+
+    async def digest_chunked(self, budget_bytes: int) -> tuple[str | None, float]:
+        """The served digest, ``budget_bytes`` of weights per RPC: vLLM runs each between engine steps, so requests
+        keep flowing while it is computed. Returns (digest, worker milliseconds)."""
+        await self.rpc("dws_digest_start")
+        while True:
+            results = await self.rpc("dws_digest_step", str(budget_bytes))
+            first = results[0] if results else {}
+            if not isinstance(first, dict):
+                raise VllmError(f"dws_digest_step answered {first!r}")
+            if first.get("done"):
+                return first.get("digest"), float(first.get("ms") or 0.0)
 
     async def rpc(self, method: str, *args: str, timeout: float | None = None) -> list:
         body = {"method": method, "args": list(args)}
@@ -169,6 +216,7 @@ class VllmControl:
         return (await self._post("/collective_rpc", json=body)).get("results", [])
 
     async def digest(self) -> str | None:
+        """The served digest in one RPC (blocks engine steps for its whole duration; tests and tools)."""
         results = await self.rpc("dws_digest")
         first = results[0] if results else None
         return first.get("digest") if isinstance(first, dict) else first

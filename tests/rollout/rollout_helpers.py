@@ -22,7 +22,8 @@ class VllmServer:
     "vllm". The api_server module takes the same flags.)
     """
 
-    def __init__(self, model_dir: Path, log_path: Path, *, max_model_len: int = 512, extra_args=()) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, *, max_model_len: int = 512, extra_args=(),
+                 env_extra: dict | None = None) -> None:
         self.model = str(model_dir)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -35,13 +36,14 @@ class VllmServer:
             # the compile cache key ignores --weight-transfer-config: keep dws artifacts apart from other runs
             VLLM_CACHE_ROOT=str(log_path.parent / "vllm-cache"),
         )
+        env.update(env_extra or {})
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16",
             "--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.3", "--seed", "0",
             "--weight-transfer-config", json.dumps({"backend": "dws"}),
-            "--worker-extension-cls", "rollout_space.plugin.DwsWorkerExtension",
-            *extra_args,
+            "--worker-extension-cls", "rollout_space.extension.DwsWorkerExtension",
+            "--logprobs-mode", "processed_logprobs", *extra_args,
         ]
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -81,25 +83,26 @@ class VllmServer:
     def digest(self) -> str:
         return self.rpc("dws_digest")["digest"]
 
+    def apply(self, *steps: dict, ok: bool = True):
+        """The gateway's one RPC for a whole sync (rollout_space/extension.py dws_apply)."""
+        r = self.post("/collective_rpc", ok=ok, json={"method": "dws_apply", "args": [json.dumps(list(steps))]})
+        return r.json()["results"][0] if ok else r
+
     def update(self, info: dict, *, pause: bool = True) -> dict:
-        """The gateway's sequence: pause(keep) -> start -> update -> finish -> resume. Returns timings in ms."""
+        """The gateway's sequence: pause(keep) -> dws_apply (one RPC) -> resume. Returns timings in ms."""
         t0 = time.perf_counter()
         if pause:
             self.post("/pause", params={"mode": "keep"})
         t1 = time.perf_counter()
-        self.post("/start_weight_update")
-        self.post("/update_weights", json={"update_info": info})
+        rec = self.apply(info)
         t2 = time.perf_counter()
-        self.post("/finish_weight_update", json={"weight_version": str(info.get("version"))})
         if pause:
             self.post("/resume")
         t3 = time.perf_counter()
-        return {"pause_total_ms": (t3 - t0) * 1e3, "update_route_ms": (t2 - t1) * 1e3}
+        return {"pause_total_ms": (t3 - t0) * 1e3, "apply_rpc_ms": (t2 - t1) * 1e3, "worker_ms": rec["ms"]}
 
     def update_expect_failure(self, info: dict):
-        """start -> update (must fail). The worker ends the session itself on failure, so no finish."""
-        self.post("/start_weight_update")
-        r = self.post("/update_weights", ok=False, json={"update_info": info})
+        r = self.apply(info, ok=False)
         assert r.status_code >= 400, f"update unexpectedly succeeded: {r.text[:300]}"
         return r.text
 
@@ -147,7 +150,8 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
     )
 
 
-def build_tiny_model(out: str | Path, *, arch: str = "qwen2", vocab_size: int = 500, seed: int = 0) -> Path:
+def build_tiny_model(out: str | Path, *, arch: str = "qwen2", vocab_size: int = 500, seed: int = 0,
+                     tie: bool | None = None) -> Path:
     """Write a tiny bf16 checkpoint + tokenizer to ``out``. ``vocab_size`` 500 makes vLLM pad the vocab to 512."""
     import torch
     import transformers
@@ -173,6 +177,15 @@ def build_tiny_model(out: str | Path, *, arch: str = "qwen2", vocab_size: int = 
     elif arch == "qwen2":
         cfg = transformers.Qwen2Config(num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False, **common)
         cls = transformers.Qwen2ForCausalLM
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                       tie_word_embeddings=bool(tie), **common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4,
+                                          num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
+                                          tie_word_embeddings=False, **common)
+        cls = transformers.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -212,6 +225,11 @@ def make_delta(sd, names, seed, frac=0.1, scale=0.1):
     return delta, new
 
 
+def write_trl(tmp_path, name, delta, version):
+    """A delta in TRL's layout, with the header keys TRL writes (``sparse``, ``model_version``)."""
+    return write(tmp_path, name, delta, sparse="True", model_version=version)
+
+
 def write(tmp_path, name, tensors, **meta):
     from safetensors.torch import save_file
 
@@ -220,7 +238,7 @@ def write(tmp_path, name, tensors, **meta):
     return str(path)
 
 
-def hf_next_token_logprobs(model_dir, sd, prompts):
+def hf_next_token_logprobs(model_dir, sd, prompts, *, temperature: float = 1.0):
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
@@ -232,7 +250,7 @@ def hf_next_token_logprobs(model_dir, sd, prompts):
     with torch.no_grad():
         for p in prompts:
             ids = tok(p, return_tensors="pt").input_ids
-            out.append(torch.log_softmax(model(ids).logits[0, -1].float(), -1))
+            out.append(torch.log_softmax(model(ids).logits[0, -1].float() / temperature, -1))
     return out
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from rollout_helpers import VllmServer, digest_of, make_delta, served_vs_hf, write
+from rollout_helpers import VllmServer, digest_of, hf_next_token_logprobs, make_delta, served_vs_hf, write, write_trl
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory, vllm_available):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = VllmServer(model_dir, tmp_path_factory.mktemp("vllm") / "serve.log")
+    srv = VllmServer(model_dir, tmp_path_factory.mktemp("vllm") / "serve.log", extra_args=["--enforce-eager"])
     print(f"\nvLLM ready in {srv.startup_s:.1f}s")
     yield srv
     srv.stop()
@@ -67,7 +67,7 @@ def test_view_matches_checkpoint(server, state):
     assert names["model.embed_tokens.weight"] == [500, 128]  # vocab padding (512 rows served) trimmed
     assert server.digest() == digest_of(state.sd)
     st = server.rpc("dws_status")
-    assert st["backend"] == "dws" and st["architecture"] == "Qwen3ForCausalLM"
+    assert st["backend"] == "dws" and st["architecture"] == "Qwen3ForCausalLM" and st["tp_size"] == 1
 
 
 def test_sparse_delta_bit_exact(server, state, model_dir, tmp_path):
@@ -75,7 +75,7 @@ def test_sparse_delta_bit_exact(server, state, model_dir, tmp_path):
     prompts = ["hello world", "the quick brown fox"]
     before = server.complete("hello world", max_tokens=8)["choices"][0]["text"]
     delta, new = make_delta(state.sd, DELTA_TENSORS, seed=1)
-    path = write(tmp_path, "d1.safetensors", delta)
+    path = write_trl(tmp_path, "d1.safetensors", delta, 1)
     want = digest_of(new)
     assert want != digest_of(state.sd)
     ms = server.update({"path": path, "kind": "delta", "version": 1, "base": 0, "expected_digest": want})
@@ -95,12 +95,17 @@ def test_sparse_delta_bit_exact(server, state, model_dir, tmp_path):
     assert isinstance(before, str) and isinstance(after, str)
 
 
-def test_direct_mode_same_bits(server, state, tmp_path):
+def test_vllm_update_weights_route_same_bits(server, state, tmp_path):
+    """vLLM's own RL route (/update_weights) drives the same engine as the gateway's dws_apply RPC."""
     delta, new = make_delta(state.sd, DELTA_TENSORS, seed=2)
-    path = write(tmp_path, "d2.safetensors", delta)
+    path = write_trl(tmp_path, "d2.safetensors", delta, 2)
     want = digest_of(new)
-    server.update({"path": path, "kind": "delta", "version": 2, "base": state.version, "expected_digest": want,
-                   "apply_mode": "direct"})
+    server.post("/pause", params={"mode": "keep"})
+    server.post("/start_weight_update")
+    server.post("/update_weights", json={"update_info": {"path": path, "kind": "delta", "version": 2,
+                                                         "base": state.version, "expected_digest": want}})
+    server.post("/finish_weight_update", json={"weight_version": "2"})
+    server.post("/resume")
     assert server.digest() == want
     state.sd, state.version = new, 2
 
@@ -108,7 +113,7 @@ def test_direct_mode_same_bits(server, state, tmp_path):
 def test_int32_indices_trl_layout(server, state, tmp_path):
     delta, new = make_delta(state.sd, ["model.layers.1.self_attn.v_proj.weight"], seed=3)
     delta = {k: (v.to(torch.int32) if k.endswith(".indices") else v) for k, v in delta.items()}
-    path = write(tmp_path, "d3.safetensors", delta, sparse="True", model_version=3)
+    path = write_trl(tmp_path, "d3.safetensors", delta, 3)
     server.update({"path": path, "kind": "delta", "version": 3, "base": state.version,
                    "expected_digest": digest_of(new)})
     state.sd, state.version = new, 3
@@ -141,8 +146,6 @@ BAD = {
                                    "model.norm.weight.values": torch.tensor([1.0]).bfloat16()},
     "nan value": lambda sd: {"model.norm.weight.indices": torch.tensor([1]),
                              "model.norm.weight.values": torch.tensor([float("nan")]).bfloat16()},
-    "2-D positions": lambda sd: {"model.norm.weight.indices": torch.tensor([[1]]),
-                                 "model.norm.weight.values": torch.tensor([[1.0]]).bfloat16()},
 }
 
 
@@ -150,7 +153,7 @@ BAD = {
 def test_bad_delta_rejected_nothing_written(server, state, tmp_path, case):
     # a valid change first, so that "nothing written" also covers tensors earlier in sorted order
     good, _ = make_delta(state.sd, ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"], seed=99)
-    path = write(tmp_path, "bad.safetensors", {**good, **BAD[case](state.sd)})
+    path = write_trl(tmp_path, "bad.safetensors", {**good, **BAD[case](state.sd)}, state.version + 1)
     before = server.digest()
     text = server.update_expect_failure({"path": path, "kind": "delta", "version": state.version + 1,
                                          "base": state.version})
@@ -162,7 +165,7 @@ def test_bad_delta_rejected_nothing_written(server, state, tmp_path, case):
 
 def test_wrong_base_rejected(server, state, tmp_path):
     delta, _ = make_delta(state.sd, ["model.norm.weight"], seed=4)
-    path = write(tmp_path, "d.safetensors", delta)
+    path = write_trl(tmp_path, "d.safetensors", delta, 99)
     text = server.update_expect_failure({"path": path, "kind": "delta", "version": 99, "base": state.version + 5})
     assert "base" in text
     assert server.digest() == digest_of(state.sd)
@@ -212,7 +215,7 @@ def test_bad_anchor_rejected(server, state, tmp_path, case):
 
 def test_digest_mismatch_marks_inconsistent_until_anchor(server, state, tmp_path):
     delta, new = make_delta(state.sd, ["model.norm.weight"], seed=5)
-    path = write(tmp_path, "d.safetensors", delta)
+    path = write_trl(tmp_path, "d.safetensors", delta, state.version + 1)
     text = server.update_expect_failure({"path": path, "kind": "delta", "version": state.version + 1,
                                          "base": state.version, "expected_digest": "xxh3_128:" + "0" * 32})
     assert "digest" in text
@@ -220,7 +223,7 @@ def test_digest_mismatch_marks_inconsistent_until_anchor(server, state, tmp_path
     assert st["consistent"] is False and st["version"] is None
     # deltas are refused until an anchor restores a known state
     delta2, _ = make_delta(new, ["model.norm.weight"], seed=6)
-    assert "anchor" in server.update_expect_failure({"path": write(tmp_path, "d2.safetensors", delta2),
+    assert "anchor" in server.update_expect_failure({"path": write_trl(tmp_path, "d2.safetensors", delta2, 70),
                                                      "kind": "delta", "version": 70, "base": None})
     anchor = write(tmp_path, "a.safetensors", state.sd)
     server.update({"path": anchor, "kind": "anchor", "version": state.version, "expected_digest": digest_of(state.sd)})
@@ -234,7 +237,7 @@ def test_pause_keep_holds_requests(server, state, tmp_path):
     import httpx
 
     delta, new = make_delta(state.sd, DELTA_TENSORS, seed=8)
-    path = write(tmp_path, "d.safetensors", delta)
+    path = write_trl(tmp_path, "d.safetensors", delta, state.version + 1)
     result = {}
 
     def fire():
@@ -259,7 +262,7 @@ def test_prefix_cache_not_stale(server, state, model_dir, tmp_path):
     prompt = "the quick brown fox jumps over the lazy dog. " * 6  # > one KV block of byte tokens
     server.complete(prompt, max_tokens=1)  # fills the prefix cache
     delta, new = make_delta(state.sd, DELTA_TENSORS, seed=9, frac=0.3, scale=0.2)
-    path = write(tmp_path, "d.safetensors", delta)
+    path = write_trl(tmp_path, "d.safetensors", delta, state.version + 1)
     server.update({"path": path, "kind": "delta", "version": state.version + 1, "base": state.version,
                    "expected_digest": digest_of(new)})
     state.sd, state.version = new, state.version + 1
@@ -267,26 +270,59 @@ def test_prefix_cache_not_stale(server, state, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("encoding", ["raw", "compact"])
-def test_shared_delta_format_through_decoder_hook(server, state, tmp_path, encoding):
-    """A delta written by shared/formats.py, decoded in the worker by `shared.formats:read_patch_file`.
-
-    The compact encoding stores residuals against the base, resolved with the served values at those positions.
-    """
+def test_shared_delta_format_read_by_the_engine_and_prepared(server, state, tmp_path, encoding):
+    """A delta written by shared/formats.py: read by the engine itself through shared.formats, and -- the gateway's
+    path -- decoded outside the worker into a prepared file (rollout_space/prepared.py) that the worker only writes.
+    The compact encoding stores residuals against the base, resolved with the served values at those positions."""
     import numpy as np
-    from shared.formats import TensorChange, bits, encode_delta
+    from shared.formats import TensorChange, bits, encode_delta, read_patch_file
+    from rollout_space.prepared import write_prepared
 
-    _, new = make_delta(state.sd, DELTA_TENSORS, seed=20 + len(encoding))
-    changes = {}
-    for name in DELTA_TENSORS:
-        old_b, new_b = bits(state.sd[name]).reshape(-1), bits(new[name]).reshape(-1)
-        pos = np.flatnonzero(old_b != new_b).astype(np.int64)
-        changes[name] = TensorChange(tuple(new[name].shape), pos, new_b[pos], old_b[pos])
-    total = sum(t.numel() for t in new.values())
-    path = tmp_path / f"v{state.version + 1}.safetensors"
-    path.write_bytes(encode_delta(changes, version=state.version + 1, base=state.version, total=total,
-                                  encoding=encoding))
-    want = digest_of(new)
-    server.update({"path": str(path), "kind": "delta", "version": state.version + 1, "base": state.version,
-                   "expected_digest": want, "decoder": "shared.formats:read_patch_file"})
-    assert server.digest() == want
-    state.sd, state.version = new, state.version + 1
+    sd = state.sd
+    for how in ("engine reads the file", "prepared by the gateway"):
+        _, new = make_delta(sd, DELTA_TENSORS, seed=20 + len(encoding) + len(how))
+        changes = {}
+        for name in DELTA_TENSORS:
+            old_b, new_b = bits(sd[name]).reshape(-1), bits(new[name]).reshape(-1)
+            pos = np.flatnonzero(old_b != new_b).astype(np.int64)
+            changes[name] = TensorChange(tuple(new[name].shape), pos, new_b[pos], old_b[pos])
+        total = sum(t.numel() for t in new.values())
+        v = state.version + 1
+        path = tmp_path / f"v{v}-{len(how)}.safetensors"
+        path.write_bytes(encode_delta(changes, version=v, base=state.version, total=total, encoding=encoding))
+        if how == "prepared by the gateway":
+            prepared = tmp_path / f"v{v}.prepared.safetensors"
+            write_prepared(read_patch_file(path), prepared)
+            path = prepared
+        want = digest_of(new)
+        rec = server.update({"path": str(path), "kind": "delta", "version": v, "base": state.version,
+                             "expected_digest": want})
+        assert server.digest() == want, how
+        state.sd, state.version = new, v
+        sd = new
+        print(f"\n{encoding} {how}: {rec}")
+
+
+def test_logprobs_are_those_of_the_sampling_distribution(server, state, model_dir):
+    """vLLM runs with --logprobs-mode processed_logprobs: at temperature 0.7 the logprob the replica reports for a
+    sampled token is log_softmax(logits / 0.7) of the same weights (computed here with transformers)."""
+    import math
+
+    temperature = 0.7
+    prompts = ["hello world", "guess the word", "the quick brown fox"]
+    ref = hf_next_token_logprobs(model_dir, state.sd, prompts, temperature=temperature)
+    raw = hf_next_token_logprobs(model_dir, state.sd, prompts)
+    worst, seen, raw_gap = 0.0, 0, 0.0
+    for p, lp_ref in zip(prompts, ref):
+        for seed in range(3):
+            r = server.complete(p, max_tokens=1, temperature=temperature, seed=seed, logprobs=1,
+                                return_tokens_as_token_ids=True)
+            lp = r["choices"][0]["logprobs"]
+            tok = int(lp["tokens"][0].split(":")[1])
+            got = lp["token_logprobs"][0]
+            worst = max(worst, abs(lp_ref[tok].item() - got))
+            raw_gap = max(raw_gap, abs(raw[prompts.index(p)][tok].item() - got))
+            seen += 1
+    assert seen == 9 and worst < 0.05 and not math.isnan(worst), worst
+    # the check can tell the two apart: the raw (T=1) logprobs, what vLLM reported before, are far off
+    assert raw_gap > 0.1, raw_gap

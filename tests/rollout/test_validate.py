@@ -1,103 +1,100 @@
-"""Fast checks of the dws plugin's decoding and validation (no engine)."""
+"""Unit tests of the replica's pieces that need no vLLM: the prepared-delta hand-off file, the typed update
+description, and the checkpoint-coordinate arithmetic of a Placement (the views a loader makes at TP > 1 or for
+transposed expert weights are built here with plain torch, exactly as a loader would)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from rollout_space.plugin import DwsUpdateInfo, PatchError, read_delta_file, resolve_decoder, validate_delta
+from rollout_space.patchmap import Placement, _contiguous_strides, _flat_alias
+from rollout_space.prepared import PreparedReader, is_prepared, write_prepared
+from rollout_space.updates import DwsUpdateInfo
+from shared.errors import FormatError
+from shared.formats import PatchFile
+from shared.codec import DecodedTensor
 
 
-@dataclass
-class _Slice:
-    shape: tuple[int, ...]
-    data: torch.Tensor
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape))
+def _pf(tensors, shapes, version=5, base=4):
+    return PatchFile("delta", version, base, "raw", shapes, tensors, {})
 
 
-class FakeView:
-    def __init__(self, tensors):
-        self.t = tensors
-
-    def __contains__(self, name):
-        return name in self.t
-
-    def __getitem__(self, name):
-        return _Slice(tuple(self.t[name].shape), self.t[name])
-
-    def gather(self, name, pos):
-        return self.t[name].reshape(-1)[pos]
-
-
-VIEW = FakeView({"a.weight": torch.zeros(4, 8, dtype=torch.bfloat16), "b.weight": torch.ones(8, dtype=torch.bfloat16)})
-
-
-def test_valid_tuple_and_numpy_forms():
-    bits = torch.tensor([1.5, -2.0], dtype=torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    out = validate_delta(VIEW, {
-        "a.weight": (torch.tensor([0, 31]), torch.tensor([1.0, 2.0], dtype=torch.bfloat16)),
-        "b.weight": (np.array([2, 5], dtype=np.int32), bits),
-    })
-    assert [n for n, _, _ in out] == ["a.weight", "b.weight"]
-    assert out[1][1].dtype == torch.int64 and out[1][2].tolist() == [1.5, -2.0]
+def test_prepared_roundtrip_values_and_residuals_in_chunks(tmp_path):
+    pos = np.array([0, 3, 7, 11], dtype=np.int64)
+    vals = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    res = np.array([1, -1, 2, -300], dtype=np.int16)
+    pf = _pf({"a": DecodedTensor(pos, values=vals), "b": DecodedTensor(pos, residual=res)},
+             {"a": (3, 4), "b": (12,)})
+    out = tmp_path / "p.safetensors"
+    summary = write_prepared(pf, out, source="deltas/v00000005.safetensors")
+    assert summary["changed"] == 8 and is_prepared(out) and not is_prepared(tmp_path / "missing")
+    r = PreparedReader(out)
+    assert (r.version, r.base) == (5, 4)
+    assert r.tensors["a"].mode == "values" and r.tensors["b"].mode == "residual" and r.tensors["a"].shape == (3, 4)
+    chunks = list(r.chunks("a", chunk=3))
+    assert [c[0].tolist() for c in chunks] == [[0, 3, 7], [11]]
+    assert torch.cat([c[1] for c in chunks]).numpy().view(np.uint16).tolist() == vals.tolist()
+    assert torch.cat([c[1] for c in r.chunks("b")]).tolist() == res.tolist()
 
 
-def test_residual_entries_resolve_against_served_base():
-    class Residual:
-        positions = np.array([1, 3], dtype=np.int64)
-        values = None
-
-        def resolve(self, base_bits):
-            assert base_bits.dtype == np.uint16 and base_bits.tolist() == [0x3F80, 0x3F80]  # 1.0 in bf16
-            return (base_bits + np.uint16(0x80)).astype(np.uint16)  # 1.0 -> 2.0
-
-    out = validate_delta(VIEW, {"b.weight": Residual()})
-    assert out[0][2].tolist() == [2.0, 2.0]
-
-
-@pytest.mark.parametrize("entry, msg", [
-    ((torch.tensor([32]), torch.tensor([1.0]).bfloat16()), "out of range"),
-    ((torch.tensor([-1]), torch.tensor([1.0]).bfloat16()), "out of range"),
-    ((torch.tensor([2, 1]), torch.tensor([1.0, 1.0]).bfloat16()), "sorted"),
-    ((torch.tensor([1, 1]), torch.tensor([1.0, 1.0]).bfloat16()), "sorted"),
-    ((torch.tensor([1]), torch.tensor([1.0])), "bfloat16"),
-    ((torch.tensor([1.0]), torch.tensor([1.0]).bfloat16()), "int64"),
-    ((torch.tensor([1, 2]), torch.tensor([1.0]).bfloat16()), "values"),
-    ((torch.tensor([1]), torch.tensor([float("inf")]).bfloat16()), "NaN or Inf"),
-    ((torch.tensor([1]),), "positions, values"),
-])
-def test_bad_entries(entry, msg):
-    with pytest.raises(PatchError, match=msg):
-        validate_delta(VIEW, {"a.weight": entry})
-
-
-def test_unknown_name():
-    with pytest.raises(PatchError, match="unknown tensor"):
-        validate_delta(VIEW, {"c.weight": (torch.tensor([0]), torch.tensor([1.0]).bfloat16())})
-
-
-def test_read_delta_file_roundtrip(tmp_path):
+def test_prepared_refuses_nan_and_non_prepared_files(tmp_path):
+    nan = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    with pytest.raises(FormatError, match="NaN"):
+        write_prepared(_pf({"a": DecodedTensor(np.array([1]), values=nan)}, {"a": (4,)}), tmp_path / "x.st")
     from safetensors.torch import save_file
 
-    p = tmp_path / "d.safetensors"
-    save_file({"a.weight.indices": torch.tensor([1, 2], dtype=torch.int32),
-               "a.weight.values": torch.tensor([1.0, 2.0]).bfloat16()}, str(p))
-    dec = read_delta_file(str(p))
-    assert list(dec) == ["a.weight"] and dec["a.weight"][0].dtype == torch.int32
-    save_file({"a.weight.indices": torch.tensor([1])}, str(p))
-    with pytest.raises(PatchError):
-        read_delta_file(str(p))
-    assert resolve_decoder(None) is read_delta_file
-    assert resolve_decoder("rollout_space.plugin:read_delta_file") is read_delta_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(FormatError, match="not a dws prepared file"):
+        PreparedReader(tmp_path / "plain.safetensors")
 
 
-@pytest.mark.parametrize("kw", [{"kind": "full"}, {"apply_mode": "fast"}, {"version": "3"}, {"path": ""}])
+@pytest.mark.parametrize("kw", [{"kind": "full"}, {"version": "3"}, {"path": ""}, {"verify": "yes"}])
 def test_update_info_rejects(kw):
     with pytest.raises(ValueError):
         DwsUpdateInfo(**{"path": "/x", **kw})
+
+
+def _placement(shape, src: torch.Tensor, dst: torch.Tensor) -> Placement:
+    """What PatchMap._probe records for a loader that did ``dst.copy_(src)`` with ``src`` a view of the checkpoint
+    tensor of ``shape``."""
+    cs = _contiguous_strides(shape)
+    dims = [None if z == 1 else next(j for j, c in enumerate(cs) if c == st and shape[j] > 1)
+            for z, st in zip(src.shape, src.stride())]
+    whole = tuple(src.shape) == shape and src.storage_offset() == 0 and src.is_contiguous() and dst.is_contiguous()
+    return Placement("w", shape, _flat_alias(dst), tuple(src.shape), src.storage_offset(), tuple(src.stride()),
+                     dst.storage_offset(), tuple(dst.stride()), tuple(dims), whole)
+
+
+@pytest.mark.parametrize("layout", ["whole rows into a fused param", "TP column shard (dim 1)",
+                                    "TP row shard (dim 0)", "transposed (expert weights)"])
+def test_placement_maps_positions_like_the_loader_copies(layout):
+    shape = (6, 8)
+    ckpt = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)  # value == flat checkpoint position
+    probe = torch.empty(shape)
+    if layout == "whole rows into a fused param":
+        param = torch.full((10, 8), -1.0)
+        src, dst = probe, param[2:8]
+    elif layout == "TP column shard (dim 1)":
+        param = torch.full((6, 4), -1.0)
+        src, dst = probe.narrow(1, 4, 4), param
+    elif layout == "TP row shard (dim 0)":
+        param = torch.full((3, 8), -1.0)
+        src, dst = probe.narrow(0, 3, 3), param
+    else:
+        param = torch.full((8, 6), -1.0)
+        src, dst = probe.t(), param
+    pl = _placement(shape, src, dst)
+    # the loader's real copy, from the real checkpoint tensor through the same view
+    expected = param.clone()
+    expected.as_strided(dst.shape, dst.stride(), dst.storage_offset()).copy_(
+        ckpt.as_strided(src.shape, src.stride(), src.storage_offset()))
+    positions = torch.arange(math.prod(shape))
+    mask, off = pl.locate(positions)
+    held = positions if mask is None else positions[mask]
+    got = param.clone()
+    got.view(-1)[off] = held.to(torch.float32)  # write "the position" at the located storage offsets
+    assert torch.equal(got, expected)
+    assert held.numel() == src.numel()  # exactly the elements this rank holds, each once
