@@ -1,0 +1,649 @@
+"""The trainer side for sharded training (FSDP2): every rank publishes its own rows of each tensor as one part of
+the version; rank 0 commits the manifest once every part is stored (DESIGN.md §3 rule 8).
+
+No rank gathers the full model, holds a full-model copy, or touches another rank's data. Each rank keeps the bf16
+copy of *its own* rows as last published, diffs its new rows against it bit for bit, encodes a delta part (and an
+anchor part when the version is an anchor), uploads it in a background thread, keeps the digest element sum of its
+rows up to date in O(changed) (shared/digest.py: the digest is a sum of per-element terms, so rank 0 adds the ranks'
+sums), and then stores a small receipt (`receipts/vNNNNNNNN.partKKKKK-of-NNNNN.json`: sizes, sha256s, element sum,
+or the error that stopped it). Rank 0 waits for every receipt of the version -- bounded by `commit_timeout_s` -- and
+only then writes the manifest. A rank that dies or fails leaves its receipt missing (or an error in it): the version
+is never committed, rank 0 raises `PublishError` naming the missing parts, every later `publish` on every rank
+raises, and a restarted run continues from the last committed version: at start each rank rebuilds its own rows
+from the bucket's parts, the ranks prove together that the rebuilt rows hash to the manifest's digest, and the first
+new version is a delta on it (or, when that cannot be proven, an anchor).
+
+Parts use the "dim0-chunks" layout (shared/manifest.py `chunk_rows`): part k of n holds rows [k*c, min((k+1)*c, R))
+of every tensor with R rows, c = ceil(R/n) -- exactly FSDP2's `Shard(0)` placement on a 1-D mesh, where rank k's
+`param.to_local()` is those rows. A parameter that is not a DTensor (replicated on every rank) is published the same
+way: each rank takes its own rows of it. Other placements (2-D meshes, Shard(1), tensor parallelism) are refused
+with a clear error.
+
+Coordination uses a dedicated gloo process group and collectives only on the caller's thread, inside `__init__`
+and `publish` (each a few bytes: which ranks saw NaN/Inf, which failed, whether this version is an anchor); uploads
+and the commit wait run on a background thread, so the training loop blocks only for the bf16 snapshot of its rows.
+
+Hooking it into a training loop: build it on every rank after `init_process_group` and `fully_shard`, then call
+`publish(model.named_parameters(), step)` on every rank at the same steps (it is a collective). Hook in at the
+narrowest point: TRL's async trainer streams gathered full tensors to rank 0's `send_weights`, the opposite of what
+is needed here -- call `publish` from every rank where the sharded parameters are, after the optimizer step, instead
+of handing gathered tensors to rank 0. tests/shared/sharded_worker.py is a runnable example (a plain FSDP2 loop on
+the tiny Qwen3 under `torchrun --nproc_per_node 2`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.bucket import Bucket, open_bucket
+from shared.digest import XSUM64, DigestBuilder, ElementSum, algorithm_of, combine
+from shared.errors import (
+    BucketFileNotFound,
+    DwsError,
+    FormatError,
+    ModelMismatchError,
+    NonFiniteWeightsError,
+    OwnerConflictError,
+    PublishError,
+)
+from shared.formats import TensorChange, bits, encode_delta
+from shared.lease import BucketLease, default_run_id
+from shared.manifest import (
+    LAYOUT_DIM0_CHUNKS,
+    FileEntry,
+    Manifest,
+    ModelIdentity,
+    PartEntry,
+    TensorSpec,
+    part_path,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from shared.parts import add_metadata, encode_anchor_part, part_metadata, rows_of
+
+log = logging.getLogger("dws.sharded")
+
+RECEIPTS_DIR = "receipts"
+
+
+def receipt_path(version: int, index: int, count: int) -> str:
+    return f"{RECEIPTS_DIR}/v{version:08d}.part{index:05d}-of-{count:05d}.json"
+
+
+class StoredPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    changed: int | None = None
+
+
+class PartReceipt(BaseModel):
+    """What a rank stored for one version, read by rank 0 before it commits. `attempt` ties it to this run of the
+    job: a receipt left by a crashed earlier run for the same version number is ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = "dws-part-receipt"
+    attempt: str
+    version: int
+    index: int
+    count: int
+    base: int | None = None
+    delta: StoredPart | None = None
+    anchor: StoredPart | None = None
+    element_sum: str = ""  # xsum64 element sum of this rank's rows, hex
+    total: int = 0  # elements in this rank's rows
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """What one publish did on this rank; on rank 0 it also says what was committed."""
+
+    version: int
+    rank: int
+    base: int | None
+    kinds: tuple[str, ...]  # committed kinds (rank 0); stored part kinds (other ranks)
+    changed: int  # this rank's changed elements
+    total: int  # this rank's elements
+    part_bytes: int  # this rank's bytes uploaded
+    snapshot_s: float
+    encode_s: float
+    digest_s: float
+    upload_s: float
+    wait_s: float  # rank 0: waiting for the other parts
+    digest: str | None  # rank 0: the committed digest
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+class ShardedPublisher:
+    """Publish the local shard of a sharded model as one part per rank. Every argument must be the same on every
+    rank; `publish` and the constructor are collectives over `group` (default: a new gloo group over the world)."""
+
+    def __init__(
+        self,
+        bucket: Bucket | str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        group=None,
+        model_name: str = "",
+        anchor_every: int = 10,
+        anchor_fraction: float = 0.5,
+        keep_anchors: int = 2,
+        encoding: str = "compact",
+        queue_size: int = 2,
+        token: str | None = None,
+        run_id: str | None = None,
+        take_over: bool = False,
+        lease_ttl_s: float = 120.0,
+        lease_settle_s: float = 0.5,
+        commit_timeout_s: float = 600.0,
+        poll_s: float = 0.2,
+        spool_dir: str | Path | None = None,
+        on_report: Callable[[ShardReport], None] | None = None,
+    ):
+        import torch.distributed as dist
+
+        if anchor_every < 1 or keep_anchors < 1 or not (0 < anchor_fraction) or queue_size < 1:
+            raise ValueError("anchor_every, keep_anchors and queue_size must be >= 1 and anchor_fraction > 0")
+        if commit_timeout_s <= 0 or poll_s <= 0:
+            raise ValueError("commit_timeout_s and poll_s must be > 0")
+        self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        if self._dist is not None:
+            self.rank = dist.get_rank() if rank is None else rank
+            self.world_size = dist.get_world_size() if world_size is None else world_size
+            # A group of our own, on gloo: our few-byte collectives never queue behind the trainer's NCCL work.
+            self._group = group if group is not None else dist.new_group(backend="gloo")
+        else:
+            if (rank or 0) != 0 or (world_size or 1) != 1:
+                raise ValueError("ShardedPublisher with several ranks needs torch.distributed initialised")
+            self.rank, self.world_size, self._group = 0, 1, None
+        self.bucket = bucket if isinstance(bucket, Bucket) else open_bucket(bucket, token=token, create=True)
+        self.model_name = model_name
+        self.anchor_every = anchor_every
+        self.anchor_fraction = anchor_fraction
+        self.keep_anchors = keep_anchors
+        self.encoding = encoding
+        self.commit_timeout_s = commit_timeout_s
+        self.poll_s = poll_s
+        self.on_report = on_report
+        self.run_id = run_id or default_run_id()
+        self.owner = f"{self.run_id} ({socket.gethostname()}:{os.getpid()}, {self.world_size} ranks)"
+        self.reports: list[ShardReport] = []
+        self._spool = Path(spool_dir) if spool_dir else Path(tempfile.mkdtemp(prefix=f"dws-spool-r{self.rank}-"))
+        self._spool.mkdir(parents=True, exist_ok=True)
+
+        # Rank 0 alone owns the bucket (lease, manifest); the others learn the outcome, so that a refusal is one
+        # clear error on every rank instead of a hang in the next collective.
+        self._lease: BucketLease | None = None
+        err, manifest_bytes, attempt = None, None, uuid.uuid4().hex
+        if self.rank == 0:
+            try:
+                self._lease = BucketLease(self.bucket, run_id=self.run_id, ttl_s=lease_ttl_s, take_over=take_over,
+                                          settle_s=lease_settle_s)
+                self._lease.claim()
+                m0 = read_manifest(self.bucket)
+                manifest_bytes = m0.to_bytes() if m0 else None
+            except DwsError as exc:
+                err = f"{type(exc).__name__}: {exc}"
+        err, manifest_bytes, attempt = self._broadcast((err, manifest_bytes, attempt))
+        if err is not None:
+            raise PublishError(f"rank 0 could not start publishing to {self.bucket.address}: {err}")
+        self.attempt = attempt
+        self._manifest: Manifest | None = Manifest.from_bytes(manifest_bytes) if manifest_bytes else None
+        self._shapes: dict[str, tuple[int, ...]] | None = self._manifest.model.shapes if self._manifest else None
+        self._prev: dict[str, torch.Tensor] | None = None  # this rank's rows as last published, bf16
+        self._esum: ElementSum | None = None
+        self._prev_version: int | None = self._manifest.latest if self._manifest else None
+        self._last_queued = self._prev_version
+        if self._manifest is not None:
+            self._restore()
+        # Rank 0's anchor policy, decided at publish time and shared with every rank.
+        self._since_anchor = 0
+        self._failed: BaseException | None = None
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name=f"dws-sharded-r{self.rank}", daemon=True)
+        self._thread.start()
+        log.info("rank %d/%d publishing to %s (%s)", self.rank, self.world_size, self.bucket.address,
+                 f"continuing from v{self._prev_version}" if self._manifest else "empty bucket")
+
+    # ------------------------------------------------------------------------------------------- collectives
+    def _broadcast(self, obj):
+        if self._dist is None:
+            return obj
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def _gather(self, obj) -> list:
+        if self._dist is None:
+            return [obj]
+        out = [None] * self.world_size
+        self._dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+    # ------------------------------------------------------------------------------------------- restart
+    def _restore(self) -> None:
+        """Rebuild this rank's rows of the bucket's latest version, and prove (all ranks together) that they hash
+        to its digest; otherwise every rank forgets them and the next version is an anchor."""
+        m = self._manifest
+        ok, why = True, ""
+        try:
+            state = self._rebuild_rows(m)
+            builder = DigestBuilder()
+            for name, t in state.items():
+                shape = m.model.shapes[name]
+                builder.update_rows(name, shape, rows_of(shape, self.rank, self.world_size)[0],
+                                    t.reshape(1) if t.dim() == 0 else t)
+            esum = builder.partial_sum
+        except (DwsError, OSError, ValueError) as exc:
+            ok, why, state, esum = False, f"rank {self.rank}: {exc}", None, 0
+        gathered = self._gather((ok, why, esum))
+        if all(g[0] for g in gathered) and algorithm_of(m.latest_digest) == XSUM64:
+            digest = combine(m.model.shapes, [g[2] for g in gathered])
+            if digest == m.latest_digest:
+                self._prev, self._esum = state, ElementSum(esum)
+                log.info("rank %d: rebuilt its rows of v%d from the bucket (digest verified across %d ranks)",
+                         self.rank, m.latest, self.world_size)
+                return
+            why = f"the rebuilt rows hash to {digest}, the manifest says {m.latest_digest}"
+        else:
+            why = "; ".join(g[1] for g in gathered if not g[0]) or "the latest digest is not partition-independent"
+        if self.rank == 0:
+            log.warning("cannot continue v%d's history shard by shard (%s); the next version is an anchor",
+                        m.latest, why)
+
+    def _rebuild_rows(self, m: Manifest) -> dict[str, torch.Tensor]:
+        """This rank's rows at m.latest: the newest anchor and the deltas after it, reading only this rank's part of
+        each (the history must be in parts of this world size)."""
+        from shared.follower import Follower, apply_to_state, plan_sync
+        from shared.parts import read_part
+
+        steps = plan_sync(m, None).steps
+        if any(len(e.parts) != self.world_size for e in steps):
+            raise PublishError(f"the history since the newest anchor is not in {self.world_size} parts")
+        follower = Follower(self.bucket, cache_dir=self._spool / "restore", download_workers=1)
+        state: dict[str, torch.Tensor] = {}
+        for e in steps:
+            path, size, sha = e.files[self.rank]
+            vf = follower._fetch_one(e, path, size, sha, self.rank, m)
+            pf, _ = read_part(vf.path, shapes=m.model.shapes, index=self.rank, count=self.world_size,
+                              version=e.version, base=e.base)
+            if e.base is None:
+                state = {}
+            apply_to_state(state, pf)  # a part's tensors are this rank's rows: local coordinates throughout
+            vf.path.unlink(missing_ok=True)
+        return state
+
+    def restored_rows(self) -> dict[str, torch.Tensor] | None:
+        """This rank's rows (bf16) of the bucket's latest version when the restart rebuilt them, else None: a trainer
+        without its own checkpoint may load them into its local shards to continue exactly where the bucket is."""
+        return None if self._prev is None else {k: v.clone() for k, v in self._prev.items()}
+
+    # ------------------------------------------------------------------------------------------- public API
+    @property
+    def latest_version(self) -> int | None:
+        return self._manifest.latest if self._manifest else None
+
+    def local_rows(self, named_tensors) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+        """name -> (full shape, this rank's rows as a CPU bf16 copy) for DTensor (Shard(0) on a 1-D mesh) or plain
+        tensors. Nothing is gathered: a plain tensor is sliced locally."""
+        from torch.distributed.tensor import Shard
+
+        out = {}
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        for name, t in items:
+            shape = tuple(int(s) for s in t.shape)
+            r0, r1 = rows_of(shape, self.rank, self.world_size)
+            if _is_dtensor(t):
+                mesh = t.device_mesh
+                if mesh.ndim != 1 or tuple(t.placements) not in ((Shard(0),),):
+                    raise ValueError(f"{name}: placements {tuple(t.placements)} on a {mesh.ndim}-D mesh; only "
+                                     "Shard(0) on a 1-D mesh (FSDP2's fully_shard) can be published by rows")
+                if mesh.size() != self.world_size or mesh.get_local_rank() != self.rank:
+                    raise ValueError(f"{name}: mesh of {mesh.size()} (this rank at {mesh.get_local_rank()}) is not "
+                                     f"the publishing group of {self.world_size} (rank {self.rank})")
+                local = t.to_local()
+                if tuple(local.shape) != ((r1 - r0, *shape[1:]) if shape else ()):
+                    raise ValueError(f"{name}: local shard is {tuple(local.shape)}, rows [{r0}, {r1}) of {shape} "
+                                     "were expected (uneven sharding is not the dim0-chunks layout)")
+            else:
+                local = t[r0:r1] if shape else t
+            # copy=True: a CPU bf16 shard would otherwise be aliased and keep changing under us.
+            out[name] = (shape, local.detach().to(device="cpu", dtype=torch.bfloat16, copy=True).contiguous())
+        return out
+
+    def publish(self, named_tensors, version: int) -> Future:
+        """Collective: every rank calls it with its own parameters and the same version. Snapshots this rank's
+        rows (the only blocking work), checks NaN/Inf on every rank, and queues the part for upload. Returns a
+        Future of this rank's ShardReport."""
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be a non-negative integer, got {version!r}")
+        if self._last_queued is not None and version <= self._last_queued:
+            raise ValueError(f"version {version} is not newer than v{self._last_queued} already published")
+        t0 = time.perf_counter()
+        local = self.local_rows(named_tensors)
+        if not local:
+            raise ValueError("nothing to publish: no tensors given")
+        bad = [n for n, (_, t) in local.items() if not bool(torch.isfinite(t).all())]
+        with self._lock:
+            pending = self._failed or (self._errors[0] if self._errors else None)
+        anchor = False
+        if self.rank == 0:
+            anchor = self._prev is None or self._since_anchor + 1 >= self.anchor_every or self._over_fraction()
+        mine = {"bad": bad[:3], "nbad": len(bad), "error": f"{type(pending).__name__}: {pending}" if pending else None,
+                "anchor": anchor, "version": version,
+                "shapes": sorted((n, s) for n, (s, _) in local.items()) if self._shapes is None else None}
+        gathered = self._gather(mine)
+        failed = [(r, g["error"]) for r, g in enumerate(gathered) if g["error"]]
+        if failed:
+            raise PublishError(f"publishing stopped: rank {failed[0][0]} failed earlier ({failed[0][1]}); the "
+                               f"bucket keeps its last committed version; restart the run to continue from it")
+        if any(g["version"] != version for g in gathered):
+            raise ValueError(f"ranks disagree on the version: {[g['version'] for g in gathered]}")
+        nonfinite = [(r, g) for r, g in enumerate(gathered) if g["nbad"]]
+        if nonfinite:
+            r, g = nonfinite[0]
+            raise NonFiniteWeightsError(
+                f"refusing to publish v{version}: rank {r} has {g['nbad']} tensor(s) holding NaN or Inf after the "
+                f"bf16 cast (first: {', '.join(g['bad'])}); no rank wrote anything")
+        self._check_identity(local, gathered)
+        anchor = bool(gathered[0]["anchor"])
+        if self.rank == 0:
+            self._since_anchor = 0 if anchor else self._since_anchor + 1
+        fut: Future = Future()
+        self._last_queued = version
+        self._queue.put((version, local, anchor, time.perf_counter() - t0, fut))
+        return fut
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until this rank's queued parts are stored (on rank 0: committed); raise PublishError if any
+        failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank} still has {self._queue.unfinished_tasks} version(s) in flight")
+            time.sleep(0.01)
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Flush and stop; rank 0 releases the bucket. Not a collective (a dead rank must not hang the others)."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            if self._lease is not None:
+                self._lease.release()
+
+    def __enter__(self) -> ShardedPublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _raise_pending(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            if isinstance(errors[0], (OwnerConflictError, PublishError)):
+                raise errors[0]
+            raise PublishError(f"rank {self.rank}: background publish failed: {errors[0]}") from errors[0]
+
+    def _over_fraction(self) -> bool:
+        m = self._manifest
+        if m is None or not m.anchors:
+            return True
+        last = m.anchors[-1]
+        since = sum(d.bytes for d in m.deltas if d.version > last.version)
+        return since > self.anchor_fraction * last.bytes
+
+    def _check_identity(self, local, gathered) -> None:
+        mine = {n: s for n, (s, _) in local.items()}
+        if self._shapes is None:
+            others = [dict((n, tuple(s)) for n, s in g["shapes"]) for g in gathered]
+            if any(o != mine for o in others):
+                raise ModelMismatchError("ranks publish different tensor names or shapes")
+            self._shapes = mine
+            return
+        if mine != self._shapes:
+            missing = sorted(set(self._shapes) - set(mine))[:3]
+            extra = sorted(set(mine) - set(self._shapes))[:3]
+            reshaped = sorted(k for k in set(mine) & set(self._shapes) if mine[k] != self._shapes[k])[:3]
+            raise ModelMismatchError(
+                f"weights do not match the model in bucket {self.bucket.address} (missing {missing}, unexpected "
+                f"{extra}, reshaped {reshaped}); use another bucket or prefix")
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            version, local, anchor, snapshot_s, fut = job
+            try:
+                with self._lock:
+                    if self._failed is not None:
+                        raise self._failed  # a version after a failed one would name an uncommitted base
+                report = self._publish_now(version, local, anchor, snapshot_s)
+                self.reports.append(report)
+                fut.set_result(report)
+                if self.on_report:
+                    self.on_report(report)
+            except BaseException as exc:  # noqa: BLE001 -- surfaced through flush()/publish() on every rank
+                log.error("rank %d: publishing v%d failed: %s", self.rank, version, exc)
+                with self._lock:
+                    self._errors.append(exc)
+                    self._failed = self._failed or exc
+                fut.set_exception(exc)
+            finally:
+                self._queue.task_done()
+
+    def _upload(self, blob_or_none: bytes | None, local_file: Path | None, dest: str) -> StoredPart:
+        if blob_or_none is not None:
+            local_file = self._spool / dest.replace("/", "-")
+            local_file.write_bytes(blob_or_none)
+        if self._lease is not None:
+            self._lease.check(f"uploading {dest}")
+        stored = StoredPart(bytes=local_file.stat().st_size, sha256=sha256_file(local_file))
+        self.bucket.upload(local_file, dest)
+        local_file.unlink(missing_ok=True)
+        return stored
+
+    def _publish_now(self, version: int, local, anchor: bool, snapshot_s: float) -> ShardReport:
+        shapes = {n: s for n, (s, _) in local.items()}
+        snap = {n: t for n, (_, t) in local.items()}
+        n, k = self.world_size, self.rank
+        total = sum(t.numel() for t in snap.values())
+        receipt = dict(attempt=self.attempt, version=version, index=k, count=n, total=total)
+        try:
+            t0 = time.perf_counter()
+            changes: dict[str, TensorChange] = {}
+            delta_blob = None
+            changed = total
+            if self._prev is not None:
+                changed = 0
+                for name, cur in snap.items():
+                    cur_bits, prev_bits = bits(cur).reshape(-1), bits(self._prev[name]).reshape(-1)
+                    pos = torch.from_numpy(cur_bits.view("int16")).ne(torch.from_numpy(prev_bits.view("int16")))
+                    positions = pos.nonzero().squeeze(1).numpy()
+                    if positions.size:
+                        changes[name] = TensorChange(tuple(cur.shape), positions, cur_bits[positions],
+                                                     prev_bits[positions], base=prev_bits)
+                        changed += int(positions.size)
+                # Positions are local to this rank's rows; the header says where the rows sit in the full tensor.
+                delta_blob = add_metadata(
+                    encode_delta(changes, version=version, base=self._prev_version, total=total,
+                                 encoding=self.encoding),
+                    part_metadata(shapes, k, n))
+            anchor_blob = encode_anchor_part(snap, version=version, shapes=shapes, index=k, count=n) \
+                if anchor or delta_blob is None else None
+            encode_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            if self._esum is not None and self._prev is not None:
+                esum = ElementSum(self._esum.value)
+                for name, ch in changes.items():
+                    r0 = rows_of(shapes[name], k, n)[0]
+                    row = 1
+                    for s in shapes[name][1:]:
+                        row *= s
+                    # Terms are keyed by the element's index in the *full* tensor: shift the local positions.
+                    esum.replace(name, shapes[name], ch.positions + r0 * row, ch.base_bits, ch.new_bits)
+            else:
+                builder = DigestBuilder()
+                for name, t in snap.items():
+                    builder.update_rows(name, shapes[name], rows_of(shapes[name], k, n)[0],
+                                        t.reshape(1) if t.dim() == 0 else t)
+                esum = ElementSum(builder.partial_sum)
+            digest_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            part_bytes = 0
+            if delta_blob is not None:
+                stored = self._upload(delta_blob, None, part_path(version, k, n, anchor=False))
+                receipt["delta"] = StoredPart(bytes=stored.bytes, sha256=stored.sha256, changed=changed)
+                receipt["base"] = self._prev_version
+                part_bytes += stored.bytes
+            if anchor_blob is not None:
+                receipt["anchor"] = self._upload(anchor_blob, None, part_path(version, k, n, anchor=True))
+                part_bytes += receipt["anchor"].bytes
+            del delta_blob, anchor_blob
+            receipt["element_sum"] = f"{esum.value:016x}"
+            self.bucket.write_bytes(receipt_path(version, k, n), PartReceipt(**receipt).model_dump_json().encode())
+            upload_s = time.perf_counter() - t0
+        except BaseException as exc:
+            # Tell rank 0 at once rather than let it wait out its timeout.
+            try:
+                self.bucket.write_bytes(receipt_path(version, k, n), PartReceipt(
+                    attempt=self.attempt, version=version, index=k, count=n,
+                    error=f"{type(exc).__name__}: {exc}"[:2000]).model_dump_json().encode())
+            except Exception:  # noqa: BLE001 -- the missing receipt then says it, after the timeout
+                pass
+            raise
+        base = self._prev_version if "delta" in receipt else None
+        self._prev, self._prev_version, self._esum = snap, version, esum
+        kinds = tuple(x for x in ("delta", "anchor") if x in receipt)
+        wait_s, digest = 0.0, None
+        if k == 0:
+            t0 = time.perf_counter()
+            kinds, digest = self._commit(version, shapes)
+            wait_s = time.perf_counter() - t0
+        log.info("rank %d: v%d part %d/%d %s, %d/%d changed, %s B, encode %.3fs upload %.3fs%s", k, version, k, n,
+                 "+".join(kinds), changed, total, f"{part_bytes:,}", encode_s, upload_s,
+                 f", committed after {wait_s:.3f}s" if k == 0 else "")
+        return ShardReport(version=version, rank=k, base=base, kinds=kinds, changed=changed, total=total,
+                           part_bytes=part_bytes, snapshot_s=snapshot_s, encode_s=encode_s, digest_s=digest_s,
+                           upload_s=upload_s, wait_s=wait_s, digest=digest)
+
+    def _await_receipts(self, version: int) -> list[PartReceipt]:
+        """Rank 0: every rank's receipt for this version, polled from the bucket (bounded by commit_timeout_s)."""
+        n = self.world_size
+        got: dict[int, PartReceipt] = {}
+        deadline = time.monotonic() + self.commit_timeout_s
+        while True:
+            for k in range(n):
+                if k in got:
+                    continue
+                try:
+                    rec = PartReceipt.model_validate_json(self.bucket.read_bytes(receipt_path(version, k, n)))
+                except BucketFileNotFound:
+                    continue
+                except ValidationError:
+                    continue  # a torn or foreign receipt: wait for a good one
+                if rec.attempt != self.attempt or rec.version != version or rec.index != k or rec.count != n:
+                    continue  # left by an earlier run of this job
+                if rec.error:
+                    raise PublishError(f"v{version} not committed: rank {k} failed storing its part ({rec.error}); "
+                                       "the bucket keeps its last committed version")
+                got[k] = rec
+            if len(got) == n:
+                return [got[k] for k in range(n)]
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(n)) - set(got))
+                raise PublishError(
+                    f"v{version} not committed: part(s) {missing} of {n} were not stored within "
+                    f"{self.commit_timeout_s:.0f} s (did rank(s) {missing} die?); the bucket keeps its last "
+                    "committed version, and a restarted run continues from it")
+            time.sleep(self.poll_s)
+
+    def _commit(self, version: int, shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[str, ...], str]:
+        receipts = self._await_receipts(version)
+        n = self.world_size
+        digest = combine(shapes, [int(r.element_sum, 16) for r in receipts])
+        new: list[FileEntry] = []
+        kinds: list[str] = []
+        bases = {r.base for r in receipts}
+        anchor_bytes = sum(r.anchor.bytes for r in receipts) if all(r.anchor for r in receipts) else None
+        m = self._manifest
+        if all(r.delta for r in receipts) and len(bases) == 1 and m is not None and bases == {m.latest}:
+            delta_bytes = sum(r.delta.bytes for r in receipts)
+            # At an anchor version a small delta is still worth storing: up-to-date replicas fetch it instead.
+            if anchor_bytes is None or delta_bytes < anchor_bytes:
+                new.append(FileEntry(
+                    version=version, bytes=delta_bytes, digest=digest, base=m.latest,
+                    changed=sum(r.delta.changed or 0 for r in receipts), encoding=self.encoding,
+                    layout=LAYOUT_DIM0_CHUNKS,
+                    parts=tuple(PartEntry(index=r.index, path=part_path(version, r.index, n, anchor=False),
+                                          bytes=r.delta.bytes, sha256=r.delta.sha256, changed=r.delta.changed)
+                                for r in receipts)))
+                kinds.append("delta")
+        if anchor_bytes is not None:
+            new.append(FileEntry(
+                version=version, bytes=anchor_bytes, digest=digest, layout=LAYOUT_DIM0_CHUNKS,
+                parts=tuple(PartEntry(index=r.index, path=part_path(version, r.index, n, anchor=True),
+                                      bytes=r.anchor.bytes, sha256=r.anchor.sha256) for r in receipts)))
+            kinds.append("anchor")
+        if not new:
+            raise PublishError(f"v{version} not committed: its parts are neither a delta on v"
+                               f"{m.latest if m else None} nor an anchor")
+        anchors = list(m.anchors) if m else []
+        deltas = list(m.deltas) if m else []
+        for e in new:
+            (anchors if e.base is None else deltas).append(e)
+        anchors = anchors[-self.keep_anchors:]
+        deltas = [d for d in deltas if d.version > anchors[0].version]
+        identity = m.model if m else ModelIdentity(
+            name=self.model_name, tensors={k: TensorSpec(shape=s) for k, s in sorted(shapes.items())})
+        manifest = Manifest(model=identity, latest=version, latest_digest=digest, digest=XSUM64,
+                            anchors=tuple(anchors), deltas=tuple(deltas), owner=self.owner)
+        self._lease.check(f"committing v{version}")
+        write_manifest(self.bucket, manifest)
+        dropped = sorted((m.paths if m else set()) - manifest.paths)
+        self._manifest = manifest
+        # Retention (rule 6) only now that no stored manifest names them; receipts are never read again. A failure
+        # here leaves garbage only.
+        try:
+            self.bucket.delete([*dropped, *(receipt_path(version, k, n) for k in range(n))])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not delete retired files %s: %s", dropped, exc)
+        return tuple(kinds), digest
+
+
+__all__ = ["PartReceipt", "ShardReport", "ShardedPublisher", "receipt_path"]
