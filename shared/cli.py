@@ -52,9 +52,18 @@ def inspect_file(path: Path, *, shapes: dict[str, tuple[int, ...]] | None) -> di
     """What `dws inspect` reports, as data. TRL-layout deltas store no shapes: without `shapes` their positions
     are listed unchecked; with them, every name and position is checked and densities are given."""
     from shared.formats import file_kind_summary, read_patch_file
+    from shared.parts import is_part_file, read_part
 
-    pf = read_patch_file(path, shapes=shapes, allow_unknown_shapes=shapes is None)
+    part = None
+    if is_part_file(path):
+        # A part holds row slices: checked against the model's full shapes, its tensors are the slices.
+        pf, part = read_part(path, shapes=shapes)
+        shapes = None
+    else:
+        pf = read_patch_file(path, shapes=shapes, allow_unknown_shapes=shapes is None)
     summary = file_kind_summary(pf, path.stat().st_size)
+    if part is not None:
+        summary["part"] = f"{part.index} of {part.count} ({part.layout})"
     per: dict[str, dict] = {}
     for name, t in pf.tensors.items():
         n = int(t.positions.size) if pf.kind == "delta" else int(t.numel())
@@ -71,6 +80,8 @@ def inspect_file(path: Path, *, shapes: dict[str, tuple[int, ...]] | None) -> di
         if numel is not None and pf.kind == "delta":
             row["numel"] = numel
             row["density"] = round(n / numel, 6) if numel else 0.0
+        if part is not None and name in part.slices:
+            row["rows"] = list(part.slices[name])
         per[name] = row
     if shapes is not None:
         if pf.kind == "anchor":
