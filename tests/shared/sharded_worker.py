@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--versions", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--anchor-every", type=int, default=3)
+    ap.add_argument("--keep-anchors", type=int, default=2)
     ap.add_argument("--encoding", default="compact")
     ap.add_argument("--dump", default=None)
     ap.add_argument("--kill-rank", type=int, default=None)
@@ -83,7 +84,8 @@ def main() -> int:
     if args.kill_rank == rank and args.kill_version is not None:
         kill = part_path(args.kill_version, rank, world, anchor=False)
     bucket = KillingBucket(args.bucket, kill_path=kill)
-    pub = ShardedPublisher(bucket, anchor_every=args.anchor_every, encoding=args.encoding, run_id="sharded-test",
+    pub = ShardedPublisher(bucket, anchor_every=args.anchor_every, keep_anchors=args.keep_anchors,
+                           encoding=args.encoding, run_id="sharded-test",
                            commit_timeout_s=120, lease_settle_s=0.0)
     start = 0 if pub.latest_version is None else pub.latest_version + 1
     restored = pub.restored_rows()
