@@ -337,14 +337,18 @@ def _exponents(b: np.ndarray) -> np.ndarray:
 
 
 class _BaseClasses:
-    """The exponent classes of one base tensor: class sizes and every element's rank inside its class.
+    """The exponent classes of one base tensor: class sizes, and ranks of elements inside their class.
 
-    numpy on the host; a CUDA tensor keeps the O(numel) sort on its device and moves only sparse indices.
+    An element's class is its base exponent clamped to ``[lo, hi]`` (the pooled tails). Its rank is the number of
+    elements of the same class before it in the tensor -- a definition that does not depend on how the work is cut:
+    the host path sorts cache-sized chunks (ranks = rank in chunk + the class's count in earlier chunks), the device
+    path (a CUDA base) sorts the whole tensor on its device and moves only sparse indices to the host.
     """
 
     # Host tensors take the numpy path (its uint8 argsort is a radix sort, faster than torch.sort on CPU); tests set
     # this to run the device path on the CPU.
     torch_on_cpu = False
+    chunk = 1 << 20  # host path: elements per sort; an order array of 8 MiB stays in cache
 
     def __init__(self, base: Any, numel: int):
         self._torch = None
@@ -357,10 +361,9 @@ class _BaseClasses:
             if t.dtype != torch.int16:
                 raise TypeError(f"base context must be bf16 or 16-bit bit patterns, got {t.dtype}")
             self._check_size(t.numel(), numel)
-            e = ((t >> 7) & 0xFF).to(torch.uint8)
-            self.counts = torch.bincount(e.to(torch.int32), minlength=_N_CLASSES).cpu().numpy().astype(np.int64)
-            self._order = torch.sort(e, stable=True).indices
-            self._torch = torch
+            self._torch, self._t = torch, t
+            self._bounds = [(0, numel)] if numel else []
+            raw = [torch.bincount(self._exps(0).to(torch.int32), minlength=_N_CLASSES).cpu().numpy()] if numel else []
         else:
             if not isinstance(base, np.ndarray):
                 import torch
@@ -368,25 +371,42 @@ class _BaseClasses:
                 base = base.reshape(-1)
                 base = base.view(torch.int16) if base.dtype == torch.bfloat16 else base
                 base = base.numpy()
-            b = bf16_bits(np.asarray(base).reshape(-1))
-            self._check_size(b.size, numel)
-            e = _exponents(b)
-            self.counts = np.bincount(e, minlength=_N_CLASSES).astype(np.int64)
-            self._order = np.argsort(e, kind="stable")  # a radix sort for uint8 keys: O(numel)
-        self.raw_counts = self.counts
-        self.merge(0, _N_CLASSES - 1)
+            self._b = bf16_bits(np.asarray(base).reshape(-1))
+            self._check_size(self._b.size, numel)
+            self._bounds = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)]
+            raw = [np.bincount(self._exps(i), minlength=_N_CLASSES) for i in range(len(self._bounds))]
+        self._chunk_raw = np.array(raw, dtype=np.int64).reshape(-1, _N_CLASSES)
+        self.raw_counts = self._chunk_raw.sum(axis=0)
+        self.pool(0, _N_CLASSES - 1)
 
-    def merge(self, lo: int, hi: int) -> None:
+    def _exps(self, i: int):
+        s, e = self._bounds[i]
+        if self._torch is not None:
+            return ((self._t[s:e] >> 7) & 0xFF).to(self._torch.uint8)
+        return _exponents(self._b[s:e])
+
+    def _keys(self, i: int):
+        if self._torch is not None:
+            return self._torch.clamp(self._exps(i), self.lo, self.hi)
+        return np.clip(self._exps(i), self.lo, self.hi)
+
+    def _argsort(self, keys):
+        if self._torch is not None:
+            return self._torch.sort(keys, stable=True).indices
+        return np.argsort(keys, kind="stable")  # a radix sort for uint8 keys: O(n)
+
+    def pool(self, lo: int, hi: int) -> None:
         """Pool the exponents below `lo` into class `lo` and those above `hi` into `hi`: a class of a handful of
-        elements costs more in header and frequency table than its context saves. Pooled classes stay contiguous in
-        the sorted order (exponent-major), so ranks inside them are still defined on both sides."""
-        c = self.raw_counts.copy()
-        c[lo] = self.raw_counts[: lo + 1].sum()
-        c[:lo] = 0
-        c[hi] = self.raw_counts[hi:].sum()
-        c[hi + 1:] = 0
-        self.counts = c
-        self.starts = np.cumsum(c) - c
+        elements costs more in header and frequency table than its context saves."""
+        self.lo, self.hi = lo, hi
+        raw, m = self._chunk_raw, self._chunk_raw.copy()
+        m[:, lo] = raw[:, : lo + 1].sum(axis=1)
+        m[:, :lo] = 0
+        m[:, hi] = raw[:, hi:].sum(axis=1)
+        m[:, hi + 1:] = 0
+        self._counts = m
+        self._before = np.cumsum(m, axis=0) - m  # per chunk: the class's elements in earlier chunks
+        self.counts = m.sum(axis=0)
 
     def pooling_bounds(self, numel: int) -> tuple[int, int]:
         """The classes to keep apart: pool the tails that together hold at most max(64, numel / 2048) elements."""
@@ -405,21 +425,78 @@ class _BaseClasses:
         if got != numel:
             raise FormatError(f"base context has {got} elements, the tensor has {numel}")
 
-    def class_major_index(self, positions: np.ndarray, numel: int) -> np.ndarray:
-        """For sorted positions: their indices in the class-sorted order, ascending (class-major, then position)."""
-        if self._torch is not None:
-            torch = self._torch
-            mask = torch.zeros(numel, dtype=torch.bool, device=self._order.device)
-            mask[torch.from_numpy(positions).to(self._order.device)] = True
-            return mask[self._order].nonzero().squeeze(1).cpu().numpy()
-        mask = np.zeros(numel, dtype=bool)
-        mask[positions] = True
-        return np.flatnonzero(mask[self._order])
+    def _to_host(self, x) -> np.ndarray:
+        return x.cpu().numpy() if self._torch is not None else x
 
-    def positions_at(self, idx: np.ndarray) -> np.ndarray:
-        if self._torch is not None:
-            return self._order[self._torch.from_numpy(idx).to(self._order.device)].cpu().numpy()
-        return self._order[idx]
+    def _from_host(self, x: np.ndarray):
+        return self._torch.from_numpy(x).to(self._t.device) if self._torch is not None else x
+
+    def ranks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For sorted, unique, in-range `positions`: (class, rank in class, index into `positions`), class-major
+        (then rank) order."""
+        cls_parts, rank_parts, perm_parts = [], [], []
+        for i, (s, e) in enumerate(self._bounds):
+            a, b = np.searchsorted(positions, [s, e])
+            if a == b:
+                continue
+            local = positions[a:b] - s
+            keys = self._keys(i)
+            order = self._argsort(keys)
+            if self._torch is not None:
+                mask = self._torch.zeros(e - s, dtype=self._torch.bool, device=self._t.device)
+                mask[self._from_host(local)] = True
+                idx = self._to_host(mask[order].nonzero().squeeze(1))
+                key_at = self._to_host(keys[self._from_host(local)])
+            else:
+                mask = np.zeros(e - s, dtype=bool)
+                mask[local] = True
+                idx = np.flatnonzero(mask[order])
+                key_at = keys[local]
+            counts = self._counts[i]
+            starts = np.cumsum(counts) - counts
+            cls = np.searchsorted(starts + counts, idx, side="right")
+            cls_parts.append(cls)
+            rank_parts.append(idx - starts[cls] + self._before[i, cls])
+            # The same class-major order, as indices into `positions`.
+            perm_parts.append(a + np.argsort(key_at, kind="stable"))
+        if not cls_parts:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        cls, rank, perm = (np.concatenate(x) for x in (cls_parts, rank_parts, perm_parts))
+        g = np.argsort(cls.astype(np.uint8), kind="stable")  # chunks ascend, so ranks ascend inside each class
+        return cls[g], rank[g], perm[g]
+
+    def positions(self, cls: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of `ranks`: for (class, rank) pairs in class-major order (ranks below the class size), the sorted
+        positions and, for each, the index of its pair."""
+        chunk_of = np.zeros(cls.size, np.int64)
+        ends = np.cumsum(self._counts, axis=0)  # per chunk: the class's elements up to the chunk's end
+        cuts = np.flatnonzero(np.diff(cls)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, cls.size]):
+            if a < b:
+                chunk_of[a:b] = np.searchsorted(ends[:, cls[a]], rank[a:b], side="right")
+        by_chunk = np.argsort(chunk_of, kind="stable")
+        splits = np.searchsorted(chunk_of[by_chunk], np.arange(len(self._bounds) + 1))
+        pos_parts, perm_parts = [], []
+        for i, (s, e) in enumerate(self._bounds):
+            items = by_chunk[splits[i]: splits[i + 1]]
+            if items.size == 0:
+                continue
+            c = cls[items]
+            counts = self._counts[i]
+            idx = (np.cumsum(counts) - counts)[c] + rank[items] - self._before[i, c]
+            local = self._to_host(self._argsort(self._keys(i))[self._from_host(idx)])
+            # Sort by position inside the chunk: scatter and scan, O(chunk) instead of a comparison sort.
+            mask = np.zeros(e - s, dtype=bool)
+            mask[local] = True
+            inv = np.empty(e - s, dtype=np.int64)
+            inv[local] = items
+            sorted_local = np.flatnonzero(mask)
+            pos_parts.append(s + sorted_local)
+            perm_parts.append(inv[sorted_local])
+        if not pos_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(pos_parts), np.concatenate(perm_parts)
 
 
 def _magnitude_symbols(mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -500,18 +577,13 @@ class ContextEncoding:
         mag = np.abs(residual.astype(np.int32))
         if mag.size and int(mag.min()) == 0:
             raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
+        if positions.size and (int(positions[0]) < 0 or int(positions[-1]) >= numel
+                               or not bool(np.all(positions[1:] > positions[:-1]))):
+            raise ValueError("positions must be sorted, unique and inside the tensor")
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
-        classes.merge(lo, hi)
-        idx = classes.class_major_index(positions, numel)
-        if idx.size != positions.size:
-            raise ValueError("positions must be unique and inside the tensor")
-        ends = classes.starts + classes.counts
-        cls_of = np.searchsorted(ends, idx, side="right")  # class of each changed element, class-major
-        ranks = idx - classes.starts[cls_of]
-        # Residuals in the same class-major order: within a class, positions ascend, as in `positions`.
-        pos_cls = _exponents(np.asarray(base_bits, np.uint16))
-        perm = np.argsort(pos_cls, kind="stable")
+        classes.pool(lo, hi)
+        cls_of, ranks, perm = classes.ranks(positions)  # class-major; residuals follow the same order
         mag, neg = mag[perm], residual[perm] < 0
         msym, width = _magnitude_symbols(mag)
         sym = (2 * (msym - 1) + neg).astype(np.int32)
@@ -575,13 +647,13 @@ class ContextEncoding:
                 and sum(r[5] + r[6] + 2 * r[7] + r[8] for r in rows) + xlen == blob.size):
             raise FormatError(f"ctx delta parameters out of range or inconsistent with its {blob.size}-byte payload")
         classes = _BaseClasses(base_context, numel)
-        classes.merge(lo, hi)
+        classes.pool(lo, hi)
         for c, n_c, *_ in rows:
             if int(classes.counts[c]) != n_c:
                 raise FormatError(f"ctx delta does not fit this base: exponent class {c} has {int(classes.counts[c])} "
                                   f"elements here, {n_c} in the base it was encoded against")
         off = 0
-        idx_parts = []
+        rank_parts = []
         for c, n_c, k_c, mode, rk, ulen, rlen, _, _ in rows:
             unary, rem = blob[off: off + ulen], blob[off + ulen: off + ulen + rlen]
             off += ulen + rlen
@@ -600,7 +672,7 @@ class ContextEncoding:
                     r = np.flatnonzero(keep)
             if r.size != k_c:
                 raise FormatError(f"ctx delta class {c}: {r.size} positions decoded, header says {k_c}")
-            idx_parts.append(classes.starts[c] + r)
+            rank_parts.append(r)
         sym_parts = []
         tables = []
         for *_, alpha, _ in rows:
@@ -630,8 +702,9 @@ class ContextEncoding:
         extra = _unpack_varwidth(blob[off: off + xlen], width)
         mag = np.where(msym >= 4, (np.int64(1) << width) + extra, msym)
         residual_cls = np.where(sym & 1, -mag, mag).astype(np.int16)
-        pos_cls = classes.positions_at(np.concatenate(idx_parts))
-        order = np.argsort(pos_cls, kind="stable")
-        positions = pos_cls[order].astype(np.int64)
+        cls = np.repeat(np.array(cls_ids, np.int64), [row[2] for row in rows])
+        positions, order = classes.positions(cls, np.concatenate(rank_parts))
+        if positions.size != n:
+            raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
         check_positions(positions, numel)
         return DecodedTensor(positions=positions, residual=residual_cls[order])

@@ -223,3 +223,23 @@ def test_device_path_matches_host_path(monkeypatch):
     dec = enc.decode(host.arrays, host.params, base.size, base_context=tb)
     assert np.array_equal(dec.positions, ch.positions)
     assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 4096])
+def test_ranks_do_not_depend_on_how_the_host_path_cuts_the_tensor(monkeypatch, chunk):
+    """The host path sorts chunks; the format must not notice: same bytes as one whole-tensor sort, same decode."""
+    from shared import codec
+
+    base = _weights(12_345, 31)
+    base[:40] = 0x0001  # a pooled tail (subnormals), so pooled classes span chunks too
+    new = _step(base, 3e-6, 32)
+    new[:40] = base[:40] + 3
+    ch = _change(base, new, (12_345,))
+    enc = get_encoding("ctx")
+    whole = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    monkeypatch.setattr(codec._BaseClasses, "chunk", chunk)
+    cut = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    assert cut.params == whole.params and np.array_equal(cut.arrays[""], whole.arrays[""])
+    dec = enc.decode(whole.arrays, whole.params, base.size, base_context=base)
+    assert np.array_equal(dec.positions, ch.positions)
+    assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
