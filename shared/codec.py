@@ -269,6 +269,15 @@ class CompactEncoding:
     name = "compact"
     needs_base_context = False
 
+    def size_lower_bound(self, positions: np.ndarray, numel: int) -> int:
+        """Bytes this encoding needs at least for these positions (exact Rice streams + one sign bit each): a writer
+        choosing the smallest encoding skips compact when another one already fits under this."""
+        positions = np.asarray(positions, dtype=np.int64)
+        gaps = np.diff(positions, prepend=-1) - 1
+        k = _rice_k(gaps)
+        unary_bits = positions.size + int((gaps >> k).sum())
+        return (unary_bits + 7) // 8 + (positions.size * k + 7) // 8 + (positions.size + 7) // 8
+
     def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
         positions = positions.astype(np.int64)
         gaps = np.diff(positions, prepend=-1) - 1
@@ -402,7 +411,7 @@ class _BaseClasses:
         raw, m = self._chunk_raw, self._chunk_raw.copy()
         m[:, lo] = raw[:, : lo + 1].sum(axis=1)
         m[:, :lo] = 0
-        m[:, hi] = raw[:, hi:].sum(axis=1)
+        m[:, hi] = raw[:, hi:].sum(axis=1) if hi > lo else raw.sum(axis=1)  # lo == hi: one class holds all
         m[:, hi + 1:] = 0
         self._counts = m
         self._before = np.cumsum(m, axis=0) - m  # per chunk: the class's elements in earlier chunks

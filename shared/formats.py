@@ -75,6 +75,9 @@ def _encode_tensor(ch: TensorChange, names: tuple[str, ...], verify: bool) -> tu
         enc = get_encoding(name)
         if enc.needs_base_context and ch.base is None:
             continue
+        bound = getattr(enc, "size_lower_bound", None)
+        if best is not None and bound is not None and bound(ch.positions, numel) >= best[0]:
+            continue  # it cannot win: skip its encode (compact's residual coding is most of its cost)
         out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, numel,
                          base_context=ch.base if enc.needs_base_context else None)
         size = _payload_bytes(out)

@@ -142,3 +142,14 @@ def test_compact_is_much_smaller_than_raw_on_ulp_changes():
     # Changes drawn uniformly, ignoring the base: context has nothing to find, and ctx pays only its per-class
     # tables (the file writer then keeps compact for such a tensor).
     assert sizes["ctx"] < 1.1 * sizes["compact"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=tensor_changes())
+def test_compact_size_lower_bound_holds(case):
+    """The writer skips compact when another encoding is already under this bound: it must never overestimate."""
+    shape, base, new, positions = case
+    numel = int(np.prod(shape))
+    enc = get_encoding("compact")
+    out = enc.encode(positions, new[positions], base[positions], numel)
+    assert enc.size_lower_bound(positions, numel) <= out.arrays[""].nbytes

@@ -243,3 +243,18 @@ def test_ranks_do_not_depend_on_how_the_host_path_cuts_the_tensor(monkeypatch, c
     dec = enc.decode(whole.arrays, whole.params, base.size, base_context=base)
     assert np.array_equal(dec.positions, ch.positions)
     assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
+
+
+def test_tensor_of_one_exponent_class():
+    """Norm weights start as exactly 1.0: one exponent, pooled bounds lo == hi."""
+    base = np.full(3000, 0x3F80, np.uint16)
+    new = base.copy()
+    new[::7] += 1
+    new[::11] -= 2
+    ch = _change(base, new, (3000,))
+    enc = get_encoding("ctx")
+    out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    assert out.params["p"][0] == out.params["p"][1]
+    dec = enc.decode(out.arrays, out.params, base.size, base_context=base)
+    assert np.array_equal(dec.positions, ch.positions)
+    assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
