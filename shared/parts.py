@@ -1,4 +1,4 @@
-"""Part files: one version stored as several files, each holding a row slice of every tensor (DESIGN.md §3 rule 8).
+"""Part files: one version stored as several files, each holding a row slice of every tensor (docs/design.md §3).
 
 A part file is an ordinary anchor or delta file (shared/formats.py) over the part's *local* tensors -- rows
 [r0, r1) of each checkpoint tensor, shape (r1 - r0, *shape[1:]) -- so `safe_open` lists it and `read_patch_file`

@@ -129,6 +129,7 @@ class Publisher:
                                   settle_s=lease_settle_s)
         self._lease.claim()
         self._spool = Path(spool_dir) if spool_dir else Path(tempfile.mkdtemp(prefix="dws-spool-"))
+        self._spool.mkdir(parents=True, exist_ok=True)  # a spool_dir given by path may not exist yet
         self._manifest: Manifest | None = read_manifest(self.bucket)
         self._prev: dict[str, torch.Tensor] | None = None
         self._esum: ElementSum | None = None  # digest element sum of `_prev`, kept up to date in O(changed)

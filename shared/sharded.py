@@ -1,5 +1,5 @@
 """The trainer side for sharded training (FSDP2): every rank publishes its own rows of each tensor as one part of
-the version; rank 0 commits the manifest once every part is stored (DESIGN.md §3 rule 8).
+the version; rank 0 commits the manifest once every part is stored (docs/design.md §3).
 
 No rank gathers the full model, holds a full-model copy, or touches another rank's data. Each rank keeps the bf16
 copy of *its own* rows as last published, diffs its new rows against it bit for bit, encodes a delta part (and an
