@@ -1,9 +1,11 @@
-"""`python -m trainer_space` / `dws train`: start the dashboard server, then run GRPO training to the end.
+"""`python -m trainer_space` / `dws train`: start the dashboard server, then run training to the end.
 
-Owns the process entrypoint: logging setup, the startup log (never a token), the dashboard thread, and exit codes
-(0 done, 2 stopped on non-finite weights -- nothing of that step is published -- or on staleness, 1 any other
-failure). The dashboard keeps serving after the
-run ends until the process is interrupted, unless `--exit-when-done`/`DWS_EXIT_WHEN_DONE` is set.
+Owns the process entrypoint: logging setup, the startup log (never a token), the dashboard thread, and exit codes:
+0 done; 2 refused or stopped for a reason to fix, stated in one line (another live run owns the bucket, the weights
+hold NaN/Inf -- nothing of that step is published --, a bad option or variable); 1 any other failure (logged with its
+traceback). When training ends the process exits if `--exit-when-done` (`DWS_EXIT_WHEN_DONE`) holds -- the default
+outside a Space (`SPACE_ID` unset: a terminal, CI) -- and otherwise keeps serving the dashboard, as a Space should,
+until interrupted.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ log = logging.getLogger("dws.trainer")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DWS_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    exit_when_done = "--exit-when-done" in argv or os.environ.get("DWS_EXIT_WHEN_DONE", "").lower() in {"1", "true"}
-    argv = [a for a in argv if a != "--exit-when-done"]
-
-    from shared.errors import NonFiniteWeightsError, OwnerConflictError
     from trainer_space.config import parse_args
-    from trainer_space.dashboard import serve_in_background
-    from trainer_space.grpo import StalenessError, train
-    from trainer_space.state import RunState
 
-    cfg = parse_args(argv)
-    log.info("dws trainer: %s", {k: v for k, v in cfg.describe().items()})  # describe() masks every secret
+    cfg = parse_args(sys.argv[1:] if argv is None else list(argv))  # bad input: one line, exit 2 (argparse)
+
+    from shared.envvars import EnvVarError
+    from shared.errors import NonFiniteWeightsError, OwnerConflictError
+    from trainer_space.page import serve_in_background
+    from trainer_space.state import RunState
+    from trainer_space.train import train
+
+    log.info("dws trainer: %s", cfg.describe())  # describe() masks every secret
     state = RunState(cfg.describe())
     server = serve_in_background(state, host=cfg.host, port=cfg.port, bucket=cfg.bucket, ui=cfg.ui)
     log.info("dashboard on http://%s:%d/ (GET /status, /health)", cfg.host, cfg.port)
@@ -44,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteWeightsError as e:
         log.error("STOPPED: the weights hold NaN/Inf, nothing was published for this step: %s", e)
         rc = 2
-    except StalenessError as e:
+    except (EnvVarError, ValueError) as e:
         log.error("STOPPED: %s", e)
         rc = 2
     except Exception as e:  # a clear one-line reason on top of the traceback
         log.exception("training failed: %s", e)
         rc = 1
-    if not exit_when_done:
-        log.info("run finished (rc=%d); dashboard keeps serving, Ctrl-C to exit", rc)
+    if not cfg.exit_when_done:
+        log.info("run finished (rc=%d); the dashboard keeps serving (--no-exit-when-done), Ctrl-C to exit", rc)
         try:
             while True:
                 time.sleep(3600)

@@ -1,115 +1,76 @@
-"""Producing one training batch from dataset rows, and producing the next one while the current one trains.
+"""One GRPO group from one dataset row: its completions (or episodes) from the replicas, their rewards from the env
+Spaces, and the training rows TRL's AsyncGRPOTrainer consumes.
 
 Owns:
-- `PromptSchedule` -- the run's row order, fixed before training (TRL's sampler layout: each prompt repeated
-  `group_size` times, `prompts_per_step` prompts per step). Knowing step k+1's rows while step k trains is what lets
-  generation run ahead; TRL reads the same object as its train sampler, so both sides agree by construction.
-- `BatchProducer` -- rows -> `Sample`s. Single-turn tasks: one `/v1/completions` request per group on a replica.
-  Multi-turn tasks (Wordle): one episode per row through OpenEnv's own client (`GenericEnvClient`, a WebSocket
-  session on the env Space): generate a turn on a replica, `step` the session with it, append the env's feedback as
-  the next user turn, until the episode is done or the turn/token limits are reached; the episode return is the
+- `TurnTemplate` -- the token ids between two model turns, from the tokenizer's own chat template.
+- `play_group` -- single-turn tasks: one `/v1/completions` request with n = group size on a replica, then one batch
+  `/v1/score` on an env Space. Multi-turn tasks (Wordle): one episode per member through OpenEnv's own client
+  (`GenericEnvClient`, a WebSocket session on an env Space): generate a turn on a replica, `step` the session with it,
+  append the env's feedback as the next user turn, until done or the turn/token limits; the episode return is the
   reward.
-- `Prefetcher` -- one background worker that waits (bounded) for the replicas to serve the version a batch will
-  need, then produces it; the training thread takes it when TRL asks for that step.
+- `to_rollout_samples` -- group-normalised advantages ((r - mean) / (std + 1e-8), TRL's own formula) and TRL
+  `RolloutSample`s: `input_ids` = prompt + completion, `completion_mask` 1 only on the model's own tokens,
+  `old_log_probs` = the replica's per-token logprobs at those positions, `model_version` = the oldest version tag of
+  any token in the group (a request that spanned a sync already reports its older version).
 
-Multi-turn token layout (what GRPO trains on): the completion is every turn concatenated, in the exact token ids the
-replicas saw -- model turn 1, the chat-template tokens that close it and carry the env feedback as a user message,
-model turn 2, ... The feedback tokens get `env_mask` 0 and logprob 0.0. TRL 1.16 takes `env_mask` from a rollout_func
-as its `tool_mask`: it multiplies it into the loss mask and into the importance-sampling difference, so only the
-model's own tokens are trained and corrected, and the sampling logprobs line up token for token with the trainer's
-forward pass over prompt + completion.
-
-The trainer Space depends on `shared/` only (docs/design.md §2): the env session uses OpenEnv's generic client, not
-`env_space.client`.
+Multi-turn token layout: the completion is every turn concatenated, in the exact token ids the replicas saw -- model
+turn 1, the chat-template tokens that close it and carry the env feedback as a user message, model turn 2, ... The
+feedback tokens get mask 0 (no loss, no ratio) and logprob 0.0, so the sampling logprobs line up token for token with
+the trainer's forward pass over prompt + completion.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import torch
-from torch.utils.data import Sampler
+import numpy as np
 
-from trainer_space.remote import Completion, ReplicaPool
-
-log = logging.getLogger("dws.trainer.rollouts")
+from trainer_space.remote import Completion, EnvPool, ReplicaPool
 
 _MARK = "\u2063dws-turn\u2063"  # a string no chat template rewrites, to find where assistant content ends
 
-
-class PromptSchedule(Sampler[int]):
-    """Dataset row indices for the whole run: per epoch a seeded permutation, cut into steps of `prompts_per_step`
-    distinct rows (the tail that does not fill a step is dropped, as TRL's RepeatSampler does), each row repeated
-    `group_size` times in a row (one GRPO group)."""
-
-    def __init__(self, n_rows: int, *, prompts_per_step: int, group_size: int, steps: int, seed: int) -> None:
-        if n_rows < prompts_per_step:
-            raise ValueError(f"{n_rows} prompts cannot fill a step of {prompts_per_step} distinct prompts")
-        self.group_size = group_size
-        gen = torch.Generator().manual_seed(seed)
-        self.steps: list[list[int]] = []
-        while len(self.steps) < steps:
-            perm = torch.randperm(n_rows, generator=gen).tolist()
-            for i in range(0, n_rows - prompts_per_step + 1, prompts_per_step):
-                self.steps.append(perm[i:i + prompts_per_step])
-        del self.steps[steps:]
-
-    def rows_for_step(self, step: int) -> list[int] | None:
-        """Row indices TRL will hand over for optimizer step `step` (1-based), or None past the end."""
-        if not 1 <= step <= len(self.steps):
-            return None
-        return [r for r in self.steps[step - 1] for _ in range(self.group_size)]
-
-    def __iter__(self):
-        return iter([r for rows in self.steps for r in rows for _ in range(self.group_size)])
-
-    def __len__(self) -> int:
-        return len(self.steps) * len(self.steps[0]) * self.group_size if self.steps else 0
+#: The version of a completion whose replica could not say which weights served it: older than anything, so TRL's
+#: staleness check drops it instead of trusting it.
+UNTAGGED = -(10 ** 9)
 
 
 @dataclass(kw_only=True)
 class Sample:
-    """One batch row as GRPO trains on it, plus where it came from."""
+    """One group member as GRPO trains on it, plus where it came from."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]
     env_mask: list[int]  # 1 = a model token, 0 = env feedback / chat scaffolding between turns
-    versions: list[int | None]  # model_version of each turn
+    versions: list[int | None]  # version tag of each turn
     replicas: list[str]
+    text: str = ""
     turns: int = 1
-    env_return: float | None = None  # multi-turn: the episode's summed reward from the env session
+    reward: float | None = None
     done: bool | None = None
 
     @property
-    def oldest_version(self) -> int | None:
-        return None if any(v is None for v in self.versions) else min(self.versions)
+    def oldest_version(self) -> int:
+        return UNTAGGED if any(v is None for v in self.versions) else min(self.versions)
 
 
 @dataclass(kw_only=True)
-class RolloutBatch:
+class Group:
+    row: dict
     samples: list[Sample]
-    rows_key: tuple
-    generate_s: float  # wall time producing it (after any wait for replicas)
-    replica_wait_s: float = 0.0  # prefetch only: waiting for the replicas to reach the needed version
-    source: str = "sync"  # "sync" (made when TRL asked) or "prefetch" (made during the previous step)
+    generate_s: float = 0.0
+    score_s: float = 0.0
+    multi_turn: bool = False
+    extra: dict = field(default_factory=dict)
 
     @property
-    def versions(self) -> list[int | None]:
-        return [s.oldest_version for s in self.samples]
-
-    def episodes(self) -> list[Sample]:
-        return [s for s in self.samples if s.env_return is not None]
-
-
-def rows_key(rows: list[dict]) -> tuple:
-    return tuple((r.get("task"), r.get("prompt_id"), r.get("prompt")) for r in rows)
+    def version(self) -> int:
+        return min(s.oldest_version for s in self.samples)
 
 
 class TurnTemplate:
@@ -121,12 +82,16 @@ class TurnTemplate:
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.eos_ids = {i for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None))
                         if i is not None}
+        self._cache: dict[str, list[int]] = {}
 
     def prompt_ids(self, text: str) -> list[int]:
-        if self.chat:
-            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        if text not in self._cache:
+            t = text
+            if self.chat:
+                t = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+            self._cache[text] = list(self.tok(t, add_special_tokens=False)["input_ids"])
+        return self._cache[text]
 
     def between(self, feedback: str, *, last_ids: list[int]) -> list[int]:
         if not self.chat:
@@ -143,77 +108,76 @@ class TurnTemplate:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
 
-class BatchProducer:
-    """Rows (TRL's batch: each prompt `group_size` times in a row) -> one `Sample` per row, in order."""
+@dataclass(kw_only=True)
+class GroupPlayer:
+    """Plays one group for a dataset row ({"prompt", "prompt_id", "task"})."""
 
-    def __init__(self, *, pool: ReplicaPool, tokenizer: Any, env_url: str, env_token: str | None,
-                 multi_turn: set[str], group_size: int, max_tokens: int, temperature: float, max_turns: int,
-                 max_episode_tokens: int, task_max_turns: dict[str, int]) -> None:
-        self.pool, self.tok = pool, tokenizer
-        self.template = TurnTemplate(tokenizer)
-        self.env_url, self.env_token = env_url, env_token
-        self.multi_turn, self.group_size = multi_turn, group_size
-        self.max_tokens, self.temperature = max_tokens, temperature
-        self.max_turns, self.max_episode_tokens = max_turns, max_episode_tokens
-        self.task_max_turns = task_max_turns
-        self._ids_cache: dict[str, list[int]] = {}
-        # Every turn of every episode in a batch may be waiting on a replica at once; asyncio's default executor
-        # (a handful of threads on a small machine) would serialise them.
-        self._requests = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dws-generate")
+    pool: ReplicaPool
+    envs: EnvPool
+    template: TurnTemplate
+    executor: Executor  # blocking HTTP calls of concurrent episodes; asyncio's default pool is a handful of threads
+    env_token: str | None
+    group_size: int
+    max_tokens: int
+    temperature: float
+    multi_turn: set[str]
+    task_max_turns: dict[str, int]
+    max_turns: int = 0
+    max_episode_tokens: int = 1024
 
-    def close(self) -> None:
-        self._requests.shutdown(wait=False, cancel_futures=True)
-
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        if prompt not in self._ids_cache:
-            self._ids_cache[prompt] = self.template.prompt_ids(prompt)
-        return self._ids_cache[prompt]
-
-    def produce(self, rows: list[dict], *, min_version: int | None = None) -> RolloutBatch:
+    def play(self, row: dict, *, min_version: int | None = None) -> Group:
+        if row["task"] in self.multi_turn:
+            t0 = time.perf_counter()
+            samples = asyncio.run(self._episodes(row, min_version))
+            return Group(row=row, samples=samples, generate_s=time.perf_counter() - t0, multi_turn=True)
         t0 = time.perf_counter()
-        samples = asyncio.run(self._produce(rows, min_version))
-        return RolloutBatch(samples=samples, rows_key=rows_key(rows), generate_s=time.perf_counter() - t0)
+        comps = self.pool.complete(self.template.prompt_ids(row["prompt"]), self.group_size,
+                                   max_tokens=self.max_tokens, temperature=self.temperature, min_version=min_version)
+        t1 = time.perf_counter()
+        samples = [self._single(c) for c in comps]
+        rewards = self.envs.score(row["task"], [row["prompt_id"]] * len(samples), [s.text for s in samples])
+        for s, r in zip(samples, rewards, strict=True):
+            s.reward = r
+        return Group(row=row, samples=samples, generate_s=t1 - t0, score_s=time.perf_counter() - t1)
 
-    async def _produce(self, rows: list[dict], min_version: int | None) -> list[Sample]:
-        jobs = []
-        # TRL's sampler puts each group's rows next to each other; a run of identical rows is one GRPO group.
-        i = 0
-        while i < len(rows):
-            j = i + 1
-            while j < len(rows) and j - i < self.group_size and rows_key([rows[j]]) == rows_key([rows[i]]):
-                j += 1
-            row = rows[i]
-            if row.get("task") in self.multi_turn:
-                jobs += [self._episode(row, min_version) for _ in range(j - i)]
-            else:
-                jobs.append(self._group(row, j - i, min_version))
-            i = j
-        out: list[Sample] = []
-        for res in await asyncio.gather(*jobs):
-            out += res if isinstance(res, list) else [res]
-        if len(out) != len(rows):
-            raise RuntimeError(f"produced {len(out)} samples for {len(rows)} rows")
-        return out
+    def _single(self, c: Completion) -> Sample:
+        return Sample(prompt_ids=c.prompt_ids, completion_ids=c.completion_ids, logprobs=c.logprobs,
+                      env_mask=[1] * len(c.completion_ids), versions=[c.model_version], replicas=[c.replica],
+                      text=self.template.tok.decode(c.completion_ids, skip_special_tokens=True))
 
-    async def _complete(self, ids: list[int], n: int, min_version: int | None) -> list[Completion]:
-        call = partial(self.pool.complete, ids, n, max_tokens=self.max_tokens, temperature=self.temperature,
+    async def _complete(self, ids: list[int], min_version: int | None) -> Completion:
+        call = partial(self.pool.complete, ids, 1, max_tokens=self.max_tokens, temperature=self.temperature,
                        min_version=min_version)
-        return await asyncio.get_running_loop().run_in_executor(self._requests, call)
+        return (await asyncio.get_running_loop().run_in_executor(self.executor, call))[0]
 
-    async def _group(self, row: dict, n: int, min_version: int | None) -> list[Sample]:
-        comps = await self._complete(self._prompt_ids(row["prompt"]), n, min_version)
-        return [Sample(prompt_ids=c.prompt_ids, completion_ids=c.completion_ids, logprobs=c.logprobs,
-                       env_mask=[1] * len(c.completion_ids), versions=[c.model_version], replicas=[c.replica])
-                for c in comps]
+    async def _episodes(self, row: dict, min_version: int | None) -> list[Sample]:
+        return list(await asyncio.gather(*[self._episode_anywhere(row, min_version)
+                                           for _ in range(self.group_size)]))
 
-    async def _episode(self, row: dict, min_version: int | None) -> Sample:
+    async def _episode_anywhere(self, row: dict, min_version: int | None) -> Sample:
+        """One episode on the next env Space; a Space that cannot be reached is skipped and the episode restarted
+        on another (an episode is never continued across Spaces: the session state lives on one)."""
+        tried: set[str] = set()
+        while True:
+            url = self.envs.next_url()
+            if url in tried:
+                raise ConnectionError(f"no env Space could run an episode: {self.envs.describe_errors()}")
+            try:
+                s = await self._episode(url, row, min_version)
+                self.envs.session_ok(url)
+                return s
+            except (OSError, ConnectionError, TimeoutError) as e:
+                self.envs.session_failed(url, e)
+                tried.add(url)
+
+    async def _episode(self, url: str, row: dict, min_version: int | None) -> Sample:
         from openenv.core.generic_client import GenericEnvClient
 
         headers = {"Authorization": f"Bearer {self.env_token}"} if self.env_token else None
         limit = self.task_max_turns.get(row["task"], 1)
         if self.max_turns > 0:
             limit = min(limit, self.max_turns)
-        async with GenericEnvClient(base_url=self.env_url, headers=headers) as env:
+        async with GenericEnvClient(base_url=url, headers=headers) as env:
             res = await env.reset(task=row["task"], prompt_id=row["prompt_id"])
             prompt_ids = self.template.prompt_ids(res.observation["prompt"])
             completion: list[int] = []
@@ -223,13 +187,13 @@ class BatchProducer:
             replicas: list[str] = []
             ret, turns = 0.0, 0
             while True:
-                c = (await self._complete(prompt_ids + completion, 1, min_version))[0]
+                c = await self._complete(prompt_ids + completion, min_version)
                 completion += c.completion_ids
                 mask += [1] * len(c.completion_ids)
-                lps += [0.0 if lp is None else float(lp) for lp in c.logprobs]
+                lps += c.logprobs
                 versions.append(c.model_version)
                 replicas.append(c.replica)
-                text = self.tok.decode(c.completion_ids, skip_special_tokens=True)
+                text = self.template.tok.decode(c.completion_ids, skip_special_tokens=True)
                 res = await env.step({"text": text})
                 ret += float(res.reward or 0.0)
                 turns += 1
@@ -245,66 +209,37 @@ class BatchProducer:
                 mask += [0] * len(feedback)
                 lps += [0.0] * len(feedback)
         return Sample(prompt_ids=prompt_ids, completion_ids=completion, logprobs=lps, env_mask=mask,
-                      versions=versions, replicas=sorted(set(replicas)), turns=turns, env_return=ret,
+                      versions=versions, replicas=sorted(set(replicas)), turns=turns, reward=ret,
                       done=bool(res.done))
 
 
-@dataclass(kw_only=True)
-class _Pending:
-    step: int
-    key: tuple
-    future: Future
-    submitted: float = field(default_factory=time.perf_counter)
+def advantages(rewards: list[float]) -> list[float]:
+    """GRPO's group-normalised advantage, as TRL computes it: (r - mean) / (std + 1e-8), population std."""
+    r = np.asarray(rewards, dtype=float)
+    return ((r - r.mean()) / (r.std() + 1e-8)).tolist()
 
 
-class Prefetcher:
-    """Produces the batch of step k+1 on a background thread while step k trains.
+def to_rollout_samples(group: Group, group_id: int) -> list:
+    """The group as TRL `RolloutSample`s, every member stamped with the group's oldest version."""
+    from trl.experimental.async_grpo.async_rollout_worker import RolloutSample
 
-    Before generating, the worker waits (at most `wait_s`) until a replica serves `min_version` -- the oldest version
-    the staleness bound will accept when the batch is consumed; generating earlier would only make a batch that is
-    thrown away. The consumer still checks the batch against the bound when it takes it.
-    """
-
-    def __init__(self, producer: BatchProducer, pool: ReplicaPool, *, wait_s: float) -> None:
-        self.producer, self.pool, self.wait_s = producer, pool, wait_s
-        self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dws-prefetch")
-        self._pending: _Pending | None = None
-
-    def submit(self, step: int, rows: list[dict], *, min_version: int) -> None:
-        if self._pending is not None:
-            self._pending.future.cancel()
-        self._pending = _Pending(step=step, key=rows_key(rows),
-                                 future=self._ex.submit(self._run, rows, min_version))
-
-    def _run(self, rows: list[dict], min_version: int) -> RolloutBatch:
-        t0 = time.perf_counter()
-        if self.wait_s > 0:
-            self.pool.wait_for_version(min_version, timeout_s=self.wait_s)
-        waited = time.perf_counter() - t0
-        batch = self.producer.produce(rows, min_version=min_version)
-        batch.replica_wait_s, batch.source = waited, "prefetch"
-        return batch
-
-    def take(self, step: int, rows: list[dict]) -> tuple[RolloutBatch | None, float]:
-        """The prefetched batch for `step` if it was made for exactly these rows, and how long the caller waited
-        for it; (None, waited) on a miss or when the prefetch failed (the caller then generates synchronously)."""
-        p, self._pending = self._pending, None
-        if p is None:
-            return None, 0.0
-        if p.step != step or p.key != rows_key(rows):
-            p.future.cancel()
-            log.warning("prefetched batch was made for other rows than TRL's step %d; generating now", step)
-            return None, 0.0
-        t0 = time.perf_counter()
-        try:
-            batch = p.future.result()
-        except Exception as e:  # a failed prefetch is retried in the foreground, where a real error surfaces
-            log.warning("prefetch for step %d failed (%s: %s); generating now", step, type(e).__name__, e)
-            return None, time.perf_counter() - t0
-        return batch, time.perf_counter() - t0
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.future.cancel()
-        self._ex.shutdown(wait=False, cancel_futures=True)
-
+    rewards = [float(s.reward) for s in group.samples]
+    adv = advantages(rewards)
+    std = float(np.std(rewards))
+    version = group.version
+    task = group.row["task"]
+    out = []
+    now = time.time()
+    for s, a, r in zip(group.samples, adv, rewards, strict=True):
+        n_prompt = len(s.prompt_ids)
+        metrics = {"reward": r, "reward_std": std, f"rewards/{task}": r}
+        if group.multi_turn:
+            metrics.update({"episode/turns": float(s.turns), "episode/return": r})
+        out.append(RolloutSample(
+            prompt=[{"role": "user", "content": group.row.get("prompt", "")}],
+            completion=[{"role": "assistant", "content": s.text}],
+            input_ids=np.asarray(s.prompt_ids + s.completion_ids, dtype=np.int64),
+            completion_mask=np.asarray([0] * n_prompt + s.env_mask, dtype=np.int64),
+            old_log_probs=np.asarray([0.0] * n_prompt + s.logprobs, dtype=np.float32),
+            advantage=float(a), model_version=int(version), group_id=group_id, metrics=metrics, enqueued_at=now))
+    return out

@@ -1,7 +1,8 @@
 """Fixtures for the trainer suite (runs in .venv/trainer).
 
 One env_space server and one rollout gateway (a real CPU vLLM) serve the whole suite: a vLLM start costs ~45 s and
-~2-3 GB, so every module shares them. They follow one bucket; each training run in the suite restarts on it and
+~2-3 GB, so every module shares them. The gateway follows the bucket on a 1 s poll (and every publish nudges it), as
+a deployed replica does. They follow one bucket; each training run in the suite restarts on it and
 continues its version numbering (the restart path is itself under test). `run1` is the first run (from an empty
 bucket) with its dashboard server, which keeps serving after training, as the Space does.
 """
@@ -38,12 +39,12 @@ def services(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def run1(services):
-    """15 GRPO steps from an empty bucket (overlap on, the default), dashboard on a free port."""
+    """15 GRPO steps from an empty bucket (AsyncGRPOTrainer, continuous generation), dashboard on a free port."""
     from dws_testing import free_port
     from trainer_helpers import RUN1_STEPS, cfg_for
-    from trainer_space.dashboard import serve_in_background
-    from trainer_space.grpo import train
+    from trainer_space.page import serve_in_background
     from trainer_space.state import RunState
+    from trainer_space.train import train
 
     state = RunState()
     port = free_port()

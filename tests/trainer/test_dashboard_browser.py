@@ -66,13 +66,14 @@ def test_dashboard_renders_with_data(run1, services):
     t = status["training"]
     assert f"{t['step']} / v{t['version']}" in cards and t["step"] == RUN1_STEPS
     assert f"{t['reward_mean']:.3f}" in cards and "short" in cards  # mean and per task
-    assert f"{t['loss']:.4f}" in cards and f"IS ratio {t['is_ratio_mean']:.3f}" in cards
+    assert f"{t['loss']:.4f}" in cards and f"ratio current/sampling {t['ratio_mean']:.3f}" in cards
     assert f"{t['steps_per_min']:.1f}" in cards
-    # Replicas: URL, served version, lag, digest, last pause, health.
+    # Replicas: URL, served version, lag, digest, last pause, requests, tokens/s, health; then the env Spaces.
     rep = status["replicas"][0]
     row = report["replicas"][0]
     assert row[0] == rep["url"] and row[1] == f"v{rep['served_version']}" and row[3] == str(rep["lag"])
-    assert row[4] == "✓" and row[7] == "up" and row[5] != "–"
+    assert row[4] == "✓" and row[8] == "up" and row[5] != "–" and float(row[7]) > 0
+    assert report["replicas"][-1][0].endswith("(env)") and report["replicas"][-1][8] == "up"
     # Bucket: anchors and deltas kept, total size, latest version.
     bucket = dict((r[0], r[1]) for r in report["bucket"])
     b = status["bucket"]
@@ -80,5 +81,7 @@ def test_dashboard_renders_with_data(run1, services):
     assert bucket["anchors kept"].startswith(f"{b['anchors']} (") and bucket["deltas kept"].startswith(f"{b['deltas']} (")
     assert bucket["total size"].endswith("MB") or bucket["total size"].endswith("kB")
     rollouts = dict((r[0], r[1]) for r in report["rollouts"])
-    assert rollouts["overlap: next batch generated during training"] == "on"
+    ro = status["rollouts"]
+    assert rollouts["samples dropped as stale (by TRL)"] == str(ro["samples_dropped_stale"])
+    assert rollouts["groups · samples produced"].startswith(f"{ro['groups']} · ")
     print(f"screenshot: {ARTIFACT}")

@@ -2,8 +2,9 @@
 environment variables, like Space variables), against the suite's real env_space and rollout gateway; and the
 NaN/Inf stop through the same `main()`.
 
-The NaN run uses the documented fault-injection option `--fault-nan-at-step` (`DWS_FAULT_NAN_AT_STEP`): it writes NaN
-into one weight after that optimizer step -- what a diverged update leaves -- and the publishing path must refuse it.
+The NaN run uses the fault-injection test hook `DWS_TEST_FAULT_NAN_AT_STEP` (an environment variable, not a user-facing
+flag): it writes NaN into one weight after that optimizer step -- what a diverged update leaves -- and the publishing
+path must refuse it.
 A huge learning rate was considered and rejected as the trigger: AdamW either raises an overflow error (lr beyond
 ~3e38) or produces huge but finite weights that publish fine for a step, so it does not reliably reach NaN."""
 
@@ -43,7 +44,9 @@ def test_python_m_trainer_space(run1, services):
     log = services["root"] / "trainer-entry.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DWS_")}
     env.update(_space_env(services, port), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_space", "--exit-when-done"], cwd=REPO, env=env,
+    # No --exit-when-done: outside a Space (SPACE_ID unset) the command returns when training is done.
+    env.pop("SPACE_ID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_space"], cwd=REPO, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     seen: list[dict] = []
     try:
@@ -87,11 +90,11 @@ def test_nan_weights_stop_the_run_and_publish_nothing(run1, services, monkeypatc
     sync_replica(services["gw"], latest)
     before = _bucket_files(services["bucket"])
     manifest_before = json.loads(before["manifest.json"])
-    for k in [k for k in os.environ if k.startswith("DWS_")]:
+    for k in [k for k in os.environ if k.startswith("DWS_") or k == "SPACE_ID"]:
         monkeypatch.delenv(k)
-    for k, v in _space_env(services, free_port(), DWS_FAULT_NAN_AT_STEP="1", DWS_UI="false").items():
+    for k, v in _space_env(services, free_port(), DWS_TEST_FAULT_NAN_AT_STEP="1", DWS_UI="false").items():
         monkeypatch.setenv(k, v)
-    rc = main(["--exit-when-done"])
+    rc = main([])
     assert rc == 2
     after = _bucket_files(services["bucket"])
     assert after == before, sorted(set(after) ^ set(before))  # not one byte written: no file, no manifest

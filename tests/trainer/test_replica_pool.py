@@ -65,7 +65,7 @@ def test_failing_replica_is_skipped_then_retried(services):
     pool = ReplicaPool([gw.url, b_url], token=TOKEN, retry_after_s=2.0)
     fwd = None
     try:
-        out = pool.complete_many([(PROMPT, 2)] * 6, max_tokens=4, temperature=1.0)
+        out = [pool.complete(PROMPT, 2, max_tokens=4, temperature=1.0) for _ in range(6)]
         assert [len(g) for g in out] == [2] * 6  # every request answered although B is down
         a, b = pool.replicas
         assert b.failures >= 1 and not b.healthy and "ConnectError" in (b.last_error or "")
@@ -76,7 +76,7 @@ def test_failing_replica_is_skipped_then_retried(services):
         assert b.failures == failures and a.requests == 7
         fwd = Forwarder(b_port, gw.port)
         time.sleep(2.2)  # back-off over: B is retried, answers, and takes its share again
-        out = pool.complete_many([(PROMPT, 1)] * 6, max_tokens=4, temperature=1.0)
+        out = [pool.complete(PROMPT, 1, max_tokens=4, temperature=1.0) for _ in range(6)]
         assert all(c.replica in (gw.url, b_url) for g in out for c in g)
         assert b.requests >= 2 and b.healthy and b.last_error is None, pool.replicas
         assert a.requests >= 9

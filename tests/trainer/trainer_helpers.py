@@ -20,9 +20,9 @@ def start_env(logdir: Path) -> Service:
                    log=logdir / "env.log", env={"DWS_UI": "false"})
 
 
-def start_gateway(model: Path, bucket: Path, logdir: Path, *, poll_interval: float = 600) -> Service:
-    """A replica that only moves when nudged (huge poll interval), so tests control its lag. 1024 tokens of context:
-    a multi-turn Wordle episode (≈400 prompt tokens + turns + feedback) must fit."""
+def start_gateway(model: Path, bucket: Path, logdir: Path, *, poll_interval: float = 1) -> Service:
+    """A replica following the bucket (1 s poll, and the trainer nudges it after every publish). 1024 tokens of
+    context: a multi-turn Wordle episode (≈400 prompt tokens + turns + feedback) must fit."""
     return Service([str(ROLLOUT_PY), "-m", "rollout_space", "--model", str(model), "--bucket", str(bucket),
                     "--host", "127.0.0.1", "--port", "{PORT}", "--poll-interval", str(poll_interval),
                     "--max-model-len", "1024", "--no-ui", "--vllm-log", str(logdir / "vllm.log"),
@@ -36,14 +36,14 @@ def cfg_for(services: dict, **kw):
     from trainer_space.config import TrainerConfig
 
     base = dict(model=str(services["model"]), bucket=str(services["bucket"]), rollout_urls=(services["gw"].url,),
-                env_url=services["env"].url, task="short", steps=15, lr=1e-2, prompts_per_step=4, group_size=8,
+                env_urls=(services["env"].url,), task="short", steps=15, lr=1e-2, prompts_per_step=4, group_size=8,
                 max_completion_length=8, rollout_token=TOKEN, output_dir=str(services["root"] / "out"),
-                staleness=1, stale_wait_s=60)
+                max_staleness=1, retry_after_s=2.0)
     return TrainerConfig(**{**base, **kw})
 
 
 def sync_replica(gw, version: int, timeout: float = 90) -> dict:
-    """Nudge the replica until it serves `version` (its poll interval is huge, so tests control its lag)."""
+    """Nudge the replica until it serves `version`."""
     import httpx
 
     deadline = time.time() + timeout
