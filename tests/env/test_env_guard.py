@@ -13,7 +13,8 @@ import pytest
 from env_helpers import API_KEY
 from websockets.exceptions import ConnectionClosedError
 
-from env_space.client import DwsEnvClient, ScoringClient
+from env_space.client import DwsEnvClient
+from trainer_space.remote import EnvPool
 
 
 def status(server) -> dict:
@@ -45,8 +46,11 @@ def test_post_routes_and_basic_auth(strict_server):
     basic = base64.b64encode(f"anyone:{API_KEY}".encode()).decode()
     r = httpx.post(f"{strict_server.url}/v1/score", json=body, headers={"Authorization": f"Basic {basic}"})
     assert r.status_code == 200 and r.json()["rewards"] == [1.0]
-    with ScoringClient(strict_server.url, api_key=API_KEY) as client:
-        assert client.score("short", body["items"])["rewards"] == [1.0]
+    client = EnvPool([strict_server.url], token=API_KEY, timeout_s=60, retry_after_s=1)  # the trainer's client
+    try:
+        assert client.score("short", ["short:00"], [""]) == [1.0]
+    finally:
+        client.close()
 
 
 def test_websocket_needs_the_token(strict_server):

@@ -10,7 +10,8 @@ import pytest
 from env_helpers import WordlePlayer
 
 from env_space import tasks
-from env_space.client import DwsEnvClient, ScoringClient
+from env_space.client import DwsEnvClient
+from trainer_space.remote import EnvPool
 from env_space.models import TaskState, TextAction
 from env_space.tasks.wordle import WordleObservation, WordleState
 
@@ -50,10 +51,13 @@ def test_sync_client_plays_wordle_to_the_end(main_server):
 def test_episode_rewards_equal_batch_scores(main_server):
     """The same completion earns the same reward through a session and through /v1/score."""
     completions = ["[crane]", "crane", "[zzzzz]", "hello world", "[caper]"]
-    with ScoringClient(main_server.url) as scorer:
-        batch = scorer.score("wordle", [{"prompt_id": "wordle:0000", "completion": c} for c in completions])
+    scorer = EnvPool([main_server.url], token=None, timeout_s=60, retry_after_s=1)  # the trainer's scoring client
+    try:
+        rewards = scorer.score("wordle", ["wordle:0000"] * len(completions), completions)
+    finally:
+        scorer.close()
     with DwsEnvClient(base_url=main_server.url).sync() as env:
-        for c, expected in zip(completions, batch["rewards"]):
+        for c, expected in zip(completions, rewards):
             env.reset(task="wordle", prompt_id="wordle:0000")
             assert env.step(c).reward == expected
 
