@@ -568,8 +568,11 @@ class ShardedPublisher:
         got: dict[int, PartReceipt] = {}
         deadline = time.monotonic() + self.commit_timeout_s
         while True:
+            # One listing per poll, then a read per new receipt only: at hundreds of ranks, reading every missing
+            # receipt each poll would be hundreds of requests a second against the bucket.
+            listed = {e.path for e in self.bucket.list(RECEIPTS_DIR)}
             for k in range(n):
-                if k in got:
+                if k in got or receipt_path(version, k, n) not in listed:
                     continue
                 try:
                     rec = PartReceipt.model_validate_json(self.bucket.read_bytes(receipt_path(version, k, n)))
@@ -639,8 +642,12 @@ class ShardedPublisher:
         self._manifest = manifest
         # Retention (rule 6) only now that no stored manifest names them; receipts are never read again. A failure
         # here leaves garbage only.
+        unlisted = []
+        if "delta" not in kinds and all(r.delta for r in receipts):
+            # Stored, but larger than the anchor of the same version: never listed, so garbage now.
+            unlisted = [part_path(version, k, n, anchor=False) for k in range(n)]
         try:
-            self.bucket.delete([*dropped, *(receipt_path(version, k, n) for k in range(n))])
+            self.bucket.delete([*dropped, *unlisted, *(receipt_path(version, k, n) for k in range(n))])
         except Exception as exc:  # noqa: BLE001
             log.warning("could not delete retired files %s: %s", dropped, exc)
         return tuple(kinds), digest
