@@ -58,10 +58,10 @@ demo: venvs
 	@$(VENV)/trainer/bin/python -m dws_tools.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL)) $(DEMO_FLAGS)
 
 # Payload/encode/decode on a Qwen3-0.6B-shaped model (trainer venv), then the replica half: pause, apply, latency
-# and memory through a real gateway + vLLM (rollout venv), loader and direct apply paths.
+# and memory through a real gateway + vLLM (rollout venv), 41.6 M and 0.6B-shaped models side by side.
 bench: venv-trainer venv-rollout
 	@$(VENV)/trainer/bin/python bench/run.py $(BENCH_FLAGS)
-	@for mode in loader direct; do $(VENV)/rollout/bin/python bench/replica.py --apply-mode $$mode --out bench/replica-$$mode.json || exit 1; done
+	@$(VENV)/rollout/bin/python bench/replica.py --sizes small,0.6b --out-dir bench
 
 # The bucket and the three Hugging Face Spaces under a namespace (dws_tools/spaces.py); needs HF_TOKEN unless
 # SPACES_FLAGS holds --dry-run. Example: make spaces SPACES_FLAGS="--namespace me --replicas 2 --dry-run"

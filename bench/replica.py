@@ -1,11 +1,21 @@
 """`make bench` (replica half): what a sync costs a real vLLM replica, measured through the production gateway.
 
-One replica (`python -m rollout_space`, vLLM on CPU) is started from a base model that is *not* in the bucket, at a
-moment when the bucket's latest version is an anchor: its first sync is therefore a full-weight reload through the
-plugin (dense anchor). Then every following version is a sparse delta on the same server. For both: the inference
-pause (pause -> resume), the apply time inside it, the bytes downloaded, and, for deltas, the latency from the
-trainer's publish() call to the replica serving that version (local-folder bucket, 0.2 s polling). vLLM's resident
-memory (its process tree) is sampled after start-up and after all syncs. Run it in the rollout venv.
+For each model size (default: the 41.6 M-parameter model and a Qwen3-0.6B-shaped one, random weights built locally,
+side by side in one run) one replica (`python -m rollout_space`, vLLM on CPU) starts from a base model that is
+*not* in the bucket while the bucket's latest version is an anchor: its first sync is a full-weight reload (the
+"full-reload pause"). Then every following version is a real AdamW step (fp32 master weights, lr 3e-6) published as
+a sparse delta. Per sync, from the replica's own /status record:
+
+* control plane -- pause_s minus the worker's apply time (pause + one dws_apply RPC + resume round trips);
+* apply -- the worker's validate + write + read-back of the changed positions (in-pause verification included);
+* after-resume verify -- the worker time of the chunked full digest, and the window from resume to its verdict;
+* publish -> serving (resume) and publish -> verified, local-folder bucket, 0.05 s polling;
+* peak RSS change -- per process of the gateway's tree (gateway + vLLM API server + engine core), the peak resident
+  memory during the sync (kernel VmHWM, reset before each sync through /proc/PID/clear_refs) minus the resident
+  memory just before it; summed over processes, so an upper bound.
+
+Run it in the rollout venv: `.venv/rollout/bin/python bench/replica.py [--sizes small,0.6b] [--deltas 5]`; it
+writes bench/replica-<size>.json.
 """
 
 from __future__ import annotations
@@ -25,123 +35,232 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from dws_testing import TinyTrainer, free_port  # noqa: E402
-from shared.publisher import Publisher  # noqa: E402
+from dws_testing import free_port  # noqa: E402
 from dws_tools.tiny_model import build_tiny_model  # noqa: E402
+from shared.publisher import Publisher  # noqa: E402
 
-SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=64, vocab_size=32000)
+SIZES = {
+    "tiny": {},
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000),
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=2048),
+}
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (vLLM runs an engine core and workers)."""
-    pids, frontier = {pid}, [pid]
+class Trainer:
+    """fp32 master weights + AdamW (foreach=False: the multi-tensor path holds model-sized temporaries) with real
+    forward/backward passes on random token batches."""
+
+    def __init__(self, model_dir: Path, *, lr: float, seed: int = 0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, foreach=False)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def step(self) -> None:
+        ids = self.torch.randint(0, 256, (2, 24), generator=self.gen)
+        self.model(input_ids=ids, labels=ids).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def params(self):
+        return dict(self.model.named_parameters())
+
+
+def tree(pid: int) -> list[int]:
+    pids, frontier = [pid], [pid]
     while frontier:
         p = frontier.pop()
         try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            children = [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
         except OSError:
             children = []
-        for c in map(int, children):
+        for c in children:
             if c not in pids:
-                pids.add(c)
+                pids.append(c)
                 frontier.append(c)
-    total = 0
-    for p in pids:
+    return pids
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRss:
+    """Per-process peak resident memory over an interval (VmHWM after a clear_refs reset)."""
+
+    def __init__(self, root: int) -> None:
+        self.pids = tree(root)
+        self.before = {}
+
+    def start(self) -> None:
+        for p in self.pids:
+            try:
+                Path(f"/proc/{p}/clear_refs").write_text("5")  # 5: reset the peak-RSS counter (own processes)
+            except OSError:
+                pass
+            self.before[p] = _status_kb(p, "VmRSS")
+
+    def stop(self) -> dict:
+        rise = {p: max(0, _status_kb(p, "VmHWM") - self.before.get(p, 0)) for p in self.pids}
+        return {"total_mb": sum(rise.values()) / 1024, "max_process_mb": max(rise.values()) / 1024,
+                "rss_mb": sum(self.before.values()) / 1024}
+
+
+def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
+    over = SIZES[size]
+    print(f"[replica bench] {size}: building models", flush=True)
+    trained = build_tiny_model(work / "model", seed=0, **over)
+    other = build_tiny_model(work / "other-base", seed=1, **over)  # not any bucket version: forces an anchor
+    trainer = Trainer(trained, lr=lr)
+    bucket = work / "bucket"
+    n_params = sum(p.numel() for p in trainer.params().values())
+    with Publisher(bucket, anchor_every=1000, anchor_fraction=1000.0) as pub:
+        pub.publish(trainer.params(), 0)
+    port = free_port()
+    env = dict(os.environ, DWS_API_KEY="bench", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "rollout_space", "--model", str(other), "--bucket", str(bucket), "--host",
+           "127.0.0.1", "--port", str(port), "--poll-interval", "0.05", "--max-model-len", "512", "--no-ui",
+           "--vllm-args=--enforce-eager", "--vllm-log", str(work / "vllm.log"), "--cache-dir", str(work / "cache")]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(work / "gateway.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+    def status():
+        return http.get("/status").json()
+
+    def wait_for(v, timeout=900):
+        """(seconds until served_version == v, seconds until that sync's record is complete, status)."""
+        t0, t_serving = time.perf_counter(), None
+        while time.perf_counter() - t0 < timeout:
+            try:
+                st = status()
+            except httpx.HTTPError:
+                time.sleep(0.5)
+                continue
+            if st["served_version"] == v and t_serving is None:
+                t_serving = time.perf_counter() - t0
+            if st["served_version"] == v and not st["syncing"]:
+                return t_serving, time.perf_counter() - t0, st
+            if proc.poll() is not None:
+                raise SystemExit(f"replica exited; see {work}/gateway.log")
+            time.sleep(0.05)
+        raise SystemExit(f"replica never reached v{v}; see {work}/gateway.log")
+
+    try:
+        _, _, st = wait_for(0, timeout=1800)
+        anchor = st["last_sync"]
+        assert anchor["verified"] is True, anchor
+        rss = PeakRss(proc.pid)
+        print(f"[replica bench] {size}: {n_params:,} params; full reload: pause {anchor['pause_s'] * 1e3:.1f} ms, "
+              f"{anchor['bytes']:,} B", flush=True)
+        rows = []
+        for v in range(1, deltas + 1):
+            trainer.step()
+            rss.start()
+            t0 = time.perf_counter()
+            with Publisher(bucket) as pub:
+                pub.publish(trainer.params(), v)
+            publish_s = time.perf_counter() - t0
+            serving_s, verified_s, st = wait_for(v)
+            peak = rss.stop()
+            last = st["last_sync"]
+            assert last["ok"] and last["verified"] is True and st["digest_match"] is True, last
+            rows.append({"version": v, "changed": last["changed"], "bytes": last["bytes"],
+                         "before_pause_s": last["download_s"], "decode_s": last["decode_s"],
+                         "pause_s": last["pause_s"], "control_s": last["control_s"],
+                         "apply_s": last["worker_apply_s"], "verify_after_resume_s": last["verify_s"],
+                         "verify_window_s": last["verify_window_s"], "publish_s": publish_s,
+                         "publish_to_serving_s": serving_s, "publish_to_verified_s": verified_s,
+                         "peak_rss_rise_mb": peak["total_mb"], "peak_rss_rise_max_process_mb": peak["max_process_mb"]})
+            r = rows[-1]
+            print(f"[replica bench] {size} v{v}: {r['changed']:,} changed, pause {r['pause_s'] * 1e3:.1f} ms "
+                  f"(control {r['control_s'] * 1e3:.1f}, apply+read-back {r['apply_s'] * 1e3:.1f}), verify after "
+                  f"resume {r['verify_after_resume_s'] * 1e3:.0f} ms, publish->serving "
+                  f"{r['publish_to_serving_s'] * 1e3:.0f} ms, peak RSS +{r['peak_rss_rise_mb']:.0f} MB", flush=True)
+    finally:
+        proc.terminate()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "version"}
+    model_mb = n_params * 2 / 2**20
+    return {
+        "size": size, "parameters": n_params, "model_mb": model_mb, "lr": lr, "verify": "every",
+        "apply_mode": f"mapped, {size}",  # label of bench/run.py's pause plot
+        "anchor": {"pause_s": anchor["pause_s"]},  # the full reload, under the key bench/run.py plots
+        "full_reload": {"pause_s": anchor["pause_s"], "apply_s": anchor["worker_apply_s"], "bytes": anchor["bytes"],
+                        "verify_after_resume_s": anchor["verify_s"]},
+        "delta_median": med,
+        "delta_pause_over_full_reload_pause": med["pause_s"] / anchor["pause_s"],
+        "pause_us_per_1k_changed": med["pause_s"] * 1e6 / (med["changed"] / 1e3),
+        "max_peak_rss_rise_over_model_bytes": max(r["peak_rss_rise_mb"] for r in rows) / model_mb,
+        "deltas": rows,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| per sync (median) | " + " | ".join(f"{r['size']} ({r['parameters'] / 1e6:.1f} M)" for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+
+    def row(label, fn):
+        lines.append(f"| {label} | " + " | ".join(fn(r) for r in results) + " |")
+
+    ms = lambda x: f"{x * 1e3:.1f}"  # noqa: E731
+    row("changed elements", lambda r: f"{r['delta_median']['changed']:,.0f}")
+    row("delta bytes", lambda r: f"{r['delta_median']['bytes']:,.0f}")
+    row("before the pause: download + sha256 + decode + prepare, ms", lambda r: ms(r['delta_median']['before_pause_s']))
+    row("**delta pause**, ms", lambda r: ms(r['delta_median']['pause_s']))
+    row("of which control plane (pause + 1 RPC + resume), ms", lambda r: ms(r['delta_median']['control_s']))
+    row("of which apply + in-pause read-back, ms", lambda r: ms(r['delta_median']['apply_s']))
+    row("after-resume full digest (worker), ms", lambda r: ms(r['delta_median']['verify_after_resume_s']))
+    row("wrong-weight window (resume -> verdict), ms", lambda r: ms(r['delta_median']['verify_window_s']))
+    row("full-reload pause, ms", lambda r: ms(r['full_reload']['pause_s']))
+    row("delta pause / full-reload pause", lambda r: f"{r['delta_pause_over_full_reload_pause']:.3f}")
+    row("pause per 1 k changed elements, µs", lambda r: f"{r['pause_us_per_1k_changed']:.1f}")
+    row("publish -> serving, ms", lambda r: ms(r['delta_median']['publish_to_serving_s']))
+    row("publish -> verified, ms", lambda r: ms(r['delta_median']['publish_to_verified_s']))
+    row("peak RSS rise, worst sync, MB (% of model bytes)",
+        lambda r: f"{max(d['peak_rss_rise_mb'] for d in r['deltas']):.0f} "
+                  f"({100 * r['max_peak_rss_rise_over_model_bytes']:.1f} %)")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench/replica.py")
-    ap.add_argument("--size", choices=["tiny", "small"], default="small")
-    ap.add_argument("--deltas", type=int, default=8)
+    ap.add_argument("--sizes", default="small,0.6b", help="comma-separated: " + ", ".join(SIZES))
+    ap.add_argument("--deltas", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-6)
-    ap.add_argument("--apply-mode", choices=["loader", "direct"], default="loader")
-    ap.add_argument("--verify", choices=["every", "anchors"], default="every")
-    ap.add_argument("--out", default="bench/replica.json")
+    ap.add_argument("--out-dir", default="bench", help="writes replica-<size>.json there")
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="dws-bench-replica-"))
-    over = SMALL if args.size == "small" else {}
-    trained = build_tiny_model(work / "model", seed=0, **over)
-    other = build_tiny_model(work / "other-base", seed=1, **over)  # not any bucket version: forces an anchor
-    trainer = TinyTrainer(trained, lr=args.lr)
-    bucket = work / "bucket"
-    n_params = sum(p.numel() for p in trainer.params().values())
-    pub = Publisher(bucket, anchor_every=1000, anchor_fraction=1000.0)
-    pub.publish(trainer.params(), 0)
-    pub.flush()
-    pub.close()
-    port = free_port()
-    env = dict(os.environ, DWS_API_KEY="bench", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "rollout_space", "--model", str(other), "--bucket", str(bucket), "--host",
-           "127.0.0.1", "--port", str(port), "--poll-interval", "0.2", "--max-model-len", "512", "--no-ui",
-           "--vllm-args=--enforce-eager", "--apply-mode", args.apply_mode, "--verify", args.verify, "--vllm-log", str(work / "vllm.log")]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(work / "gateway.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        def status():
-            return http.get("/status").json()
-
-        def wait_for(v, timeout=300):
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                try:
-                    st = status()
-                    if st["served_version"] == v and not st["syncing"]:
-                        return st
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.02)
-            raise SystemExit(f"replica never reached v{v}; see {work}/gateway.log")
-
-        anchor = wait_for(0, timeout=900)["last_sync"]
-        rss_start = tree_rss_mb(status()["vllm_pid"])
-        print(f"[replica bench] {n_params:,} params; anchor reload: pause {anchor['pause_s'] * 1e3:.1f} ms, "
-              f"apply {anchor['apply_s'] * 1e3:.1f} ms, {anchor['bytes']:,} B", flush=True)
-        deltas = []
-        with Publisher(bucket) as pub:
-            for v in range(1, args.deltas + 1):
-                trainer.step()
-                t0 = time.perf_counter()
-                pub.publish(trainer.params(), v)
-                st = wait_for(v)
-                latency = time.perf_counter() - t0
-                last = st["last_sync"]
-                assert st["digest_match"] is (True if args.verify == "every" else None), st
-                deltas.append({"version": v, "pause_s": last["pause_s"], "apply_s": last["apply_s"],
-                               "bytes": last["bytes"], "download_s": last["download_s"], "publish_to_serving_s": latency})
-                print(f"[replica bench] v{v}: pause {last['pause_s'] * 1e3:.1f} ms, apply {last['apply_s'] * 1e3:.1f} ms, "
-                      f"{last['bytes']:,} B, publish->serving {latency * 1e3:.0f} ms", flush=True)
-        rss_end = tree_rss_mb(status()["vllm_pid"])
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    med = lambda k: statistics.median(d[k] for d in deltas)  # noqa: E731
-    res = {
-        "date": time.strftime("%Y-%m-%d"), "size": args.size, "parameters": n_params, "apply_mode": args.apply_mode, "verify": args.verify,
-        "lr": args.lr, "cpus": os.cpu_count(),
-        "anchor": {"pause_s": anchor["pause_s"], "apply_s": anchor["apply_s"], "bytes": anchor["bytes"]},
-        "delta_median": {k: med(k) for k in ("pause_s", "apply_s", "bytes", "download_s", "publish_to_serving_s")},
-        "delta_pause_over_anchor_pause": med("pause_s") / anchor["pause_s"],
-        "delta_apply_over_anchor_apply": med("apply_s") / anchor["apply_s"],
-        "vllm_rss_mb": {"after_start_and_anchor": rss_start, "after_deltas": rss_end},
-        "deltas": deltas,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    d = res["delta_median"]
-    print(f"\n| path | pause ms | apply ms | bytes |\n|---|---|---|---|\n"
-          f"| anchor (full reload) | {anchor['pause_s'] * 1e3:.1f} | {anchor['apply_s'] * 1e3:.1f} | {anchor['bytes']:,} |\n"
-          f"| delta (median of {len(deltas)}) | {d['pause_s'] * 1e3:.1f} | {d['apply_s'] * 1e3:.1f} | {d['bytes']:,.0f} |\n"
-          f"\ndelta pause / anchor pause = {res['delta_pause_over_anchor_pause']:.3f}; publish -> serving median "
-          f"{d['publish_to_serving_s'] * 1e3:.0f} ms; vLLM RSS {rss_start:.0f} -> {rss_end:.0f} MB")
+    results = []
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"dws-bench-replica-{size}-") as work:
+            results.append(run_size(size, deltas=args.deltas, lr=args.lr, work=Path(work)))
+    side = {"sizes": [r["size"] for r in results], "table": table(results)}
+    if len(results) == 2:
+        side["pause_per_changed_ratio"] = results[1]["pause_us_per_1k_changed"] / results[0]["pause_us_per_1k_changed"]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in results:  # one file per size (bench/run.py plots every bench/replica-*.json); same run, side by side
+        r.update({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "side_by_side": side})
+        (out_dir / f"replica-{r['size']}.json").write_text(json.dumps(r, indent=1))
+    print("\n" + side["table"])
+    if "pause_per_changed_ratio" in side:
+        print(f"\npause per changed element, {results[1]['size']} / {results[0]['size']}: "
+              f"{side['pause_per_changed_ratio']:.2f}")
     return 0
 
 

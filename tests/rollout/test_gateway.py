@@ -1,5 +1,6 @@
 """A real rollout replica -- `python -m rollout_space`, the Space's entrypoint, with vLLM (CPU) as its child -- follows
-a local bucket that a publisher fills with real AdamW steps on the tiny model. Nothing is mocked."""
+a local bucket that a publisher fills with real AdamW steps on the tiny model. Nothing is mocked. The late second
+replica runs vLLM with tensor parallelism 2 (two worker processes, each applying the slice it owns)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from shared.digest import weights_digest
 from shared.formats import TensorChange, encode_delta
 from shared.manifest import FileEntry, delta_path, read_manifest, write_manifest
 from shared.publisher import Publisher
+from shared.wire import MODEL_VERSION_FIELD, MODEL_VERSION_HEADER, ReplicaStatus
 from rollout_space.vllm_proc import group_members
+from dws_testing import free_port
 
 TOKEN = "test-token-rollout"
 pytestmark = pytest.mark.slow
@@ -32,14 +35,23 @@ pytestmark = pytest.mark.slow
 class Gateway(Service):
     """`python -m rollout_space` as the Space runs it, with a bearer token; moves only when nudged (POST /sync)."""
 
-    def __init__(self, model: Path, bucket: Path, logdir: Path, name: str, apply_mode: str = "loader"):
+    def __init__(self, model: Path, bucket: Path, logdir: Path, name: str, tp: int = 1):
+        self.vllm_port = free_port()
         super().__init__([sys.executable, "-m", "rollout_space", "--model", str(model), "--bucket", str(bucket),
                           "--host", "127.0.0.1", "--port", "{PORT}", "--poll-interval", "600", "--max-model-len",
                           "512", "--vllm-log", str(logdir / f"{name}-vllm.log"), "--no-ui",
-                          "--vllm-args=--enforce-eager", "--apply-mode", apply_mode],
+                          "--vllm-args=--enforce-eager", "--tensor-parallel-size", str(tp),
+                          "--vllm-port", str(self.vllm_port)],
                          log=logdir / f"{name}.log",
                          env={"DWS_API_KEY": TOKEN, "VLLM_CACHE_ROOT": str(logdir / f"{name}-vllm-cache")})
         self.http = httpx.Client(base_url=self.url, timeout=120)
+
+    def vllm_rpc(self, method: str, *args: str) -> list:
+        """Straight to the loopback vLLM behind the gateway (what only the replica itself can reach)."""
+        r = httpx.post(f"http://127.0.0.1:{self.vllm_port}/collective_rpc", timeout=120,
+                       json={"method": method, "args": list(args)})
+        assert r.status_code == 200, r.text[:500]
+        return r.json()["results"]
 
     def status(self) -> dict:
         return self.http.get("/status").json()
@@ -135,7 +147,10 @@ def test_replica_identifies_base_then_serves_every_version_bit_exact(world):
         st = gw.sync_to(v)
         assert st["served_digest"] == world["digests"][v], f"{kind} v{v} is not bit-exact on the replica"
         assert st["digest_match"] is True and st["last_sync"]["ok"] is True
-        assert st["last_sync"]["pause_s"] > 0
+        assert st["last_sync"]["pause_s"] > 0 and st["last_sync"]["verified"] is True
+        assert st["last_sync"]["verify_window_s"] > 0 and st["verify_window_ms"]["count"] >= 1
+    status = ReplicaStatus.model_validate(gw.status())  # /status is a superset of the typed wire contract
+    assert status.verified()[world["latest"]] == world["digests"][world["latest"]]
 
 
 def test_requests_during_syncs_never_fail_and_carry_real_versions(world):
@@ -229,14 +244,66 @@ def test_out_of_range_delta_is_rejected_before_the_pause(world):
 def test_second_replica_started_late_catches_up_to_the_same_digest(world):
     for _ in range(2):
         publish(world)
-    # The late replica uses the direct apply path, so both paths are proven on the same history.
-    gw_b = world["gw_b"] = Gateway(world["model"], world["bucket"], world["root"], "b", apply_mode="direct")
-    st_b = gw_b.sync_to(world["latest"])
+    # The late replica runs vLLM at tensor parallelism 2: each rank writes the slice of every delta it owns, and
+    # the digest it reports is of the checkpoint-coordinate weights merged across both ranks.
+    gw_b = world["gw_b"] = Gateway(world["model"], world["bucket"], world["root"], "b", tp=2)
+    st_b = gw_b.sync_to(world["latest"], timeout=400)
     st_a = world["gw"].sync_to(world["latest"])
     assert st_b["served_digest"] == st_a["served_digest"] == world["digests"][world["latest"]]
-    assert st_b["digest_match"] is True and st_b["apply_mode"] == "direct"
+    assert st_b["digest_match"] is True
+    ranks = gw_b.vllm_rpc("dws_status")
+    assert [r["tp_rank"] for r in ranks] == [0, 1] and all(r["tp_size"] == 2 for r in ranks)
+    for encoding in ("compact", "raw"):
+        v = publish(world, encoding=encoding)
+        st = gw_b.sync_to(v)
+        assert st["served_digest"] == world["digests"][v] and st["last_sync"]["verified"] is True, encoding
+        # (the publisher's anchor policy may have made this version an anchor: then nothing sparse was applied)
+        assert st["last_sync"]["changed"] > 0 or "anchor" in st["last_sync"]["plan"], st["last_sync"]
+    r = gw_b.complete()
+    assert r.status_code == 200 and r.json()[MODEL_VERSION_FIELD] == v and r.headers[MODEL_VERSION_HEADER] == str(v)
+
+
+def test_served_weights_that_differ_from_the_manifest_stop_the_claim_and_resync_from_the_anchor(world, tmp_path):
+    """A weight changes behind the replica's back (memory corruption, a stray writer): the next version's writes
+    read back fine (they touch other positions), but the full digest after resume differs from the manifest's.
+    The replica stops claiming the version, says so on /status, and converges again from the newest anchor."""
+    from safetensors.torch import save_file
+
+    gw = world["gw"]
+    gw.sync_to(world["latest"])
+    before = gw.status()
+    # corrupt one served weight through the loopback vLLM (not reachable through the gateway)
+    p = tmp_path / "corrupt.safetensors"
+    save_file({"model.norm.weight.indices": torch.tensor([5], dtype=torch.int32),
+               "model.norm.weight.values": torch.tensor([123.0], dtype=torch.bfloat16)}, str(p),
+              metadata={"sparse": "True", "model_version": str(world["latest"] + 1)})  # TRL: base = version - 1
+    gw.vllm_rpc("dws_apply", json.dumps([{"path": str(p), "kind": "delta", "verify": False}]))
     v = publish(world)
-    assert gw_b.sync_to(v)["served_digest"] == world["digests"][v]
+    gw.http.post("/sync", headers={"Authorization": f"Bearer {TOKEN}"})
+    deadline = time.time() + 120
+    while time.time() < deadline and gw.status()["digest_mismatches"] == before["digest_mismatches"]:
+        time.sleep(0.2)
+    st = gw.status()
+    assert st["digest_mismatches"] == before["digest_mismatches"] + 1
+    caught = [r for r in st["recent_syncs"] if r["to_version"] == v and r["verified"] is False]
+    assert caught and "DigestMismatch" in caught[0]["error"], st["recent_syncs"][-3:]
+    assert str(v) not in st["verified_versions"] or st["verified_versions"][str(v)] == world["digests"][v]
+    st = gw.sync_to(v)
+    assert st["served_digest"] == world["digests"][v] and st["digest_match"] is True
+    assert st["last_sync"]["plan"].startswith("vNone") and "anchor" in st["last_sync"]["plan"]
+    assert st["resyncs_from_anchor"] > before["resyncs_from_anchor"]
+    assert st["verified_versions"][str(v)] == world["digests"][v]
+
+
+def test_n_per_request_is_capped(world):
+    http = world["gw"].http
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    for n in (16384, 0, -1, "4", 2.5, True):
+        r = http.post("/v1/completions", headers=h, json={"model": world["gw"].model_name(), "prompt": "x", "n": n})
+        assert r.status_code == 400 and "n must be" in r.json()["error"]["message"], (n, r.text[:200])
+    ok = http.post("/v1/completions", headers=h, json={"model": world["gw"].model_name(), "prompt": "x", "n": 2,
+                                                        "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
 
 
 @pytest.mark.parametrize("method, path", [("POST", "/pause"), ("POST", "/resume"), ("POST", "/update_weights"),
@@ -277,6 +344,11 @@ def test_killed_vllm_is_restarted_and_catches_up(world):
     while time.time() < deadline and gw.http.get("/health").status_code == 200:
         time.sleep(0.2)
     assert gw.http.get("/health").json()["vllm"] in ("restarting", "ready")
+    unavailable = gw.status()["unavailable_503"]
+    # the gateway's own refusal while vLLM restarts is a failure a client saw: counted on /status
+    r = gw.http.post("/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                     json={"model": "m", "prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 503 and gw.status()["unavailable_503"] == unavailable + 1
     v = publish(world)  # published while vLLM is down
     deadline = time.time() + 400
     while time.time() < deadline and gw.http.get("/health").status_code != 200:
