@@ -2,10 +2,14 @@
 
 Owns the local orchestration: build the tiny model, start env_space, rollout replica 1 (real vLLM) and the trainer on
 127.0.0.1 -- each from its own Space's venv with its production command (`python -m <space>`, what the Dockerfiles
-run) -- start one more replica only after several versions exist (it must catch up from an anchor + deltas), keep a
-light inference load on every replica while it syncs, then collect what each service *measured* (the trainer's
-per-version digests, each replica's per-version verified digests, pauses, request counts) into a JSON report and a
-summary table. Ctrl-C (or SIGTERM) at any moment stops every child process group.
+run) -- and keep a light inference load on every replica while it syncs. The late join: the trainer trains to
+version `--late-after` and is then stopped, as a Space restart would stop it; the last replica starts (it must catch
+up from an anchor + deltas, v0 being long retired) and, once it serves, the trainer is started again on the same
+bucket: it restores the latest version and continues. So the late replica is up while training runs, serves the
+trainer's requests and follows every version published after it joined -- by construction, not by a race between a
+vLLM start and the training speed on this machine. At the end, what each service *measured* (the trainer's
+per-version digests, each replica's per-version verified digests, pauses, request counts) goes into a JSON report
+and a summary table. Ctrl-C (or SIGTERM) at any moment stops every child process group.
 
 The checks printed at the end are the ones CI asserts (tests/e2e): every version each replica went through was served
 bit-exact (the digest the replica hashed equals the trainer's), zero failed inference requests, reward up, every delta
@@ -30,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from dws_tools.launch import REPO, LaunchError, LocalService, ServiceSpec, Stack, free_port, port_free
+from shared.wire import MODEL_VERSION_FIELD, ReplicaStatus
 
 log = logging.getLogger("dws.demo")
 
@@ -51,6 +56,7 @@ class DemoOptions:
     task: str = "short"
     replicas: int = 2
     late_after: int = 12  # versions published before the last replica starts (it must catch up from an anchor)
+    min_followed: int = 10  # versions the late replica must see published after it joined
     anchor_every: int = 5
     port_base: int = 7860  # trainer, env, rollout-1, rollout-2...; 0: free ports
     exit_when_done: bool = False
@@ -87,12 +93,12 @@ class LoadClient(threading.Thread):
                     r = http.post(f"{self.svc.url}/v1/completions",
                                   json={"model": model, "prompt": "The answer is", "max_tokens": 6, "temperature": 0})
                     body = r.json() if r.status_code == 200 else {}
-                    if r.status_code != 200 or "model_version" not in body:
+                    if r.status_code != 200 or MODEL_VERSION_FIELD not in body:
                         self._fail(f"HTTP {r.status_code}: {r.text[:200]}")
                     else:
                         self.ok += 1
-                        if body["model_version"] is not None:
-                            self.versions.add(int(body["model_version"]))
+                        if body[MODEL_VERSION_FIELD] is not None:
+                            self.versions.add(int(body[MODEL_VERSION_FIELD]))
                 except httpx.HTTPError as exc:
                     self._fail(f"{type(exc).__name__}: {exc}")
                 self.stop_event.wait(0.25)
@@ -109,6 +115,8 @@ class Replica:
     started_at_version: int | None
     load: LoadClient | None = None
     healthy: bool = False
+    ready_at_version: int | None = None  # the newest version published when it first served
+    join_plan: str | None = None  # how its first sync reached that version (anchor + deltas)
     status: dict = field(default_factory=dict)
 
 
@@ -141,6 +149,10 @@ def _check_inputs(opts: DemoOptions) -> None:
         raise LaunchError("--replicas must be at least 1")
     if opts.steps < 2:
         raise LaunchError("--steps must be at least 2 (reward is compared between the first and last steps)")
+    if opts.replicas > 1 and opts.steps - opts.late_after < opts.min_followed:
+        raise LaunchError(f"--steps {opts.steps} leaves {opts.steps - opts.late_after} versions after the late "
+                          f"replica joins at v{opts.late_after}; it must follow at least {opts.min_followed}: raise "
+                          "--steps or lower --late-after")
 
 
 class Demo:
@@ -169,7 +181,7 @@ class Demo:
             model = str(build_tiny_model(o.dir / "tiny-model"))
         return bucket, model
 
-    def specs(self, bucket: str, model: str, ports: list[int]) -> tuple[ServiceSpec, ServiceSpec, list[ServiceSpec]]:
+    def specs(self, bucket: str, model: str, ports: list[int]) -> tuple[ServiceSpec, list[ServiceSpec], list[ServiceSpec]]:
         o = self.opts
         # Every child (and vLLM's own children) inherits DWS_DEMO_DIR: one way to find them all, e.g. to prove that
         # nothing outlives the demo (process titles change, environments do not).
@@ -187,15 +199,20 @@ class Demo:
             for i, p in enumerate(rollout_ports)]
         # A stable run id: a demo restarted on the same (user-given) bucket continues at once, instead of waiting
         # for the lease of the trainer it just stopped to expire.
-        trainer = ServiceSpec(
-            name="trainer", space="trainer", port=trainer_port,
+        # With a late replica the trainer runs twice: up to --late-after, then (restarted on the same bucket) the
+        # rest. It keeps serving /status after each part (--no-exit-when-done) until the demo has read it.
+        parts = [o.late_after, o.steps - o.late_after] if o.replicas > 1 else [o.steps]
+        trainers = [ServiceSpec(
+            name="trainer" if i == 0 else "trainer-restarted", space="trainer", port=trainer_port,
             env={**secret_env, "DWS_RUN_ID": f"dws-demo:{o.dir.resolve()}"},
             args=["--model", model, "--bucket", bucket, *[a for r in rollouts for a in ("--rollout-url", r.url)],
-                  "--env-url", env.url, "--task", o.task, "--steps", str(o.steps), "--lr", str(o.lr), "--optim", o.optim, *(["--trainable", o.trainable] if o.trainable else []),
+                  "--env-url", env.url, "--task", o.task, "--steps", str(n), "--lr", str(o.lr), "--optim", o.optim,
+                  *(["--trainable", o.trainable] if o.trainable else []),
                   "--prompts-per-step", str(o.prompts_per_step), "--group-size", str(o.group_size),
                   "--anchor-every", str(o.anchor_every), "--keep-anchors", "2", "--host", "127.0.0.1",
-                  "--port", str(trainer_port), "--output-dir", str(o.dir / "trainer-out")])
-        return env, trainer, rollouts
+                  "--port", str(trainer_port), "--output-dir", str(o.dir / "trainer-out"), "--no-exit-when-done"])
+            for i, n in enumerate(parts)]
+        return env, trainers, rollouts
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -203,7 +220,7 @@ class Demo:
         _check_inputs(o)
         ports = _ports(o)
         bucket, model = self.prepare()
-        env_spec, trainer_spec, rollout_specs = self.specs(bucket, model, ports)
+        env_spec, trainer_specs, rollout_specs = self.specs(bucket, model, ports)
         self.say(f"dws demo: model {model}, bucket {bucket}, task {o.task}, {o.steps} steps at lr {o.lr}, "
                  f"{o.replicas} replica(s); logs in {o.dir / 'logs'}")
         with Stack(venv_root=o.venv_root, log_dir=o.dir / "logs") as stack:
@@ -216,11 +233,22 @@ class Demo:
             replicas = [Replica(svc=first, started_at_version=None)]
             first.wait_healthy(progress=self.say)
             self._replica_up(replicas[0])
-            trainer = stack.start(trainer_spec)
-            self.say(f"trainer   {trainer.url}  starting (dashboard at /)")
-            self.timings["trainer_start_s"] = trainer.wait_healthy(progress=self.say)
+            parts: list[dict] = []  # the trainer's /status at the end of each of its runs
             t_train = time.monotonic()
-            final = self._train(stack, trainer, replicas, rollout_specs[1:], env)
+            for i, spec in enumerate(trainer_specs):
+                if i > 0:
+                    late = self._join_late(stack, rollout_specs[1:], replicas, final)
+                    self.say(f"trainer   restarting on the same bucket: it continues at v{final + 1} while "
+                             f"{', '.join(r.svc.name for r in late)} serve(s)")
+                trainer = stack.start(spec)
+                self.say(f"trainer   {trainer.url}  starting (dashboard at /)")
+                started = trainer.wait_healthy(progress=self.say)
+                self.timings.setdefault("trainer_start_s", started)
+                final = self._train(stack, trainer, replicas, env)
+                parts.append(trainer.status())
+                if i < len(trainer_specs) - 1:
+                    trainer.stop()
+                    self.say(f"trainer   stopped at v{final} (as a Space restart would stop it)")
             self.timings["train_s"] = time.monotonic() - t_train
             for r in replicas:
                 if not r.healthy:
@@ -233,7 +261,7 @@ class Demo:
                 if r.load:
                     r.load.stop_event.set()
                     r.load.join(150)
-            report = self._report(bucket, model, trainer, replicas, env)
+            report = self._report(bucket, model, parts, replicas, env)
             self.print_summary(report)
             if o.report:
                 o.report.parent.mkdir(parents=True, exist_ok=True)
@@ -257,40 +285,64 @@ class Demo:
             r.load = LoadClient(r.svc, token=self.token)
             r.load.start()
 
-    def _train(self, stack: Stack, trainer: LocalService, replicas: list[Replica], late: list[ServiceSpec],
-               env: LocalService) -> int:
-        o = self.opts
+    def _join_late(self, stack: Stack, late: list[ServiceSpec], replicas: list[Replica], at: int) -> list[Replica]:
+        """Start the late replica(s) at version `at` and wait until each serves: it catches up from the bucket's
+        newest anchor + deltas."""
+        joined = []
+        for spec in late:
+            svc = stack.start(spec)
+            r = Replica(svc=svc, started_at_version=at)
+            replicas.append(r)
+            joined.append(r)
+            self.say(f"{spec.name} {svc.url}  starting late, at v{at} (it must catch up from an anchor)")
+        auth = {"Authorization": f"Bearer {self.token}"}
+        for r in joined:
+            r.svc.wait_healthy(progress=self.say)
+            deadline = time.monotonic() + self.opts.converge_timeout_s
+            while True:  # serving what the bucket holds: its first sync is its catch-up
+                st = ReplicaStatus.model_validate(r.svc.status(timeout=10))
+                if st.served_version == at and st.last_sync is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{r.svc.name} did not reach v{at} within {self.opts.converge_timeout_s:.0f}s")
+                httpx.post(f"{r.svc.url}/sync", headers=auth, timeout=10)
+                time.sleep(0.5)
+            r.join_plan = st.last_sync.plan
+            r.ready_at_version = at
+            self.say(f"{r.svc.name} serves v{at} ({r.join_plan})")
+            self._replica_up(r)
+        return joined
+
+    def _train(self, stack: Stack, trainer: LocalService, replicas: list[Replica], env: LocalService) -> int:
+        """Follow one trainer run to its end; returns the last version it published."""
         next_line = 0.0
         while True:
             for s in stack.services:
-                s.check_alive()
+                if s is trainer or s.spec.space != "trainer":  # an earlier trainer run was stopped on purpose
+                    s.check_alive()
             st = trainer.status()
             pubs = _publishes(st)
             latest = max((p["version"] for p in pubs), default=None)
             for r in replicas:
                 if not r.healthy and r.svc.poll_healthy():
                     self._replica_up(r)
-            if late and latest is not None and latest >= o.late_after:
-                spec = late.pop(0)
-                svc = stack.start(spec)
-                replicas.append(Replica(svc=svc, started_at_version=latest))
-                self.say(f"{spec.name} {svc.url}  starting late, at v{latest} (it must catch up from an anchor)")
             if st["phase"] == "failed":
                 raise LaunchError(f"training failed: {st.get('error')}; last lines of {trainer.log}:\n{trainer.tail()}")
             if time.monotonic() >= next_line or st["phase"] == "done":
                 self.say(self._progress(st, replicas))
                 next_line = time.monotonic() + 5
-            n_steps = len(_steps(st))
-            target = (st.get("start_version") or 0) + n_steps
+            target = (st.get("start_version") or 0) + len(_steps(st))
             if st["phase"] == "done" and latest is not None and latest >= target:
                 return latest  # the last step's publish report is in: its upload finished
+
             time.sleep(1)
 
     def _progress(self, st: dict, replicas: list[Replica]) -> str:
         steps = _steps(st)
         rewards = [s["reward_mean"] for s in steps if s.get("reward_mean") is not None]
         pubs = _publishes(st)
-        parts = [f"step {len(steps)}/{self.opts.steps}"]
+        done = (st.get("start_version") or 0) + len(steps)
+        parts = [f"step {done}/{self.opts.steps}"]
         if rewards:
             parts.append(f"reward {rewards[-1]:.2f}")
         if pubs:
@@ -302,8 +354,9 @@ class Demo:
                 continue
             try:
                 rs = r.svc.status(timeout=10)
-                match = {True: "✓", False: "✗", None: "?"}[rs.get("digest_match")]
-                parts.append(f"{r.svc.name} v{rs.get('served_version')} {match}")
+                rs = ReplicaStatus.model_validate(rs)
+                match = {True: "✓", False: "✗", None: "?"}[rs.digest_match]
+                parts.append(f"{r.svc.name} v{rs.served_version} {match}")
             except httpx.HTTPError:
                 parts.append(f"{r.svc.name} (no status)")
         return " | ".join(parts)
@@ -316,8 +369,9 @@ class Demo:
         while pending:
             for name, r in list(pending.items()):
                 r.svc.check_alive()
-                st = r.svc.status(timeout=10)
-                if st.get("served_version") == final and not st.get("syncing") and st.get("digest_match"):
+                raw = r.svc.status(timeout=10)
+                st = ReplicaStatus.model_validate(raw)
+                if st.served_version == final and not raw.get("syncing") and st.digest_match:
                     self.say(f"{name} serves v{final}, digest match")
                     del pending[name]
                 else:
@@ -330,16 +384,17 @@ class Demo:
             time.sleep(1)
 
     # -------------------------------------------------------------------------------------------------- report
-    def _report(self, bucket: str, model: str, trainer: LocalService, replicas: list[Replica],
+    def _report(self, bucket: str, model: str, parts: list[dict], replicas: list[Replica],
                 env: LocalService) -> dict:
+        """`parts`: the trainer's /status at the end of each of its runs (one, or two around the late join)."""
         from shared.manifest import read_manifest
         from shared.bucket import open_bucket
         from shared.verify import verify_bucket
 
-        tst = trainer.status()
-        steps = _steps(tst)
+        steps = [s for st in parts for s in _steps(st)]
         rewards = [s.get("reward_mean") for s in steps]
-        pubs = _publishes(tst)
+        pubs = sorted({p["version"]: p for st in parts for p in _publishes(st)}.values(), key=lambda p: p["version"])
+        rollouts = [st.get("rollouts") or {} for st in parts]
         trainer_digests = {p["version"]: p["digest"] for p in pubs}
         final = pubs[-1]["version"]
         anchors = [p for p in pubs if p.get("anchor_bytes")]
@@ -354,12 +409,16 @@ class Demo:
         rep_out = []
         for r in replicas:
             st = r.svc.status()
-            verified = {int(v): d for v, d in (st.get("verified_versions") or {}).items()}
+            verified = ReplicaStatus.model_validate(st).verified()
             first = min(verified) if verified else None
             expected = list(range(first, final + 1)) if first is not None else []
             exact = [v for v in expected if verified.get(v) == trainer_digests.get(v)]
+            after = [v for v in exact if r.ready_at_version is not None and v > r.ready_at_version]
             rep_out.append({
                 "name": r.svc.name, "url": r.svc.url, "started_at_version": r.started_at_version,
+                "ready_at_version": r.ready_at_version, "join_sync_plan": r.join_plan,
+                # versions published after it served, each hashed on the replica equal to the trainer's
+                "versions_followed_after_join": len(after),
                 "start_s": round(r.svc.healthy_after_s or 0, 1), "first_verified_version": first,
                 "served_version": st.get("served_version"), "served_digest": st.get("served_digest"),
                 "versions_expected": len(expected), "versions_bit_exact": len(exact),
@@ -376,13 +435,21 @@ class Demo:
         first_r = [x for x in rewards[:k] if x is not None]
         last_r = [x for x in rewards[-k:] if x is not None]
         per_step = {key: round(statistics.median(s[key] for s in steps if s.get(key) is not None), 4)
-                    for key in ("step_s", "generate_s", "score_s", "publish_block_s")
+                    for key in ("step_s", "rollout_wait_s", "train_s", "publish_block_s")
                     if any(s.get(key) is not None for s in steps)}
+        step_total = sum(s.get("step_s") or 0 for s in steps)
+        wait_total = sum(s.get("rollout_wait_s") or 0 for s in steps)
+        stal = [s["staleness_mean"] for s in steps if s.get("staleness_mean") is not None]
         return {
             "model": model, "bucket": bucket, "task": self.opts.task,
             "steps": len(steps), "lr": self.opts.lr, "final_version": final, "timings_s": {
                 k2: round(v, 1) for k2, v in self.timings.items()} | {"verify_s": round(verify_s, 2)},
             "per_step_median_s": per_step,
+            "rollouts": {"samples_dropped_stale": int(sum(s.get("dropped_stale") or 0 for s in steps)),
+                         "samples_produced": sum(r.get("samples_produced", 0) for r in rollouts),
+                         "staleness_mean": statistics.mean(stal) if stal else None,
+                         "staleness_max": max((s.get("staleness_max") or 0 for s in steps), default=None),
+                         "rollout_wait_share": round(wait_total / step_total, 3) if step_total else None},
             "reward": {"per_step": rewards, "first": statistics.mean(first_r) if first_r else None,
                        "last": statistics.mean(last_r) if last_r else None, "window": k},
             "sizes": {"full_bf16_bytes": full, "anchor_bytes_median": anchor_bytes,
@@ -419,19 +486,24 @@ class Demo:
                  if sz["deltas"] else "n/a")]
         for r in rep["replicas"]:
             pm = r["pause_ms"] or {}
-            rows.append((f"{r['name']}", f"joined at {'start' if r['started_at_version'] is None else 'v%d' % r['started_at_version']}, "
+            late = (f", then followed {r['versions_followed_after_join']} versions published while it served"
+                    if r["ready_at_version"] is not None else "")
+            rows.append((f"{r['name']}", f"joined at {'start' if r['started_at_version'] is None else 'v%d' % r['started_at_version']}{late}, "
                          f"bit-exact {r['versions_bit_exact']}/{r['versions_expected']} versions "
                          f"(v{r['first_verified_version']}..v{rep['final_version']}), median pause "
                          f"{pm.get('median')} ms over {pm.get('count')} syncs, failed requests "
                          f"{(r['gateway_failed_requests'] or 0)} of {r['gateway_requests']}"))
+        ro = rep["rollouts"]
+        rows.append(("rollouts", f"{ro['samples_produced']} samples produced, {ro['samples_dropped_stale']} dropped as "
+                     f"stale, staleness mean {ro['staleness_mean'] or 0:.2f} (max {ro['staleness_max']}), trainer "
+                     f"waited for rollouts {100 * (ro['rollout_wait_share'] or 0):.0f}% of its time"))
         rows.append(("dws verify", "OK" if rep["verify"]["ok"] else "FAILED"))
         width = max(len(k) for k, _ in rows)
         self.out("\nsummary")
         for k, v in rows:
             self.out(f"  {k:<{width}}  {v}")
 
-    @staticmethod
-    def checks(rep: dict) -> list[str]:
+    def checks(self, rep: dict) -> list[str]:
         """What must hold for a good run (the e2e test asserts the same facts itself); returns the failures."""
         bad = []
         for r in rep["replicas"]:
@@ -439,6 +511,9 @@ class Demo:
                 bad.append(f"{r['name']}: {r['versions_bit_exact']}/{r['versions_expected']} versions bit-exact")
             if r["gateway_failed_requests"] or r["load_requests_failed"]:
                 bad.append(f"{r['name']}: failed requests {r['gateway_failed_requests']} / load {r['load_errors'][:3]}")
+            if r["ready_at_version"] is not None and r["versions_followed_after_join"] < self.opts.min_followed:
+                bad.append(f"{r['name']}: followed {r['versions_followed_after_join']} versions after joining, "
+                           f"fewer than {self.opts.min_followed}")
         if not rep["verify"]["ok"]:
             bad.append("dws verify failed: " + "; ".join(rep["verify"]["lines"]))
         return bad
@@ -461,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--task", default=DemoOptions.task, help="env task the trainer learns (short, letter, reverse, wordle)")
     a("--replicas", type=int, default=DemoOptions.replicas)
     a("--late-after", type=int, default=DemoOptions.late_after,
-      help="start the last replica once this version is published (it catches up from an anchor + deltas)")
+      help="the trainer stops at this version, the last replica joins (from an anchor + deltas), then the trainer "
+           "restarts on the bucket and continues while it serves")
     a("--anchor-every", type=int, default=DemoOptions.anchor_every)
     a("--port-base", type=int, default=DemoOptions.port_base,
       help="trainer on this port, env on +1, replicas on +2...; 0 picks free ports")
@@ -486,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         # A service that stops answering mid-run is a failure to report, not a traceback.
         print(f"\ndemo failed: {type(exc).__name__}: {exc}\n(every service was stopped)", file=sys.stderr)
         return 1
-    bad = Demo.checks(report)
+    bad = demo.checks(report)
     for b in bad:
         print(f"CHECK FAILED: {b}", file=sys.stderr)
     return 1 if bad else 0

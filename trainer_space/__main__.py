@@ -21,6 +21,8 @@ log = logging.getLogger("dws.trainer")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DWS_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: hundreds of lines per step would bury the trainer's own one line per step.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from trainer_space.config import parse_args
 
     cfg = parse_args(sys.argv[1:] if argv is None else list(argv))  # bad input: one line, exit 2 (argparse)
