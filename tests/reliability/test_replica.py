@@ -506,7 +506,7 @@ def test_secrets_never_appear_in_logs_status_or_pages(world, figures):
                            str(world.root / "trainer-bucket"), "--rollout-url", gw.url, "--env-url", env.url,
                            "--task", "short", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
                            "--max-completion-length", "8", "--host", "127.0.0.1", "--port", "{PORT}",
-                           "--output-dir", str(world.root / "trainer-out")],
+                           "--output-dir", str(world.root / "trainer-out"), "--no-exit-when-done"],
                           log=world.root / "trainer.log", env={**secrets_env, "DWS_LOG_LEVEL": "DEBUG"})
         deadline = time.time() + 480
         phase = None
