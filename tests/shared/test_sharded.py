@@ -138,3 +138,19 @@ def test_a_rank_killed_mid_upload_leaves_that_version_uncommitted_and_a_restart_
     replay_every_version(b, dump, range(last + 4))
     res = verify_bucket(str(b))
     assert res.ok, res.lines
+
+
+def test_sharded_benchmark_runs_and_reports_per_rank_memory(tmp_path):
+    """bench/sharded.py --quick: 1 process, 1 rank and 2 ranks on tiny shapes; the figures are there and consistent."""
+    import json
+
+    out = tmp_path / "sharded.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "sharded.py"), "--quick", "--versions", "3",
+                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    two = res["configs"]["ShardedPublisher x2"]["summary"]
+    one = res["configs"]["single-process Publisher"]["summary"]
+    assert two["ranks"] == 2 and two["elements_per_rank"] * 2 == one["elements_per_rank"]
+    assert len(res["configs"]["ShardedPublisher x2"]["runs"]) == 2 and "ratio_sync_peak_2_ranks_vs_single" in res
