@@ -154,3 +154,59 @@ def test_sharded_benchmark_runs_and_reports_per_rank_memory(tmp_path):
     one = res["configs"]["single-process Publisher"]["summary"]
     assert two["ranks"] == 2 and two["elements_per_rank"] * 2 == one["elements_per_rank"]
     assert len(res["configs"]["ShardedPublisher x2"]["runs"]) == 2 and "ratio_sync_peak_2_ranks_vs_single" in res
+
+
+# ------------------------------------------------------------------------------------- in one process (no torchrun)
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(9, 4, generator=g), "b.bias": torch.randn(5, generator=g)}
+
+
+def test_one_rank_without_torch_distributed_publishes_parts_and_refuses_nan(tmp_path):
+    from shared.errors import NonFiniteWeightsError
+    from shared.sharded import ShardedPublisher
+
+    b = tmp_path / "b"
+    pub = ShardedPublisher(b, run_id="one", lease_settle_s=0, anchor_every=3)
+    w = _weights(0)
+    for v in range(4):
+        pub.publish(w, v)
+        w = {k: t + 0.05 * torch.randn(t.shape) for k, t in w.items()}
+    pub.flush()
+    bad = dict(w, **{"b.bias": torch.full((5,), float("nan"))})
+    with pytest.raises(NonFiniteWeightsError, match="rank 0"):
+        pub.publish(bad, 9)
+    pub.close()
+    m = read_manifest(open_bucket(b))
+    assert m.latest == 3 and all(len(e.parts) == 1 for e in (*m.anchors, *m.deltas))
+    assert not (b / part_path(9, 0, 1, anchor=False)).exists() and not (b / part_path(9, 0, 1, anchor=True)).exists()
+    assert verify_bucket(str(b)).ok
+    st: dict = {}
+    assert Follower(b).sync_state(st, None) == 3 and st["a.weight"].shape == (9, 4)
+
+
+def test_switching_between_one_process_and_ranks_continues_the_history(tmp_path):
+    """A single-file history continued by a ShardedPublisher (it cannot rebuild its rows from single files, so its
+    first version is an anchor in parts), then continued again by the single-process Publisher (it rebuilds the
+    whole model from the parts, so its next version is a delta)."""
+    from shared.sharded import ShardedPublisher
+
+    b = tmp_path / "b"
+    with Publisher(b, run_id="r", lease_settle_s=0) as pub:
+        pub.publish(_weights(0), 0)
+    sharded = ShardedPublisher(b, run_id="r", lease_settle_s=0)
+    assert sharded.restored_rows() is None
+    sharded.publish(_weights(1), 1)
+    sharded.close()
+    m = read_manifest(open_bucket(b))
+    assert m.anchor(1) is not None and len(m.anchor(1).parts) == 1 and m.delta(1) is None
+    w2 = {k: v.clone() for k, v in _weights(1).items()}
+    w2["a.weight"][3, 1] += 1.0  # a small step: stored as a delta whenever the rebuild worked
+    with Publisher(b, run_id="r", lease_settle_s=0, anchor_fraction=100.0) as pub:
+        pub.publish(w2, 2)
+    m = read_manifest(open_bucket(b))
+    assert m.delta(2) is not None and m.delta(2).base == 1 and m.delta(2).path is not None
+    assert verify_bucket(str(b)).ok
+    st: dict = {}
+    assert Follower(b).sync_state(st, None) == 2
+    assert all(torch.equal(st[k], v.to(torch.bfloat16)) for k, v in w2.items())
