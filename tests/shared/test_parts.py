@@ -137,6 +137,19 @@ def test_digest_is_the_same_for_every_partition(seed):
     assert weights_digest({k: t for k, t in st.items() if k != "empty.weight"}) != want
 
 
+def test_digest_of_a_large_tensor_hashed_in_threaded_blocks_is_partition_independent():
+    """Beyond 8 Mi elements a tensor is hashed in 4 Mi-element blocks on several threads; slices that cut those
+    blocks anywhere still combine to the same digest, and the blocks do not hash as if they were one another."""
+    x = torch.randn(3000, 4096).bfloat16()
+    want = weights_digest({"x": x})
+    a, b = DigestBuilder(), DigestBuilder()
+    a.update_rows("x", x.shape, 0, x[:1234])
+    b.update_rows("x", x.shape, 1234, x[1234:])
+    assert combine({"x": x.shape}, [a.partial_sum, b.partial_sum]) == want
+    rolled = torch.roll(x.reshape(-1), 1 << 22).reshape(x.shape)  # the same blocks in another order
+    assert weights_digest({"x": rolled}) != want
+
+
 def test_digest_follows_changes_in_o_changed():
     a = model(1)
     b = step(a, 0.05, 2)
