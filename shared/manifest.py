@@ -191,6 +191,16 @@ class Manifest(_Strict):
     owner: str | None = None  # the publisher that writes here (hostname/pid/run id), for humans and the lock
     updated_at: float = Field(default_factory=time.time)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _digest_algorithm(cls, data):
+        # Absent (every manifest written before the field, and manifests built without it): the algorithm the
+        # latest digest names -- "xxh3_128" for every old manifest, the only algorithm there was.
+        if isinstance(data, dict) and "digest" not in data:
+            algo = str(data.get("latest_digest", "")).partition(":")[0]
+            data = {**data, "digest": algo if algo in ("xxh3_128", "xsum64") else "xxh3_128"}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self):
         for kind, entries in (("anchor", self.anchors), ("delta", self.deltas)):
