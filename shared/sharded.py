@@ -208,10 +208,12 @@ class ShardedPublisher:
                 m0 = read_manifest(self.bucket)
                 manifest_bytes = m0.to_bytes() if m0 else None
             except DwsError as exc:
-                err = f"{type(exc).__name__}: {exc}"
+                err = (type(exc).__name__, str(exc))
         err, manifest_bytes, attempt = self._broadcast((err, manifest_bytes, attempt))
         if err is not None:
-            raise PublishError(f"rank 0 could not start publishing to {self.bucket.address}: {err}")
+            if err[0] == "OwnerConflictError":  # the trainer tells this one apart (another live run owns the bucket)
+                raise OwnerConflictError(err[1])
+            raise PublishError(f"rank 0 could not start publishing to {self.bucket.address}: {err[0]}: {err[1]}")
         self.attempt = attempt
         self._manifest: Manifest | None = Manifest.from_bytes(manifest_bytes) if manifest_bytes else None
         self._shapes: dict[str, tuple[int, ...]] | None = self._manifest.model.shapes if self._manifest else None
@@ -261,8 +263,8 @@ class ShardedPublisher:
                 builder.update_rows(name, shape, rows_of(shape, self.rank, self.world_size)[0],
                                     t.reshape(1) if t.dim() == 0 else t)
             esum = builder.partial_sum
-        except (DwsError, OSError, ValueError) as exc:
-            ok, why, state, esum = False, f"rank {self.rank}: {exc}", None, 0
+        except Exception as exc:  # noqa: BLE001 -- whatever it is, the other ranks must hear it, not hang
+            ok, why, state, esum = False, f"rank {self.rank}: {type(exc).__name__}: {exc}", None, 0
         gathered = self._gather((ok, why, esum))
         if all(g[0] for g in gathered) and algorithm_of(m.latest_digest) == XSUM64:
             digest = combine(m.model.shapes, [g[2] for g in gathered])
@@ -347,9 +349,11 @@ class ShardedPublisher:
         if self._last_queued is not None and version <= self._last_queued:
             raise ValueError(f"version {version} is not newer than v{self._last_queued} already published")
         t0 = time.perf_counter()
-        local = self.local_rows(named_tensors)
-        if not local:
-            raise ValueError("nothing to publish: no tensors given")
+        try:
+            local = self.local_rows(named_tensors)
+            refused = None if local else "nothing to publish: no tensors given"
+        except Exception as exc:  # noqa: BLE001 -- one rank's bad input must stop every rank, not hang them
+            local, refused = {}, f"{type(exc).__name__}: {exc}"
         bad = [n for n, (_, t) in local.items() if not bool(torch.isfinite(t).all())]
         with self._lock:
             pending = self._failed or (self._errors[0] if self._errors else None)
@@ -357,6 +361,7 @@ class ShardedPublisher:
         if self.rank == 0:
             anchor = self._prev is None or self._since_anchor + 1 >= self.anchor_every or self._over_fraction()
         mine = {"bad": bad[:3], "nbad": len(bad), "error": f"{type(pending).__name__}: {pending}" if pending else None,
+                "refused": refused,
                 "anchor": anchor, "version": version,
                 "shapes": sorted((n, s) for n, (s, _) in local.items()) if self._shapes is None else None}
         gathered = self._gather(mine)
@@ -364,6 +369,9 @@ class ShardedPublisher:
         if failed:
             raise PublishError(f"publishing stopped: rank {failed[0][0]} failed earlier ({failed[0][1]}); the "
                                f"bucket keeps its last committed version; restart the run to continue from it")
+        refusals = [(r, g["refused"]) for r, g in enumerate(gathered) if g["refused"]]
+        if refusals:
+            raise ValueError(f"cannot publish v{version}: rank {refusals[0][0]}: {refusals[0][1]}")
         if any(g["version"] != version for g in gathered):
             raise ValueError(f"ranks disagree on the version: {[g['version'] for g in gathered]}")
         nonfinite = [(r, g) for r, g in enumerate(gathered) if g["nbad"]]

@@ -176,6 +176,8 @@ def test_one_rank_without_torch_distributed_publishes_parts_and_refuses_nan(tmp_
     bad = dict(w, **{"b.bias": torch.full((5,), float("nan"))})
     with pytest.raises(NonFiniteWeightsError, match="rank 0"):
         pub.publish(bad, 9)
+    with pytest.raises(ValueError, match="rank 0: nothing to publish"):
+        pub.publish({}, 9)
     pub.close()
     m = read_manifest(open_bucket(b))
     assert m.latest == 3 and all(len(e.parts) == 1 for e in (*m.anchors, *m.deltas))
@@ -210,3 +212,13 @@ def test_switching_between_one_process_and_ranks_continues_the_history(tmp_path)
     st: dict = {}
     assert Follower(b).sync_state(st, None) == 2
     assert all(torch.equal(st[k], v.to(torch.bfloat16)) for k, v in w2.items())
+
+
+def test_a_bucket_owned_by_another_live_run_is_refused_by_name(tmp_path):
+    from shared.errors import OwnerConflictError
+    from shared.sharded import ShardedPublisher
+
+    holder = Publisher(tmp_path / "b", run_id="other-run", lease_settle_s=0)
+    with pytest.raises(OwnerConflictError, match="other-run"):
+        ShardedPublisher(tmp_path / "b", run_id="sharded-run", lease_settle_s=0)
+    holder.close()
