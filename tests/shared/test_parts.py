@@ -67,7 +67,7 @@ def rows(t: torch.Tensor, r: tuple[int, int]) -> torch.Tensor:
     return t[r[0]:r[1]] if t.dim() else t
 
 
-def publish_in_parts(bucket_dir, states: list[dict], count: int) -> Manifest:
+def publish_in_parts(bucket_dir, states: list[dict], count: int, *, encoding: str = "compact") -> Manifest:
     """What `count` ranks of a ShardedPublisher store, done in one process: v0 an anchor in parts, then deltas in
     parts, each rank's rows diffed against its own previous rows."""
     bucket = open_bucket(bucket_dir, create=True)
@@ -91,7 +91,7 @@ def publish_in_parts(bucket_dir, states: list[dict], count: int) -> Manifest:
                     total += cur.numel()
                     if pos.size:
                         changes[n] = TensorChange(tuple(cur.shape), pos, cb[pos], pb[pos], base=pb)
-                blob = add_metadata(encode_delta(changes, version=v, base=v - 1, total=total),
+                blob = add_metadata(encode_delta(changes, version=v, base=v - 1, total=total, encoding=encoding),
                                     part_metadata(shapes, k, count))
             path = part_path(v, k, count, anchor=v == 0)
             bucket.write_bytes(path, blob)
@@ -192,12 +192,17 @@ def test_part_files_are_safetensors_with_their_slice_in_the_header(tmp_path):
     assert "scale" not in part_info(tmp_path / "b" / m.anchors[0].parts[1].path).slices
 
 
-@pytest.mark.parametrize("count", [1, 2, 5])
-def test_follower_applies_parts_bit_exact_from_every_point(tmp_path, count):
+@pytest.mark.parametrize("count, encoding", [(1, "compact"), (2, "compact"), (5, "compact"), (2, "raw"), (3, "ctx")])
+def test_follower_applies_parts_bit_exact_from_every_point(tmp_path, monkeypatch, count, encoding):
+    """ctx decodes against the base: for a part, the base is the part's own rows of each tensor (forced here: on
+    these small synthetic steps compact would win every tensor)."""
+    import shared.formats as formats
+
+    monkeypatch.setitem(formats.FALLBACKS, encoding, ())
     states = [model(0)]
     for v in range(1, 5):
         states.append(step(states[-1], 0.1, v))
-    publish_in_parts(tmp_path / "b", states, count)
+    publish_in_parts(tmp_path / "b", states, count, encoding=encoding)
     for start in [None, 0, 2, 3]:
         st = {} if start is None else {k: t.clone() for k, t in states[start].items()}
         assert Follower(tmp_path / "b", download_workers=3).sync_state(st, start) == 4
