@@ -45,9 +45,12 @@ Base-context decode API (what a replica calls):
 
 ``base`` is the full base tensor: a bf16 torch tensor on any device (CUDA keeps the O(numel) exponent sort on the
 GPU; only sparse ranks/positions reach the host) or its uint16/int16 bit patterns as numpy/torch, ``numel`` long.
-`formats.read_patch_file` does not have the base, so it returns a `ContextTensor` for such tensors; call
-``ctx.decode(base)`` -> `DecodedTensor` (validated, positions sorted) before applying. ``bf16_bits`` below is the
-one helper that views bf16 weights as uint16 bit patterns.
+`formats.read_patch_file` does not have the base, so it returns a `ContextTensor` for such tensors (``.count`` is
+known from the header); call ``ctx.decode(base)`` -> `DecodedTensor` (validated, positions sorted) before applying,
+or ``formats.resolve_context(pf, {name: base})`` to decode all of a file's on a thread pool. A base that is not the
+delta's base is usually refused (FormatError: class sizes differ); when it is not, the weights digest after applying
+catches it. Decoding never writes: the caller applies, as for every other encoding. ``bf16_bits`` below is the one
+helper that views bf16 weights as uint16 bit patterns.
 """
 
 from __future__ import annotations
