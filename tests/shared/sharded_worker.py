@@ -31,6 +31,10 @@ from shared.bucket.local import LocalBucket  # noqa: E402
 from shared.sharded import ShardedPublisher  # noqa: E402
 
 
+def _no_gather(*args, **kwargs):
+    raise AssertionError("ShardedPublisher must never gather or redistribute a sharded parameter")
+
+
 class KillingBucket(LocalBucket):
     """Stores half of one part file, non-atomically, then SIGKILLs this process (a rank dying mid-upload)."""
 
@@ -66,6 +70,7 @@ def main() -> int:
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
     from shared.manifest import part_path
@@ -102,7 +107,14 @@ def main() -> int:
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
-        pub.publish(model.named_parameters(), version)
+        # Proof that publishing gathers nothing: while it snapshots, a DTensor cannot be gathered or redistributed
+        # at all (the background encode and upload touch only this rank's CPU copy of its rows).
+        saved = DTensor.full_tensor, DTensor.redistribute
+        DTensor.full_tensor = DTensor.redistribute = _no_gather
+        try:
+            pub.publish(model.named_parameters(), version)
+        finally:
+            DTensor.full_tensor, DTensor.redistribute = saved
         if args.dump:
             rows = {n: p.to_local().detach().to(torch.bfloat16).clone() for n, p in model.named_parameters()}
             torch.save(rows, Path(args.dump) / f"v{version}.rank{rank}.pt")
