@@ -39,8 +39,8 @@ from shared.errors import (
     OwnerConflictError,
     PublishError,
 )
-from shared.lease import BucketLease, default_run_id
 from shared.formats import TensorChange, bits, encode_delta, write_anchor
+from shared.lease import BucketLease, default_run_id
 from shared.manifest import (
     FileEntry,
     Manifest,

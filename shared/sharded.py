@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +54,6 @@ from shared.digest import XSUM64, DigestBuilder, ElementSum, algorithm_of, combi
 from shared.errors import (
     BucketFileNotFound,
     DwsError,
-    FormatError,
     ModelMismatchError,
     NonFiniteWeightsError,
     OwnerConflictError,

@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dws_testing import REPO, free_port
-
 import pytest
 import torch
+from dws_testing import REPO, free_port
 
 from shared.bucket import open_bucket
 from shared.digest import weights_digest
