@@ -9,7 +9,10 @@ a sparse delta. Per sync, from the replica's own /status record:
 * control plane -- pause_s minus the worker's apply time (pause + one dws_apply RPC + resume round trips);
 * apply -- the worker's validate + write + read-back of the changed positions (in-pause verification included);
 * after-resume verify -- the worker time of the chunked full digest, and the window from resume to its verdict;
-* publish -> serving (resume) and publish -> verified, local-folder bucket, 0.05 s polling;
+* publish -> serving (resume) and publish -> verified, local-folder bucket, 0.05 s polling. The versions are
+  trained and encoded first (the trainer is then freed: at 0.6B its fp32 weights + AdamW state are ~10 GB), and
+  "publish" is the commit of an already-encoded version (files, then manifest), so this is the replica's latency,
+  not the trainer's encode time (bench/run.py measures that);
 * peak RSS change -- per process of the gateway's tree (gateway + vLLM API server + engine core), the peak resident
   memory during the sync (kernel VmHWM, reset before each sync through /proc/PID/clear_refs) minus the resident
   memory just before it; summed over processes, so an upper bound.
@@ -118,16 +121,56 @@ class PeakRss:
                 "rss_mb": sum(self.before.values()) / 1024}
 
 
-def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
+def train_and_encode(size: str, *, deltas: int, lr: float, work: Path) -> tuple[int, list[bytes]]:
+    """Phase 1: the trainer's AdamW steps, published (encoded, committed) into a staging bucket; after each commit
+    the manifest is kept. The trainer is then freed before vLLM starts, so the machine never holds the trainer's fp32
+    weights + optimizer state *and* the served model at once (at 0.6B: ~10 GB + ~4 GB)."""
+    import gc
+
+    from shared.manifest import MANIFEST_PATH
+
     over = SIZES[size]
-    print(f"[replica bench] {size}: building models", flush=True)
+    print(f"[replica bench] {size}: building models, training {deltas} AdamW steps", flush=True)
     trained = build_tiny_model(work / "model", seed=0, **over)
-    other = build_tiny_model(work / "other-base", seed=1, **over)  # not any bucket version: forces an anchor
+    build_tiny_model(work / "other-base", seed=1, **over)  # not any bucket version: forces a full reload
     trainer = Trainer(trained, lr=lr)
-    bucket = work / "bucket"
     n_params = sum(p.numel() for p in trainer.params().values())
-    with Publisher(bucket, anchor_every=1000, anchor_fraction=1000.0) as pub:
-        pub.publish(trainer.params(), 0)
+    staging = work / "staging"
+    manifests = []
+    with Publisher(staging, anchor_every=1000, anchor_fraction=1000.0) as pub:
+        for v in range(deltas + 1):
+            if v:
+                trainer.step()
+            pub.publish(trainer.params(), v)
+            pub.flush()
+            manifests.append((staging / MANIFEST_PATH).read_bytes())
+    del trainer, pub
+    gc.collect()
+    return n_params, manifests
+
+
+def commit(staging: Path, bucket: Path, manifest: bytes) -> None:
+    """Phase 2 'publish': the version's files appear in the live bucket, then its manifest (the commit point)."""
+    import shutil
+
+    from shared.manifest import MANIFEST_PATH
+
+    for f in staging.rglob("*.safetensors"):
+        dest = bucket / f.relative_to(staging)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+    tmp = bucket / (MANIFEST_PATH + ".tmp")
+    tmp.write_bytes(manifest)
+    tmp.replace(bucket / MANIFEST_PATH)
+
+
+def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
+    n_params, manifests = train_and_encode(size, deltas=deltas, lr=lr, work=work)
+    other = work / "other-base"
+    bucket = work / "bucket"
+    bucket.mkdir()
+    commit(work / "staging", bucket, manifests[0])
     port = free_port()
     env = dict(os.environ, DWS_API_KEY="bench", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "rollout_space", "--model", str(other), "--bucket", str(bucket), "--host",
@@ -167,11 +210,9 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
               f"{anchor['bytes']:,} B", flush=True)
         rows = []
         for v in range(1, deltas + 1):
-            trainer.step()
             rss.start()
             t0 = time.perf_counter()
-            with Publisher(bucket) as pub:
-                pub.publish(trainer.params(), v)
+            commit(work / "staging", bucket, manifests[v])
             publish_s = time.perf_counter() - t0
             serving_s, verified_s, st = wait_for(v)
             peak = rss.stop()

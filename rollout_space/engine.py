@@ -79,6 +79,7 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         t = time.perf_counter()
         model_dir = resolve_model_dir(str(self.model_config.model))
         self.map = PatchMap(model, checkpoint_shapes(model_dir))
+        self._check_served_equals_checkpoint(model_dir)
         self.map_ms = round((time.perf_counter() - t) * 1e3, 1)
         if self.map.ignored:
             logger.info("dws: checkpoint tensors vLLM does not load: %s", self.map.ignored[:10])
@@ -89,6 +90,29 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         self.history: list[dict[str, Any]] = []
         self._resolved: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # path -> base-context decodes
         self._digest: dict[str, Any] | None = None
+
+    def _check_served_equals_checkpoint(self, model_dir) -> None:
+        """Once, at start: every mapped tensor must read back exactly as the checkpoint holds it. A backend that
+        re-lays out weights after loading (vLLM CPU prepacks FusedMoE experts into a VNNI layout) leaves the map
+        pointing at storage that no longer holds checkpoint values: patching it would corrupt the model, so the
+        replica refuses to start, naming the tensors. One checkpoint tensor in memory at a time."""
+        from safetensors import safe_open
+
+        bad = []
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for name in sorted(fh.keys()):
+                    if name not in self.map:
+                        continue
+                    want = fh.get_tensor(name).to(torch.bfloat16)
+                    got = self.map.tensor(name).to("cpu")
+                    if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+                        bad.append(name)
+        if bad:
+            raise UnsupportedModelError(
+                f"{self.map.architecture}: after loading, vLLM serves {len(bad)} tensor(s) in a layout other than the "
+                f"checkpoint's (e.g. {bad[:4]}); in-place patches cannot reach them -- on CPU, vLLM prepacks MoE "
+                "expert weights")
 
     # ---- vLLM lifecycle ------------------------------------------------------------------------------------------
     def init_transfer_engine(self, init_info: DwsInitInfo) -> None:
@@ -232,7 +256,10 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
 
         base = self.map.tensor(name).reshape(-1)  # zero-copy at TP=1; merged across ranks at TP>1
         if isinstance(src, _MemoryDelta):
-            dec = src.context_tensor(name).decode(base)
+            try:
+                dec = src.context_tensor(name).decode(base)
+            except FormatError as exc:
+                raise PatchError(f"{name}: {exc}") from None
         else:
             arrays, params, numel = src.context_arrays(name)
             t = src.tensors[name]
@@ -240,9 +267,13 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
                 dec = get_encoding(t.encoding).decode(arrays, params, numel, base_context=base)
             except FormatError as exc:
                 raise PatchError(f"{name}: {exc}") from None
-        if dec.values is None:
-            raise PatchError(f"{name}: a base-context decode must give absolute values")
-        vals = torch.from_numpy(np.ascontiguousarray(dec.values).view(np.int16))
+        from shared.codec import bf16_bits
+
+        try:  # residual encodings resolve against the same base, at the changed positions
+            new = dec.resolve(bf16_bits(base)[dec.positions] if dec.needs_base else None)
+        except FormatError as exc:
+            raise PatchError(f"{name}: {exc}") from None
+        vals = torch.from_numpy(np.ascontiguousarray(new).view(np.int16))
         if not _finite_bits(vals):
             raise PatchError(f"{name}: values contain NaN or Inf")
         return torch.from_numpy(np.asarray(dec.positions, dtype=np.int64)), vals

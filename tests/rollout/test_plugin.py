@@ -303,6 +303,42 @@ def test_shared_delta_format_read_by_the_engine_and_prepared(server, state, tmp_
         print(f"\n{encoding} {how}: {rec}")
 
 
+def test_base_context_encoding_prepared_between_engine_steps(server, state, tmp_path, monkeypatch):
+    """The `ctx` encoding decodes only against the whole base tensor. Through the gateway's path the worker decodes
+    it with `dws_prepare` while vLLM keeps serving (before the pause); the pause then only writes. Without the
+    prepare step the same file still applies (decoded inside the pause)."""
+    import numpy as np
+    import shared.formats as formats
+    from shared.formats import TensorChange, bits, encode_delta, read_patch_file
+    from rollout_space.prepared import PreparedReader, write_prepared
+
+    monkeypatch.setitem(formats.FALLBACKS, "ctx", ())  # ctx for every tensor, even where compact would be smaller
+    for prepare in (True, False):
+        _, new = make_delta(state.sd, DELTA_TENSORS, seed=40 + prepare, frac=0.05, scale=0.02)
+        changes = {}
+        for name in DELTA_TENSORS:
+            old_b, new_b = bits(state.sd[name]).reshape(-1), bits(new[name]).reshape(-1)
+            pos = np.flatnonzero(old_b != new_b).astype(np.int64)
+            changes[name] = TensorChange(tuple(new[name].shape), pos, new_b[pos], old_b[pos], base=old_b)
+        v = state.version + 1
+        src = tmp_path / f"ctx{v}.safetensors"
+        src.write_bytes(encode_delta(changes, version=v, base=state.version,
+                                     total=sum(t.numel() for t in new.values()), encoding="ctx"))
+        prepared = tmp_path / f"ctx{v}.prepared.safetensors"
+        write_prepared(read_patch_file(src), prepared)
+        modes = {t.mode for t in PreparedReader(prepared).tensors.values()}
+        assert modes == {"context"}, modes  # every tensor really needs its base
+        if prepare:
+            r = server.post("/collective_rpc", json={"method": "dws_prepare", "args": [str(prepared)]}).json()
+            assert r["results"][0]["tensors"] >= 1
+        want = digest_of(new)
+        rec = server.update({"path": str(prepared), "kind": "delta", "version": v, "base": state.version,
+                             "expected_digest": want})
+        assert server.digest() == want
+        state.sd, state.version = new, v
+        print(f"\nctx, prepared before the pause={prepare}: {rec}")
+
+
 def test_logprobs_are_those_of_the_sampling_distribution(server, state, model_dir):
     """vLLM runs with --logprobs-mode processed_logprobs: at temperature 0.7 the logprob the replica reports for a
     sampled token is log_softmax(logits / 0.7) of the same weights (computed here with transformers)."""
