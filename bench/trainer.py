@@ -90,7 +90,10 @@ def _run_trainer(side: str, code: Path, *, model: Path, bucket: Path, env_url: s
             raise RuntimeError(f"{side} trainer did not finish: {st and st.get('error')}; see {log}")
         return st
     finally:
-        os.killpg(proc.pid, 15)
+        try:
+            os.killpg(proc.pid, 15)
+        except ProcessLookupError:  # already gone
+            pass
         proc.wait(timeout=60)
 
 
