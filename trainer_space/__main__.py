@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: hundreds of lines per step would bury the trainer's own one line per step.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    import importlib.util
+
+    # The trainer's dependency set (TRL, imported lazily when training starts): where it is missing, say so before
+    # anything else -- `dws` turns this into its one-line "cannot run in this environment" message.
+    if importlib.util.find_spec("trl") is None:
+        raise ModuleNotFoundError("No module named 'trl'", name="trl")
     from trainer_space.config import parse_args
 
     cfg = parse_args(sys.argv[1:] if argv is None else list(argv))  # bad input: one line, exit 2 (argparse)
