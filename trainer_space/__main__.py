@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.envvars import EnvVarError
     from shared.errors import NonFiniteWeightsError, OwnerConflictError
     from trainer_space.page import serve_in_background
+    from trainer_space.remote import NoHealthyEnvError, NoHealthyReplicaError, RolloutRequestError
     from trainer_space.state import RunState
     from trainer_space.train import train
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteWeightsError as e:
         log.error("STOPPED: the weights hold NaN/Inf, nothing was published for this step: %s", e)
         rc = 2
-    except (EnvVarError, ValueError) as e:
+    except (EnvVarError, ValueError, NoHealthyEnvError, NoHealthyReplicaError, RolloutRequestError) as e:
+        # bad configuration or peers that cannot be reached: one line saying which
         log.error("STOPPED: %s", e)
         rc = 2
     except Exception as e:  # a clear one-line reason on top of the traceback
