@@ -6,7 +6,9 @@ One module per concern:
     formats     anchor and delta safetensors files (and TRL's delta-sync layout)
     digest      the weights digest proving bit-exactness
     manifest    manifest.json, the commit point
+    parts       part files: one version stored as row slices, one file per trainer rank
     publisher   trainer side: snapshot -> diff -> encode -> upload -> commit, in the background
+    sharded     trainer side under FSDP2: each rank publishes its own rows as a part, rank 0 commits
     lease       owner.json: one publisher per bucket
     follower    replica side: plan the shortest verified path, fetch + sha256, decode, apply to dicts
     verify      `dws verify`: replay and prove a whole bucket
