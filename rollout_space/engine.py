@@ -13,6 +13,7 @@ runs it after resume in chunks (``digest_start`` / ``digest_step``) and stops cl
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -147,27 +148,41 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
 
     # ---- one sync: every file of a version, in order (the dws_apply RPC) -----------------------------------------
     def apply(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every file of a sync: all validated first (a bad later file -- e.g. one part of a version in parts --
+        must not leave earlier ones half-applied), then all written, in order."""
         t0 = time.perf_counter()
-        records = [self.apply_file(self.parse_update_info(s)) for s in steps]
+        infos = [self.parse_update_info(s) for s in steps]
+        checked, chain = [], (self.consistent, self.version)
+        for info in infos:
+            checked.append(self._check_file(info, chain))
+            chain = (True, info.version)
+        records = [self._write_file(info, *c) for info, c in zip(infos, checked)]
         self._sync_device()
         return {"steps": records, "version": self.version, "ms": round((time.perf_counter() - t0) * 1e3, 3)}
 
     def apply_file(self, info: DwsUpdateInfo) -> dict[str, Any]:
+        return self._write_file(info, *self._check_file(info, (self.consistent, self.version)))
+
+    def _check_file(self, info: DwsUpdateInfo, chain: tuple[bool, int | None]):
+        """Validate one file against the state the weights will be in when it is written; writes nothing."""
         t0 = time.perf_counter()
         if not os.path.isfile(info.path):
             raise PatchError(f"no such file {info.path}")
         if info.kind == "delta":
-            source = self._open_delta(info)
-            plan = self._validate_delta(source, info)
+            source = self._open_delta(info, chain)
+            plan = self._validate_delta(source, info, chain)
         else:
-            plan = self._validate_anchor(info)
+            source, plan = None, self._validate_anchor(info)
+        return source, plan, t0
+
+    def _write_file(self, info: DwsUpdateInfo, source, plan, t0: float) -> dict[str, Any]:
         t1 = time.perf_counter()
         try:  # from here on weights change
             self.generation += 1
             if info.kind == "delta":
                 n_values, mismatched = self._write_delta(source, plan, info.path)
             else:
-                n_values, mismatched = self._write_anchor(info.path, plan), 0
+                n_values, mismatched = self._write_anchor(info.path, plan, info.rows)
             self._sync_device()
         except Exception as exc:
             self.consistent, self.version = False, None
@@ -195,8 +210,8 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         return self.last
 
     # ---- deltas ----------------------------------------------------------------------------------------------
-    def _open_delta(self, info: DwsUpdateInfo):
-        if not self.consistent:
+    def _open_delta(self, info: DwsUpdateInfo, chain: tuple[bool, int | None]):
+        if not chain[0]:
             raise PatchError("weights are inconsistent after a failed update; apply an anchor first")
         if is_prepared(info.path):
             try:
@@ -213,14 +228,16 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             raise PatchError(f"{info.path} is an anchor, update_info says delta")
         return _MemoryDelta(pf)
 
-    def _validate_delta(self, src, info: DwsUpdateInfo) -> list[str]:
+    def _validate_delta(self, src, info: DwsUpdateInfo, chain: tuple[bool, int | None]) -> list[str]:
         for attr in ("version", "base"):  # a file that states its own version/base must agree
             stated, asked = getattr(src, attr, None), getattr(info, attr)
             if stated is not None and asked is not None and stated != asked:
                 raise PatchError(f"{info.path} is {attr} {stated}, update_info says {asked}")
         base = info.base if info.base is not None else src.base
-        if base is not None and self.version is not None and base != self.version:
-            raise PatchError(f"delta base {base} != served version {self.version}")
+        current = chain[1]
+        # (a later part of the version in progress has the same base as its first part)
+        if base is not None and current is not None and base != current and current != info.version:
+            raise PatchError(f"delta base {base} != served version {current}")
         names = []
         for name, t in sorted(src.tensors.items()):
             if name not in self.map:
@@ -252,31 +269,25 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         return {"tensors": len(out), "ms": round((time.perf_counter() - t0) * 1e3, 3)}
 
     def _decode_context(self, src, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from shared.codec import get_encoding
+        from shared.codec import bf16_bits, get_encoding
 
         base = self.map.tensor(name).reshape(-1)  # zero-copy at TP=1; merged across ranks at TP>1
-        if isinstance(src, _MemoryDelta):
-            try:
+        offset = src.tensors[name].offset
+        try:
+            if isinstance(src, _MemoryDelta):
                 dec = src.context_tensor(name).decode(base)
-            except FormatError as exc:
-                raise PatchError(f"{name}: {exc}") from None
-        else:
-            arrays, params, numel = src.context_arrays(name)
-            t = src.tensors[name]
-            try:
-                dec = get_encoding(t.encoding).decode(arrays, params, numel, base_context=base)
-            except FormatError as exc:
-                raise PatchError(f"{name}: {exc}") from None
-        from shared.codec import bf16_bits
-
-        try:  # residual encodings resolve against the same base, at the changed positions
+            else:
+                arrays, params, numel = src.context_arrays(name)
+                base = base[offset: offset + numel]  # a part of a version in parts: its rows of the base
+                dec = get_encoding(src.tensors[name].encoding).decode(arrays, params, numel, base_context=base)
+            # residual encodings resolve against the same base, at the changed positions
             new = dec.resolve(bf16_bits(base)[dec.positions] if dec.needs_base else None)
         except FormatError as exc:
             raise PatchError(f"{name}: {exc}") from None
         vals = torch.from_numpy(np.ascontiguousarray(new).view(np.int16))
         if not _finite_bits(vals):
             raise PatchError(f"{name}: values contain NaN or Inf")
-        return torch.from_numpy(np.asarray(dec.positions, dtype=np.int64)), vals
+        return torch.from_numpy(np.asarray(dec.positions, dtype=np.int64) + offset), vals
 
     def _write_delta(self, src, names: list[str], path: str) -> tuple[int, int]:
         resolved = self._resolved.get(path, {})
@@ -322,14 +333,22 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
                 extra, missing = sorted(set(header) - names), sorted(names - set(header))
                 if extra:
                     raise PatchError(f"anchor has unknown tensors {extra[:5]}")
-                if missing:
+                if missing and info.rows is None:  # a part holds some rows of some tensors; the digest checks all
                     raise PatchError(f"anchor lacks tensors {missing[:5]}")
                 shapes = self.map.shapes()
                 for name, (dtype, shape) in sorted(header.items()):
                     if dtype != "BF16":
                         raise PatchError(f"{name}: anchor dtype must be BF16, got {dtype}")
-                    if shape != shapes[name]:
-                        raise PatchError(f"{name}: anchor shape {list(shape)} != served {list(shapes[name])}")
+                    want = shapes[name]
+                    if info.rows is not None:
+                        if name not in info.rows:
+                            raise PatchError(f"{name}: the part's rows are not given")
+                        r0, r1 = info.rows[name]
+                        if r1 > (want[0] if want else 1):
+                            raise PatchError(f"{name}: rows [{r0}, {r1}) outside the tensor")
+                        want = (r1 - r0, *want[1:]) if want else want
+                    if shape != want:
+                        raise PatchError(f"{name}: anchor shape {list(shape)} != served {list(want)}")
                 if info.check_values:  # one tensor in memory at a time
                     for name in sorted(header):
                         if not _finite_bits(f.get_tensor(name).view(torch.int16)):
@@ -338,18 +357,29 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             raise PatchError(f"{info.path}: unreadable safetensors file ({exc})") from None
         return sorted(header)
 
-    def _write_anchor(self, path: str, names: list[str]) -> int:
+    def _write_anchor(self, path: str, names: list[str], rows: dict | None) -> tuple[int, int]:
         from safetensors import safe_open
 
-        n = 0
+        n = bad = 0
         with safe_open(path, framework="pt") as f, torch.no_grad():
             for name in names:  # one dense tensor in memory at a time
                 x = f.get_tensor(name).contiguous()
+                n += x.numel()
+                if rows is not None:
+                    # rows [r0, r1) of the full tensor: its flat elements r0*row ... r1*row, written sparsely
+                    shape = self.map.shapes()[name]
+                    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+                    flat = x.reshape(-1).view(torch.int16)
+                    start = rows[name][0] * row
+                    for lo in range(0, flat.numel(), CHUNK_ELEMENTS):
+                        hi = min(flat.numel(), lo + CHUNK_ELEMENTS)
+                        pos = torch.arange(start + lo, start + hi, dtype=torch.int64)
+                        bad += self._write_chunk(name, pos, flat[lo:hi], "values")
+                    continue
                 for pl in self.map.placements[name]:
                     src = x.as_strided(pl.sizes, pl.src_strides, pl.src_offset)
                     pl.region().copy_(src.to(pl.target.device))
-                n += x.numel()
-        return n
+        return n, bad
 
     # ---- the served digest, in chunks between engine steps ---------------------------------------------------
     def digest_start(self) -> dict[str, Any]:

@@ -45,12 +45,17 @@ class PreparedTensor:
     count: int
     encoding: str | None = None
     params: dict | None = None
+    offset: int = 0  # context tensors of a part: where the slice starts in the full tensor (flat elements)
 
 
-def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "") -> dict:
+def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "",
+                   rows: Mapping[str, tuple[int, int]] | None = None,
+                   full_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict:
     """Write a decoded ``shared.formats.PatchFile`` (a delta) as a prepared file; returns a summary.
 
-    Values must be finite: a NaN/Inf in a delta is refused here, before the pause."""
+    ``rows`` (with ``full_shapes``): the file is one part of a version in parts (shared/parts.py) whose positions
+    are inside row slices; they are written here in full-tensor coordinates (element p of the slice starting at row
+    r0 is r0 * row + p). Values must be finite: a NaN/Inf in a delta is refused here, before the pause."""
     import torch
     from safetensors.torch import save_file
 
@@ -62,6 +67,11 @@ def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "") -> di
     for name in sorted(patch_file.tensors):
         t = patch_file.tensors[name]
         shape = tuple(int(s) for s in patch_file.shapes.get(name, ()))
+        offset = 0
+        if rows is not None:
+            full = tuple(int(s) for s in full_shapes[name])
+            offset = int(rows[name][0]) * (math.prod(full[1:]) if len(full) > 1 else 1)
+            shape = full
         numel = math.prod(shape) if shape else None
         if getattr(t, "needs_base_context", False):
             u16 = []
@@ -72,10 +82,10 @@ def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "") -> di
                     a = a.view(np.int16)
                 arrays[f"{name}.enc.{suffix or '_'}"] = torch.from_numpy(a)
             info[name] = {"shape": list(shape), "mode": "context", "count": int(t.count), "encoding": t.encoding,
-                          "params": t.params, "numel": int(t.numel), "u16": u16}
+                          "params": t.params, "numel": int(t.numel), "u16": u16, "offset": offset}
             changed += int(t.count)
             continue
-        pos = np.asarray(t.positions, dtype=np.int64)
+        pos = np.asarray(t.positions, dtype=np.int64) + offset
         idx_dtype = np.int32 if (numel if numel is not None else 2**62) < 2**31 else np.int64
         arrays[f"{name}.positions"] = torch.from_numpy(pos.astype(idx_dtype))
         if t.values is not None:
@@ -88,7 +98,7 @@ def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "") -> di
             mode = "residual"
         info[name] = {"shape": list(shape), "mode": mode, "count": int(pos.size)}
         changed += int(pos.size)
-    meta = {MARK: "1", "version": str(patch_file.version), "base": str(patch_file.base), "source": source,
+    meta = {MARK: "1", "version": str(patch_file.version), "base": str(patch_file.base), "source": str(source or ""),
             "changed": str(changed), "tensors": json.dumps(info, separators=(",", ":"))}
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(dest), metadata=meta)
@@ -117,7 +127,7 @@ class PreparedReader:
             self.base = int(meta["base"])
             raw = json.loads(meta["tensors"])
             self.tensors = {n: PreparedTensor(n, tuple(e["shape"]), e["mode"], int(e["count"]), e.get("encoding"),
-                                              e.get("params")) for n, e in raw.items()}
+                                              e.get("params"), int(e.get("offset", 0))) for n, e in raw.items()}
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{self.path.name}: bad prepared header ({exc})") from None
         if any(t.mode not in MODES for t in self.tensors.values()):

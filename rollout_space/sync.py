@@ -112,7 +112,7 @@ def check_anchor(path: Path, entry, shapes: dict | None) -> None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             stated = meta.get("version", meta.get("model_version"))
-            if stated is not None and str(stated) != str(entry.version):
+            if shapes is not None and stated is not None and str(stated) != str(entry.version):
                 raise FormatError(f"{entry.path}: file says v{stated}, manifest says v{entry.version}")
             keys = sorted(f.keys())
             if shapes is not None:
@@ -181,16 +181,22 @@ class Syncer:
             log.warning("could not identify the served weights: %s", exc)
             return
         self.state.served_digest = digest
-        if m is None:
-            return
-        for e in (*m.anchors, *m.deltas):
+        found = None
+        for e in (*m.anchors, *m.deltas) if m is not None else ():
             if e.digest == digest:
-                self.state.served_version = e.version
-                self.state.digest_match = True
-                self.state.verified[e.version] = digest
-                log.info("served weights are bucket version v%d (digest match)", e.version)
-                return
-        log.info("served weights are not a kept bucket version; will start from an anchor")
+                found = e.version
+        try:
+            await self.control.declare(found)
+        except VllmError as exc:
+            log.warning("could not declare the served version to vLLM: %s", exc)
+            return
+        if found is None:
+            log.info("served weights are not a kept bucket version; will start from an anchor")
+            return
+        self.state.served_version = found
+        self.state.digest_match = True
+        self.state.verified[found] = digest
+        log.info("served weights are bucket version v%d (digest match)", found)
 
     def forget_version(self) -> None:
         """vLLM restarted or lost consistency: claim nothing until resynced."""
@@ -267,12 +273,17 @@ class Syncer:
     def _prepare_file(self, vf, m: Manifest, dest: Path, rec: SyncRecord) -> dict:
         """One verified file -> one step of dws_apply (decoded + validated here; memory bounded by this file)."""
         e = vf.entry
+        part = getattr(vf, "part", None)  # a version in parts (shared/parts.py): this file holds row slices
+        rows = {n: list(r) for n, r in (vf.slices or {}).items()} if part is not None else None
         if e.base is None:
-            check_anchor(vf.path, e, m.model.shapes if m.model else None)
+            if rows is None:
+                check_anchor(vf.path, e, m.model.shapes if m.model else None)
+            else:  # names, shapes and slices were checked by fetch(); values still must be finite
+                check_anchor(vf.path, e, None)
             return {"path": str(vf.path), "kind": "anchor", "version": e.version, "base": None, "verify": False,
-                    "check_values": False}
+                    "check_values": False, "rows": rows}
         pf = self.follower.decode(vf, manifest=m)
-        summary = write_prepared(pf, dest, source=e.path)
+        summary = write_prepared(pf, dest, source=vf.path.name, rows=rows, full_shapes=m.model.shapes if rows else None)
         context = sum(1 for t in pf.tensors.values() if getattr(t, "needs_base_context", False))
         del pf
         rec.changed += summary["changed"]

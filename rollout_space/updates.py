@@ -40,6 +40,9 @@ class DwsUpdateInfo:
     expected_digest: str | None = None  # checked over every served weight after writing when ``verify``
     verify: bool = True  # full digest inside this call (the /update_weights route); dws_apply verifies after resume
     check_values: bool = True  # anchors: scan every tensor for NaN/Inf before writing (the gateway already did)
+    # One part of an anchor stored in parts (shared/parts.py): name -> rows [r0, r1) of the full tensor that this
+    # file's tensor holds. None: a whole anchor (every tensor, full shapes).
+    rows: dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -50,6 +53,10 @@ class DwsUpdateInfo:
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"update_info.{f} must be an integer")
+        if self.rows is not None and not (isinstance(self.rows, dict) and all(
+                isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r)
+                and 0 <= r[0] <= r[1] for r in self.rows.values())):
+            raise ValueError("update_info.rows must map tensor names to [r0, r1] row ranges")
         for f in ("verify", "check_values"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"update_info.{f} must be a boolean")

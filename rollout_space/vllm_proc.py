@@ -193,8 +193,18 @@ class VllmControl:
         results = await self.rpc("dws_prepare", path)
         return results[0] if results and isinstance(results[0], dict) else {}
 
+    async def declare(self, version: int | None) -> None:
+        """Tell every worker which bucket version it serves (vLLM's /init_weight_transfer_engine): the engine then
+        refuses a delta whose base is another version."""
+        await self._post("/init_weight_transfer_engine", json={"init_info": {"version": version}})
+
     async def worker_status(self) -> dict:
-        results = await self.rpc("dws_status")
+        try:
+            results = await self.rpc("dws_status")
+        except VllmError as exc:
+            if exc.status is not None:
+                raise
+            results = await self.rpc("dws_status")  # the server may close the connection after a 500: retry once
         return results[0] if results and isinstance(results[0], dict) else {}
 
     async def digest_chunked(self, budget_bytes: int) -> tuple[str | None, float]:

@@ -362,3 +362,51 @@ def test_logprobs_are_those_of_the_sampling_distribution(server, state, model_di
     assert seen == 9 and worst < 0.05 and not math.isnan(worst), worst
     # the check can tell the two apart: the raw (T=1) logprobs, what vLLM reported before, are far off
     assert raw_gap > 0.1, raw_gap
+
+
+@pytest.mark.parametrize("encoding", ["compact", "ctx"])
+def test_versions_in_parts_through_the_gateways_sync(server, state, tmp_path, monkeypatch, encoding):
+    """A bucket written by sharded trainers (shared/parts.py): every version is several part files, each holding row
+    slices. The gateway's own Syncer (in-process, driving this real vLLM over HTTP) prepares each part outside the
+    pause -- positions moved from slice to full-tensor coordinates -- and applies the version's parts in one RPC;
+    first as deltas from the served version, then (forced) from the anchor stored in parts."""
+    import asyncio
+    import sys
+
+    import shared.formats as formats
+    from shared.follower import Follower
+    from rollout_space.sync import Syncer
+    from rollout_space.vllm_proc import VllmControl
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "shared"))
+    from test_parts import publish_in_parts  # what N ranks of a ShardedPublisher store, done in one process
+
+    monkeypatch.setitem(formats.FALLBACKS, encoding, ())
+    states = [state.sd]
+    for v in range(1, 4):
+        states.append(make_delta(states[-1], DELTA_TENSORS, seed=60 + v + 10 * len(encoding), frac=0.05, scale=0.05)[1])
+    m = publish_in_parts(tmp_path / "bucket", states, 3, encoding=encoding)
+
+    async def run(force_anchor: bool):
+        control = VllmControl(server.base)
+        syncer = Syncer(Follower(tmp_path / "bucket", cache_dir=tmp_path / f"cache{force_anchor}"), control)
+        try:
+            await syncer.identify()
+            assert syncer.state.served_version == (0 if not force_anchor else 3)
+            if force_anchor:
+                syncer.forget_version()
+                syncer._avoid_deltas = True
+                syncer.state.served_version = None
+            rec = await syncer.sync_once()
+            return rec, syncer.status()
+        finally:
+            await control.aclose()
+
+    rec, st = asyncio.run(run(False))
+    assert rec.ok and rec.verified is True and st["served_version"] == 3, rec
+    assert server.digest() == digest_of(states[3]) == m.latest_digest
+    assert "3 delta(s)" in rec.plan
+    rec, st = asyncio.run(run(True))
+    assert rec.ok and rec.verified is True and "anchor" in rec.plan, rec
+    assert server.digest() == digest_of(states[3])
+    state.sd, state.version = states[3], state.version + 3
