@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     except EnvVarError as exc:
         ap.error(str(exc))
     args = ap.parse_args(argv)
+    if args.verify not in ("every", "anchors"):  # argparse checks choices on the command line, not on defaults
+        ap.error(f"DWS_VERIFY={args.verify!r} is not one of 'every', 'anchors'")
     missing = [f for f in ("model", "bucket") if not getattr(args, f)]
     if missing:
         ap.error("missing " + ", ".join(f"--{m} (or DWS_{m.upper()})" for m in missing))

@@ -98,3 +98,40 @@ def test_placement_maps_positions_like_the_loader_copies(layout):
     got.view(-1)[off] = held.to(torch.float32)  # write "the position" at the located storage offsets
     assert torch.equal(got, expected)
     assert held.numel() == src.numel()  # exactly the elements this rank holds, each once
+
+
+@pytest.mark.parametrize("extra", ["--port 9000", "--host=0.0.0.0", "--tensor-parallel-size 4", "-tp 2",
+                                   "--worker-extension-cls x.Y"])
+def test_vllm_args_cannot_override_what_the_replica_owns(extra, monkeypatch, capsys):
+    from rollout_space.__main__ import parse_args
+
+    monkeypatch.setenv("DWS_VLLM_ARGS", extra)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "m", "--bucket", "b"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "DWS_VLLM_ARGS" in err and "may not set" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("var, value", [("DWS_POLL_INTERVAL", "fast"), ("DWS_UI", "flase"), ("PORT", "http"),
+                                        ("DWS_TENSOR_PARALLEL_SIZE", "0"), ("DWS_MAX_N", "-3"),
+                                        ("DWS_VERIFY", "sometimes")])
+def test_a_bad_variable_is_a_one_line_error_naming_it(var, value, monkeypatch, capsys):
+    from rollout_space.__main__ import parse_args
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "m", "--bucket", "b"])
+    assert exc.value.code == 2 and var in capsys.readouterr().err
+
+
+def test_every_flag_names_its_variable_in_help(capsys):
+    from rollout_space.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for var in ("DWS_MODEL", "DWS_BUCKET", "HOST", "PORT", "DWS_VLLM_PORT", "DWS_API_KEY", "DWS_POLL_INTERVAL",
+                "DWS_VERIFY", "DWS_TENSOR_PARALLEL_SIZE", "DWS_CACHE_DIR", "DWS_GPU_MEMORY_UTILIZATION",
+                "DWS_MAX_MODEL_LEN", "DWS_MAX_N", "DWS_SERVED_MODEL_NAME", "DWS_VLLM_ARGS", "DWS_VLLM_LOG", "DWS_UI"):
+        assert f"[{var}]" in out, var
