@@ -3,7 +3,7 @@ prefetch it replaced (commit c54aba2, checked out as a git worktree), same task,
 
 Per trial: a fresh local-folder bucket, env_space and two rollout replicas (real vLLM on CPU, 1 s bucket poll) started
 from their venvs through dws_tools.launch, then one trainer run as a subprocess (`python -m trainer_space`, the
-trainer venv; the old code runs from its worktree). Trials alternate new / old so that slow drift of the machine
+trainer venv). The old side runs every service from its worktree (same venvs): its bucket format is its replicas'. Trials alternate new / old so that slow drift of the machine
 hits both. From the trainer's own `GET /status` at the end:
 
 * steps per minute (first to last optimizer step, so start-up is not counted);
@@ -34,6 +34,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dws_tools import launch  # noqa: E402
 from dws_tools.launch import ServiceSpec, Stack, free_port  # noqa: E402
 from dws_tools.tiny_model import build_tiny_model  # noqa: E402
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for trial in range(ns.trials):
         for side in ("new", "old"):
             bucket = work / f"bucket-{side}-{trial}"
+            # Each side runs its own code for every service: the old trainer's bucket format is the old replicas'.
+            launch.REPO = REPO if side == "new" else ns.old
             with Stack(venv_root=REPO / ".venv", log_dir=work / f"logs-{side}-{trial}") as stack:
                 env_url, rollouts = _replicas_and_env(stack, work, model, bucket)
                 code = REPO if side == "new" else ns.old
