@@ -178,9 +178,10 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
     def _write_file(self, info: DwsUpdateInfo, source, plan, t0: float) -> dict[str, Any]:
         t1 = time.perf_counter()
         try:  # from here on weights change
+            resolved = self._take_resolved(info.path, info.base) if info.kind == "delta" else {}
             self.generation += 1
             if info.kind == "delta":
-                n_values, mismatched = self._write_delta(source, plan, info.path)
+                n_values, mismatched = self._write_delta(source, plan, info.path, resolved)
             else:
                 n_values, mismatched = self._write_anchor(info.path, plan, info.rows)
             self._sync_device()
@@ -200,7 +201,6 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
                     f"digest after {info.kind} v{info.version}: served {digest} != expected {info.expected_digest}")
         t3 = time.perf_counter()
         self.consistent, self.version = True, info.version
-        self._resolved.pop(info.path, None)
         self.last = {"kind": info.kind, "version": info.version, "base": info.base, "digest": digest,
                      "tensors": len(plan), "values": n_values, "readback": info.kind == "delta",
                      "validate_ms": round((t1 - t0) * 1e3, 3), "apply_ms": round((t2 - t1) * 1e3, 3),
@@ -265,8 +265,26 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         for name, t in sorted(src.tensors.items()):
             if t.mode == "context":
                 out[name] = self._decode_context(src, name)
-        self._resolved[path] = out
+        # Keyed by the file's identity too: the gateway reuses prepared-file names across syncs, and a decode made
+        # for an earlier file (whose apply then failed) must never be written for a later one.
+        self._resolved[path] = (self._identity(path), self.version, out)
         return {"tensors": len(out), "ms": round((time.perf_counter() - t0) * 1e3, 3)}
+
+    @staticmethod
+    def _identity(path: str) -> tuple[int, int, int]:
+        st = os.stat(path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _take_resolved(self, path: str, base: int | None) -> dict:
+        """Base-context decodes made by prepare() for exactly this file, against the version it applies onto (the
+        other parts of that version write other rows), else nothing: the pause then decodes them itself."""
+        entry = self._resolved.pop(path, None)
+        if entry is None:
+            return {}
+        identity, version, out = entry
+        if identity != self._identity(path) or version is None or version != base:
+            return {}
+        return out
 
     def _decode_context(self, src, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         from shared.codec import bf16_bits, get_encoding
@@ -289,8 +307,7 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             raise PatchError(f"{name}: values contain NaN or Inf")
         return torch.from_numpy(np.asarray(dec.positions, dtype=np.int64) + offset), vals
 
-    def _write_delta(self, src, names: list[str], path: str) -> tuple[int, int]:
-        resolved = self._resolved.get(path, {})
+    def _write_delta(self, src, names: list[str], path: str, resolved: dict) -> tuple[int, int]:
         n_values = mismatched = 0
         with torch.no_grad():
             for name in names:

@@ -241,10 +241,16 @@ class Syncer:
                 steps.append(await asyncio.to_thread(self._prepare_file, vf, m, prepared_dir / f"{i:03d}.safetensors",
                                                      rec))
             rec.decode_s = time.perf_counter() - t1
-            if steps and steps[0]["kind"] == "delta" and steps[0].pop("context", 0):
-                t2 = time.perf_counter()  # base-context tensors of the first file decode against the served base
-                await self.control.prepare(steps[0]["path"])
-                rec.prepare_s = time.perf_counter() - t2
+            # Base-context tensors of the first version decode against the served base now, between engine steps
+            # (every part of that version: each part's rows of the base are the served ones). Later versions' bases
+            # exist only inside the pause, where the worker decodes them itself.
+            t2 = time.perf_counter()
+            for s in steps:
+                if s["kind"] != "delta" or s["version"] != steps[0]["version"]:
+                    break
+                if s.pop("context", 0):
+                    await self.control.prepare(s["path"])
+            rec.prepare_s = time.perf_counter() - t2
             for s in steps:
                 s.pop("context", None)
             rec.download_s = time.perf_counter() - t0
