@@ -43,6 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shared.follower import apply_to_state  # noqa: E402
 from shared.formats import TensorChange, bits, encode_delta, read_patch_file, resolve_context  # noqa: E402
 
+# --mid: the 4-layer, hidden-1024 transformer of issue 16's first measurements (~86 M parameters), for scenarios the
+# 0.6B run cannot fit on a shared machine in time.
+MID = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+           head_dim=128, vocab_size=32000, max_position_embeddings=4096)
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096)
 # (name, lr, optimizer steps per publish, measured deltas, warm-up steps before the first measured delta)
@@ -59,12 +63,12 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_model(quick: bool, seed: int):
+def build_model(quick: bool, seed: int, mid: bool = False):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from dws_tools.tiny_model import DEFAULT_CONFIG
 
-    cfg = Qwen3Config(**(DEFAULT_CONFIG if quick else QWEN3_06B), tie_word_embeddings=True)
+    cfg = Qwen3Config(**(DEFAULT_CONFIG if quick else MID if mid else QWEN3_06B), tie_word_embeddings=True)
     model = Qwen3ForCausalLM(cfg).float()
     init_weights(model, seed)
     return model, cfg
@@ -275,9 +279,10 @@ def run(args) -> dict:
     scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
     if args.only:
         scenarios = [sc for sc in scenarios if sc[0] in args.only.split(",")]
-    model, cfg = build_model(args.quick, args.seed)
+    model, cfg = build_model(args.quick, args.seed, args.mid)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {'tiny' if args.quick else 'Qwen3-0.6B-shaped'}, {n_params:,} parameters, torch {torch.__version__}, "
+    shape = "tiny" if args.quick else "mid (4x1024)" if args.mid else "Qwen3-0.6B"
+    log(f"model: {shape}, {n_params:,} parameters, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads")
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="dws-bench-"))
@@ -333,7 +338,7 @@ def run(args) -> dict:
         "mode": "quick" if args.quick else "full",
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "model": {"parameters": n_params, "shape": "tiny" if args.quick else "Qwen3-0.6B"},
+        "model": {"parameters": n_params, "shape": shape},
         "batch": [args.batch, args.seq],
         "scenarios": results,
         "gpu": gpu,
@@ -442,6 +447,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mid", action="store_true", help="the 86 M-parameter 4x1024 model instead of 0.6B")
     ap.add_argument("--time", default="", help="comma-separated scenarios whose last delta is timed (default: all)")
     ap.add_argument("--only", default="", help="comma-separated scenario names to run (default: all)")
     ap.add_argument("--partial", default="", help="also write the scenarios measured so far to this file")
