@@ -66,7 +66,8 @@ def inspect_file(path: Path, *, shapes: dict[str, tuple[int, ...]] | None) -> di
         summary["part"] = f"{part.index} of {part.count} ({part.layout})"
     per: dict[str, dict] = {}
     for name, t in pf.tensors.items():
-        n = int(t.positions.size) if pf.kind == "delta" else int(t.numel())
+        # A base-context (ctx) delta tensor is not decoded here: its header knows the count.
+        n = int(t.count) if pf.kind == "delta" else int(t.numel())
         row: dict = {"changed": n}
         numel = None
         if shapes is not None and name in shapes:

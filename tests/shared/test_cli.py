@@ -187,3 +187,21 @@ def test_inspect_trl_delta_against_the_wrong_model_is_one_line(tmp_path, tiny_mo
     assert proc.returncode == 1 and "not part of the model" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("inspect", "--model", str(tmp_path / "nowhere"), str(path), ok=False)
     assert proc.returncode == 1 and "no safetensors checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_a_ctx_delta_reports_counts_without_the_base(tmp_path, tiny_model_dir):
+    """A v2 (`ctx`) delta decodes only against its base; inspect still reports its counts from the header."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Publisher(tmp_path / "b", encoding="ctx") as pub:
+        for v in range(2):
+            pub.publish(dict(model.named_parameters()), v)
+            ids = torch.randint(0, 256, (2, 16))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    out = json.loads(run("inspect", "--json", "--tensors", str(tmp_path / "b/deltas/v00000001.safetensors")).stdout)
+    assert out["kind"] == "delta" and out["changed_elements"] > 0
+    assert sum(r["changed"] for r in out["per_tensor"].values()) == out["changed_elements"]
