@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "DWS_ANCHOR_FRACTION"))
     a("--keep-anchors", type=int, default=i("DWS_KEEP_ANCHORS", 2),
       help=help_env("anchors (and their deltas) kept in the bucket", "DWS_KEEP_ANCHORS"))
-    a("--encoding", default=env_str("DWS_ENCODING", "compact"), choices=["compact", "raw"],
-      help=help_env("delta encoding", "DWS_ENCODING"))
+    a("--encoding", default=env_str("DWS_ENCODING", "compact"), choices=["compact", "ctx", "raw"],
+      help=help_env("delta encoding: compact (default), ctx (v2: smaller, conditioned on the base; slower to "
+                    "encode and decode), raw (TRL's layout)", "DWS_ENCODING"))
     a("--run-id", default=env_str("DWS_RUN_ID"),
       help=help_env("names this run in the bucket's owner.json lease (default: SPACE_ID, else host-pid)",
                     "DWS_RUN_ID"))
