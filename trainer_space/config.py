@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from shared.envvars import EnvVarError, env_bool, env_str, env_value, help_env
 
@@ -210,6 +211,11 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
                               ("--env-url", env_urls)) if not v]
     if missing:
         ap.error("missing " + ", ".join(missing) + " (or the same-named DWS_* environment variables)")
+    # A Hub id is "org/name"; anything that reads as a local path must be a model folder, or loading it later would
+    # end in a transformers traceback after the bucket lease was already taken.
+    model_path = Path(ns.model).expanduser()
+    if (ns.model.startswith(("/", ".", "~")) or model_path.exists()) and not (model_path / "config.json").is_file():
+        ap.error(f"--model {ns.model!r} is not a model folder (no config.json there)")
     if ns.trainable:
         try:
             re.compile(ns.trainable)

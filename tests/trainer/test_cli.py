@@ -69,3 +69,16 @@ def test_help_lists_every_flag_with_its_variable():
         if a.option_strings and a.dest != "help":
             assert re.search(r"\[[A-Z_]+(=[a-z]+)?\]$", a.help or ""), (a.option_strings, a.help)
     assert "nan-at" not in text.lower() and "FAULT" not in text  # test hooks are environment variables, not user-facing flags
+
+
+@pytest.mark.parametrize("model", ["/definitely/not/a/model", "./nowhere"])
+def test_a_missing_model_folder_is_one_line_before_anything_starts(model, tmp_path):
+    """A local path that is not a model folder is refused at parse time (exit 2), before the bucket lease is taken
+    or any service is contacted; a Hub id ("org/name") is left for the loader."""
+    p = subprocess.run([sys.executable, "-m", "trainer_space", "--model", model, "--bucket", str(tmp_path / "b"),
+                        "--rollout-url", "http://r", "--env-url", "http://e"], cwd=REPO,
+                       env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "not a model folder" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "b").exists(), "nothing was written to the bucket"
+    assert parse_args(["--model", "Qwen/Qwen3-0.6B", "--bucket", "b", "--rollout-url", "http://r",
+                       "--env-url", "http://e"]).model == "Qwen/Qwen3-0.6B"
