@@ -175,18 +175,27 @@ def write_anchor(tensors: Mapping[str, torch.Tensor], dest: str | Path, *, versi
     return Path(dest).stat().st_size
 
 
-def _header(path: Path) -> dict:
+def header_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its header alone (no tensor is touched). The one header
+    reader of the protocol: a hostile length prefix or a header that is not a JSON object is a FormatError."""
+    path = Path(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise FormatError(f"{path.name}: not a safetensors file (truncated)")
         n = int.from_bytes(raw, "little")
         if n > MAX_HEADER_BYTES:
-            raise FormatError(f"{path.name}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES} allowed")
+            raise FormatError(f"{path.name}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES} "
+                              "allowed")
         try:
-            return json.loads(f.read(n))
+            header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError):
             raise FormatError(f"{path.name}: safetensors header is not valid JSON") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(meta or {}, dict) \
+            or not all(isinstance(v, str) for v in (meta or {}).values()):
+        raise FormatError(f"{path.name}: safetensors header is not a JSON object with string metadata")
+    return dict(meta or {})
 
 
 def _int(meta: Mapping[str, str], key: str, path: Path) -> int:
@@ -204,8 +213,7 @@ def read_patch_file(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] |
     Raises FormatError for anything malformed; nothing is applied here, so a bad file can never be half-applied.
     """
     path = Path(path)
-    header = _header(path)
-    meta: dict[str, str] = header.get("__metadata__") or {}
+    meta = header_metadata(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

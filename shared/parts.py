@@ -28,10 +28,9 @@ import torch
 from safetensors.torch import save as st_save
 
 from shared.errors import FormatError
-from shared.formats import PatchFile, read_patch_file
+from shared.formats import PatchFile, header_metadata, read_patch_file
 from shared.manifest import LAYOUT_DIM0_CHUNKS, chunk_rows
 
-MAX_HEADER_BYTES = 64 << 20  # a hostile length prefix must not make us allocate gigabytes
 
 
 @dataclass(frozen=True)
@@ -114,28 +113,10 @@ def encode_anchor_part(tensors: Mapping[str, torch.Tensor], *, version: int, sha
     return st_save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=meta)
 
 
-def _header_metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise FormatError(f"{path.name}: not a safetensors file (truncated)")
-        n = int.from_bytes(raw, "little")
-        if n > MAX_HEADER_BYTES:
-            raise FormatError(f"{path.name}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES} "
-                              "allowed")
-        try:
-            header = json.loads(f.read(n))
-            meta = header.get("__metadata__") or {}
-            assert isinstance(meta, dict)
-            return meta
-        except (ValueError, UnicodeDecodeError, AttributeError, AssertionError):
-            raise FormatError(f"{path.name}: safetensors header is not valid JSON") from None
-
-
 def is_part_file(path: str | Path) -> bool:
     """Whether a file's header says it is a part (for `dws inspect`); False for anything unreadable."""
     try:
-        return "dws_part" in _header_metadata(Path(path))
+        return "dws_part" in header_metadata(Path(path))
     except (FormatError, OSError):
         return False
 
@@ -148,7 +129,7 @@ def part_info(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] | None 
     assigns to this part: a part that overlaps another, leaves rows out, or names an unknown tensor is refused here,
     before any of the version is applied."""
     path = Path(path)
-    meta = _header_metadata(path)
+    meta = header_metadata(path)
     where = path.name
     try:
         k, n = int(meta["dws_part"]), int(meta["dws_parts"])

@@ -117,3 +117,15 @@ def test_apply_validates_before_writing(tmp_path):
     with pytest.raises(FormatError, match="zzz.unknown"):
         apply_to_state(st, read_patch_file(tmp_path / "d.safetensors"))
     assert all(torch.equal(st[k], before[k]) for k in st), "a rejected patch must leave every tensor untouched"
+
+
+@pytest.mark.parametrize("header", [b"[1, 2, 3]", b'{"__metadata__": [1]}', b'{"__metadata__": {"version": 3}}'])
+def test_a_header_that_is_not_an_object_with_string_metadata_is_a_format_error(tmp_path, header):
+    """The one header reader (also behind part files) refuses what safetensors' JSON could hold but a header cannot."""
+    from shared.parts import is_part_file
+
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(FormatError, match="not a JSON object"):
+        read_patch_file(path)
+    assert is_part_file(path) is False
