@@ -93,7 +93,60 @@ def _to_cpu_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.bfloat16, copy=True)
 
 
-class Publisher:
+class BackgroundPublishing:
+    """What a caller sees of a publisher between two `publish` calls: versions queued for one background thread,
+    `flush()` to wait for them, `close()` to stop, errors of the background work raised on the caller's next call.
+    Shared by `Publisher` and the per-rank `shared.sharded.ShardedPublisher`. The hazard: a failure in the background
+    thread must surface in the training loop, never be lost in a thread that nobody joins."""
+
+    _queue: queue.Queue
+    _thread: threading.Thread
+    _lock: threading.Lock
+    _errors: list[BaseException]
+    _lease: BucketLease | None
+    #: errors raised as they are (the caller must see the type); any other one is wrapped in PublishError
+    _passthrough: tuple[type[BaseException], ...] = (OwnerConflictError,)
+
+    def _who(self) -> str:
+        return "publisher"
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued version is stored (and committed, where this process commits); raise
+        PublishError if any failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self._who()} still has {self._queue.unfinished_tasks} version(s) in flight")
+            time.sleep(0.01)
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Flush and stop; the bucket's lease (if this process holds it) is released. Not a collective: a dead rank
+        must not hang the others."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            if self._lease is not None:
+                self._lease.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _raise_pending(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            if isinstance(errors[0], self._passthrough):
+                raise errors[0]
+            raise PublishError(f"{self._who()}: background publish failed: {errors[0]}") from errors[0]
+
+
+class Publisher(BackgroundPublishing):
     def __init__(
         self,
         bucket: Bucket | str,
@@ -178,38 +231,7 @@ class Publisher:
         self._queue.put((version, snap, time.perf_counter() - t0, fut))
         return fut
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued version is committed; raise PublishError if any failed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"publisher still has {self._queue.unfinished_tasks} version(s) in flight")
-            time.sleep(0.01)
-        self._raise_pending()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-            self._lease.release()
-
-    def __enter__(self) -> Publisher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ----------------------------------------------------------------------------------------------- internals
-    def _raise_pending(self) -> None:
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            if isinstance(errors[0], OwnerConflictError):
-                raise errors[0]
-            raise PublishError(f"background publish failed: {errors[0]}") from errors[0]
-
     def _identity(self, snap: Mapping[str, torch.Tensor]) -> ModelIdentity:
         return ModelIdentity(name=self.model_name,
                              tensors={k: TensorSpec(shape=tuple(t.shape)) for k, t in sorted(snap.items())})

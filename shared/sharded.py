@@ -74,6 +74,7 @@ from shared.manifest import (
     write_manifest,
 )
 from shared.parts import add_metadata, encode_anchor_part, part_metadata, rows_of
+from shared.publisher import BackgroundPublishing
 
 log = logging.getLogger("dws.sharded")
 
@@ -137,9 +138,12 @@ def _is_dtensor(t) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
-class ShardedPublisher:
+class ShardedPublisher(BackgroundPublishing):
     """Publish the local shard of a sharded model as one part per rank. Every argument must be the same on every
     rank; `publish` and the constructor are collectives over `group` (default: a new gloo group over the world)."""
+
+    # Another rank's failure reaches this one as a PublishError already naming the rank: raised as it is.
+    _passthrough = (OwnerConflictError, PublishError)
 
     def __init__(
         self,
@@ -388,40 +392,9 @@ class ShardedPublisher:
         self._queue.put((version, local, anchor, time.perf_counter() - t0, fut))
         return fut
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until this rank's queued parts are stored (on rank 0: committed); raise PublishError if any
-        failed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"rank {self.rank} still has {self._queue.unfinished_tasks} version(s) in flight")
-            time.sleep(0.01)
-        self._raise_pending()
-
-    def close(self) -> None:
-        """Flush and stop; rank 0 releases the bucket. Not a collective (a dead rank must not hang the others)."""
-        try:
-            self.flush()
-        finally:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-            if self._lease is not None:
-                self._lease.release()
-
-    def __enter__(self) -> ShardedPublisher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ------------------------------------------------------------------------------------------- internals
-    def _raise_pending(self) -> None:
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            if isinstance(errors[0], (OwnerConflictError, PublishError)):
-                raise errors[0]
-            raise PublishError(f"rank {self.rank}: background publish failed: {errors[0]}") from errors[0]
+    def _who(self) -> str:
+        return f"rank {self.rank}"
 
     def _over_fraction(self) -> bool:
         m = self._manifest
