@@ -26,12 +26,13 @@ import logging
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import DwsError, FormatError
 from shared.follower import Follower, SyncPlan
 from shared.manifest import Manifest
+from shared.wire import SyncRecord
 
 from rollout_space.prepared import write_prepared
 from rollout_space.vllm_proc import VllmControl, VllmError
@@ -40,30 +41,6 @@ log = logging.getLogger("dws.rollout.sync")
 
 VERIFY_MODES = ("every", "anchors")
 DIGEST_CHUNK_BYTES = 64 << 20  # weights hashed per RPC after resume: bounds how long one engine step waits
-
-
-@dataclass
-class SyncRecord:
-    """One sync round, as /status and the dashboard show it (a superset of shared.wire.SyncRecord)."""
-
-    started: float
-    plan: str
-    from_version: int | None
-    to_version: int | None
-    bytes: int = 0
-    download_s: float = 0.0  # download + sha256 + decode + prepare, all before the pause
-    decode_s: float = 0.0
-    prepare_s: float = 0.0  # worker-side base-context decode between engine steps (0 without such tensors)
-    pause_s: float = 0.0  # pause -> resume, as the gateway sees it
-    apply_s: float = 0.0  # the dws_apply round trip inside the pause
-    worker_apply_s: float = 0.0  # of which the worker's own validate + write + read-back
-    control_s: float = 0.0  # pause_s - worker_apply_s: the control plane's share of the pause
-    changed: int = 0
-    verify_s: float | None = None  # the after-resume digest (worker time)
-    verify_window_s: float | None = None  # resume -> verdict: how long an undetected wrong weight could be served
-    verified: bool | None = None
-    ok: bool = False
-    error: str | None = None
 
 
 @dataclass
@@ -402,8 +379,8 @@ class Syncer:
             "digest_mismatches": st.digest_mismatches,
             "verify": self.verify, "poll_interval_s": self.poll_interval, "paused": self.paused,
             "syncing": self.syncing, "verifying": self.verifying,
-            "last_sync": asdict(st.last) if st.last else None,
-            "recent_syncs": [asdict(r) for r in hist[-10:]],
+            "last_sync": st.last.model_dump() if st.last else None,
+            "recent_syncs": [r.model_dump() for r in hist[-10:]],
             "pause_ms": _pause_summary(hist),
             # resume -> full-digest verdict: the window in which a wrong weight could be served undetected
             "verify_window_ms": _summary(r.verify_window_s * 1e3 for r in hist if r.verify_window_s is not None),

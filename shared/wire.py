@@ -31,16 +31,24 @@ class _Open(BaseModel):
 
 
 class SyncRecord(_Open):
-    """One sync round of a replica."""
+    """One sync round of a replica (the replica fills it in as the round goes, then reports it on /status)."""
 
     started: float
     plan: str
     from_version: int | None = None
     to_version: int | None = None
     bytes: int = 0
-    download_s: float = 0.0
-    pause_s: float = 0.0
-    apply_s: float = 0.0
+    download_s: float = 0.0  # download + sha256 + decode + prepare, all before the pause
+    decode_s: float = 0.0
+    prepare_s: float = 0.0  # worker-side base-context decode between engine steps (0 without such tensors)
+    pause_s: float = 0.0  # pause -> resume, as the gateway sees it
+    apply_s: float = 0.0  # the apply round trip inside the pause
+    worker_apply_s: float = 0.0  # of which the worker's own validate + write + read-back
+    control_s: float = 0.0  # pause_s - worker_apply_s: the control plane's share of the pause
+    changed: int = 0
+    verify_s: float | None = None  # the after-resume digest (worker time)
+    verify_window_s: float | None = None  # resume -> verdict: how long an undetected wrong weight could be served
+    verified: bool | None = None
     ok: bool = False
     error: str | None = None
 
