@@ -229,8 +229,9 @@ def test_hf_follower_download_failures_keep_the_last_good_version(hub, publisher
     with pytest.raises(BucketError, match="after 5 attempts"):
         follower.sync_state(state, 1)
     assert same(state, bf16(1)), "a follower whose downloads fail keeps its last good version"
-    # delta path (5 attempts) then the anchor fallback (5 attempts): bounded
-    assert hub.count("download_bucket_files", "exp/deltas/v00000002") == 5
+    # delta path (5 attempts), then the anchor fallback (anchor v0 + deltas v1, v2, fetched in parallel): the anchor
+    # fails after its 5 attempts, and v2 -- downloading beside it -- may have run its own 5 by then. Bounded either way.
+    assert 5 <= hub.count("download_bucket_files", "exp/deltas/v00000002") <= 10
     assert hub.count("download_bucket_files", "exp/anchors/") == 5
     hub.rules.clear()
     assert follower.sync_state(state, 1) == 2 and same(state, bf16(2))
