@@ -107,6 +107,24 @@ class BackgroundPublishing:
     #: errors raised as they are (the caller must see the type); any other one is wrapped in PublishError
     _passthrough: tuple[type[BaseException], ...] = (OwnerConflictError,)
 
+    @staticmethod
+    def _check_policy(*, anchor_every: int, anchor_fraction: float, keep_anchors: int, queue_size: int) -> None:
+        if anchor_every < 1 or keep_anchors < 1 or not (0 < anchor_fraction) or queue_size < 1:
+            raise ValueError("anchor_every, keep_anchors and queue_size must be >= 1 and anchor_fraction > 0")
+
+    def _configure(self, bucket: Bucket | str, *, token: str | None, model_name: str, anchor_every: int,
+                   anchor_fraction: float, keep_anchors: int, encoding: str, on_report: Callable | None,
+                   run_id: str | None) -> None:
+        """The settings every publisher keeps: where, what it publishes, and its anchor and retention policy."""
+        self.bucket = bucket if isinstance(bucket, Bucket) else open_bucket(bucket, token=token, create=True)
+        self.model_name = model_name
+        self.anchor_every = anchor_every
+        self.anchor_fraction = anchor_fraction
+        self.keep_anchors = keep_anchors
+        self.encoding = encoding
+        self.on_report = on_report
+        self.run_id = run_id or default_run_id()
+
     def _who(self) -> str:
         return "publisher"
 
@@ -165,16 +183,11 @@ class Publisher(BackgroundPublishing):
         lease_ttl_s: float = 120.0,
         lease_settle_s: float = 0.5,
     ):
-        if anchor_every < 1 or keep_anchors < 1 or not (0 < anchor_fraction) or queue_size < 1:
-            raise ValueError("anchor_every, keep_anchors and queue_size must be >= 1 and anchor_fraction > 0")
-        self.bucket = bucket if isinstance(bucket, Bucket) else open_bucket(bucket, token=token, create=True)
-        self.model_name = model_name
-        self.anchor_every = anchor_every
-        self.anchor_fraction = anchor_fraction
-        self.keep_anchors = keep_anchors
-        self.encoding = encoding
-        self.on_report = on_report
-        self.run_id = run_id or default_run_id()
+        self._check_policy(anchor_every=anchor_every, anchor_fraction=anchor_fraction, keep_anchors=keep_anchors,
+                           queue_size=queue_size)
+        self._configure(bucket, token=token, model_name=model_name, anchor_every=anchor_every,
+                        anchor_fraction=anchor_fraction, keep_anchors=keep_anchors, encoding=encoding,
+                        on_report=on_report, run_id=run_id)
         self.owner = f"{self.run_id} ({socket.gethostname()}:{os.getpid()})"
         self.reports: list[PublishReport] = []
         # Claim before reading the manifest: a previous owner's last commit then lands before our read, not after.

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.bucket import Bucket, open_bucket
+from shared.bucket import Bucket
 from shared.digest import XSUM64, DigestBuilder, ElementSum, algorithm_of, combine
 from shared.errors import (
     BucketFileNotFound,
@@ -60,7 +60,7 @@ from shared.errors import (
     PublishError,
 )
 from shared.formats import TensorChange, bits, encode_delta
-from shared.lease import BucketLease, default_run_id
+from shared.lease import BucketLease
 from shared.manifest import (
     LAYOUT_DIM0_CHUNKS,
     FileEntry,
@@ -170,8 +170,8 @@ class ShardedPublisher(BackgroundPublishing):
     ):
         import torch.distributed as dist
 
-        if anchor_every < 1 or keep_anchors < 1 or not (0 < anchor_fraction) or queue_size < 1:
-            raise ValueError("anchor_every, keep_anchors and queue_size must be >= 1 and anchor_fraction > 0")
+        self._check_policy(anchor_every=anchor_every, anchor_fraction=anchor_fraction, keep_anchors=keep_anchors,
+                           queue_size=queue_size)
         if commit_timeout_s <= 0 or poll_s <= 0:
             raise ValueError("commit_timeout_s and poll_s must be > 0")
         self._dist = dist if dist.is_available() and dist.is_initialized() else None
@@ -184,16 +184,11 @@ class ShardedPublisher(BackgroundPublishing):
             if (rank or 0) != 0 or (world_size or 1) != 1:
                 raise ValueError("ShardedPublisher with several ranks needs torch.distributed initialised")
             self.rank, self.world_size, self._group = 0, 1, None
-        self.bucket = bucket if isinstance(bucket, Bucket) else open_bucket(bucket, token=token, create=True)
-        self.model_name = model_name
-        self.anchor_every = anchor_every
-        self.anchor_fraction = anchor_fraction
-        self.keep_anchors = keep_anchors
-        self.encoding = encoding
+        self._configure(bucket, token=token, model_name=model_name, anchor_every=anchor_every,
+                        anchor_fraction=anchor_fraction, keep_anchors=keep_anchors, encoding=encoding,
+                        on_report=on_report, run_id=run_id)
         self.commit_timeout_s = commit_timeout_s
         self.poll_s = poll_s
-        self.on_report = on_report
-        self.run_id = run_id or default_run_id()
         self.owner = f"{self.run_id} ({socket.gethostname()}:{os.getpid()}, {self.world_size} ranks)"
         self.reports: list[ShardReport] = []
         self._spool = Path(spool_dir) if spool_dir else Path(tempfile.mkdtemp(prefix=f"dws-spool-r{self.rank}-"))
