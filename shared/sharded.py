@@ -11,7 +11,10 @@ only then writes the manifest. A rank that dies or fails leaves its receipt miss
 is never committed, rank 0 raises `PublishError` naming the missing parts, every later `publish` on every rank
 raises, and a restarted run continues from the last committed version: at start each rank rebuilds its own rows
 from the bucket's parts, the ranks prove together that the rebuilt rows hash to the manifest's digest, and the first
-new version is a delta on it (or, when that cannot be proven, an anchor).
+new version is a delta on it (or, when that cannot be proven, an anchor). A history written by another number of
+ranks, or by a single process, is re-split: each rank reads only the stored files that overlap its rows and keeps
+those rows (a single-process file is the whole model: read once at start, then dropped). Deltas coded against their
+whole base tensor (`ctx`) cannot be applied to a slice of it; such a history falls back to an anchor.
 
 Parts use the "dim0-chunks" layout (shared/manifest.py `chunk_rows`): part k of n holds rows [k*c, min((k+1)*c, R))
 of every tensor with R rows, c = ceil(R/n) -- exactly FSDP2's `Shard(0)` placement on a 1-D mesh, where rank k's
@@ -27,8 +30,9 @@ Hooking it into a training loop: build it on every rank after `init_process_grou
 `publish(model.named_parameters(), step)` on every rank at the same steps (it is a collective). Hook in at the
 narrowest point: TRL's async trainer streams gathered full tensors to rank 0's `send_weights`, the opposite of what
 is needed here -- call `publish` from every rank where the sharded parameters are, after the optimizer step, instead
-of handing gathered tensors to rank 0. tests/shared/sharded_worker.py is a runnable example (a plain FSDP2 loop on
-the tiny Qwen3 under `torchrun --nproc_per_node 2`).
+of handing gathered tensors to rank 0. trainer_space/sharded.py does exactly that for TRL's AsyncGRPOTrainer
+(`torchrun -m trainer_space`); tests/shared/sharded_worker.py is a plain FSDP2 loop on the tiny Qwen3 under
+`torchrun --nproc_per_node 2`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -129,9 +134,24 @@ class ShardReport:
     upload_s: float
     wait_s: float  # rank 0: waiting for the other parts
     digest: str | None  # rank 0: the committed digest
+    # Rank 0 only (None elsewhere): the committed version as a whole, summed over every rank's receipt.
+    version_changed: int | None = None
+    version_total: int | None = None
+    delta_bytes: int | None = None  # all delta parts, when the delta is listed
+    anchor_bytes: int | None = None  # all anchor parts, when the version is an anchor
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of this rank's elements unchanged since the previous published version."""
+        return 1.0 - self.changed / self.total if self.total else 1.0
+
+    @property
+    def bytes(self) -> int:
+        """This rank's bytes uploaded for the version."""
+        return self.part_bytes
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "sparsity": self.sparsity, "bytes": self.bytes}
 
 
 def _is_dtensor(t) -> bool:
@@ -279,26 +299,83 @@ class ShardedPublisher(BackgroundPublishing):
                         m.latest, why)
 
     def _rebuild_rows(self, m: Manifest) -> dict[str, torch.Tensor]:
-        """This rank's rows at m.latest: the newest anchor and the deltas after it, reading only this rank's part of
-        each (the history must be in parts of this world size)."""
+        """This rank's rows at m.latest: the newest anchor and the deltas after it. A version stored in this world
+        size's parts is read from this rank's part only; any other partition -- another rank count, or one file
+        written by a single process -- is re-split: this rank reads only the files that overlap its rows (a
+        single-process file is one file: read once, whole, then dropped) and keeps only its own rows."""
         from shared.follower import Follower, apply_to_state, plan_sync
-        from shared.parts import read_part
 
         steps = plan_sync(m, None).steps
-        if any(len(e.parts) != self.world_size for e in steps):
-            raise PublishError(f"the history since the newest anchor is not in {self.world_size} parts")
         follower = Follower(self.bucket, cache_dir=self._spool / "restore", download_workers=1)
+        shapes = m.model.shapes
         state: dict[str, torch.Tensor] = {}
+        resplit = 0
         for e in steps:
-            path, size, sha = e.files[self.rank]
-            vf = follower._fetch_one(e, path, size, sha, self.rank, m)
-            pf, _ = read_part(vf.path, shapes=m.model.shapes, index=self.rank, count=self.world_size,
-                              version=e.version, base=e.base)
             if e.base is None:
                 state = {}
-            apply_to_state(state, pf)  # a part's tensors are this rank's rows: local coordinates throughout
-            vf.path.unlink(missing_ok=True)
+            if len(e.parts) == self.world_size and e.layout == LAYOUT_DIM0_CHUNKS:
+                from shared.parts import read_part
+
+                path, size, sha = e.files[self.rank]
+                vf = follower._fetch_one(e, path, size, sha, self.rank, m)
+                pf, _ = read_part(vf.path, shapes=shapes, index=self.rank, count=self.world_size,
+                                  version=e.version, base=e.base)
+                apply_to_state(state, pf)  # a part's tensors are this rank's rows: local coordinates throughout
+                vf.path.unlink(missing_ok=True)
+            else:
+                resplit += 1
+                self._apply_resplit(state, e, m, follower)
+        if resplit:
+            log.info("rank %d: re-split %d stored version(s) into this rank's rows of %d", self.rank, resplit,
+                     self.world_size)
         return state
+
+    def _apply_resplit(self, state: dict[str, torch.Tensor], e: FileEntry, m: Manifest, follower) -> None:
+        """Apply one stored version written in another partition to this rank's rows (local coordinates)."""
+        from shared.formats import bits
+        from shared.parts import read_part
+
+        shapes = m.model.shapes
+        if any(len(s) == 0 for s in shapes.values()):
+            raise PublishError("a 0-d tensor cannot be re-split by rows")
+        count = len(e.parts) or 1
+        mine = {n: rows_of(s, self.rank, self.world_size) for n, s in shapes.items()}
+        for i, (path, size, sha) in enumerate(e.files):
+            theirs = {n: rows_of(s, i, count) if e.parts else (0, s[0]) for n, s in shapes.items()}
+            if not any(max(a0, r0) < min(a1, r1) for n, (a0, a1) in theirs.items() for r0, r1 in (mine[n],)):
+                continue  # none of this file's rows are this rank's: not even downloaded
+            vf = follower._fetch_one(e, path, size, sha, i if e.parts else None, m)
+            if e.parts:
+                pf, _ = read_part(vf.path, shapes=shapes, index=i, count=count, version=e.version, base=e.base)
+            else:
+                pf = follower.decode(vf, manifest=m)
+            for name, t in pf.tensors.items():
+                (a0, a1), (r0, r1) = theirs[name], mine[name]
+                row = 1
+                for d in shapes[name][1:]:
+                    row *= d
+                if pf.kind == "anchor":
+                    if name not in state:
+                        state[name] = torch.empty((r1 - r0, *shapes[name][1:]), dtype=torch.bfloat16)
+                    o0, o1 = max(a0, r0), min(a1, r1)
+                    if o0 < o1:
+                        state[name][o0 - r0:o1 - r0] = t[o0 - a0:o1 - a0]
+                    continue
+                if t.needs_base_context:
+                    raise PublishError(f"v{e.version} is coded against its whole base ({pf.encoding}): it cannot "
+                                       "be re-split into other rows")
+                g = t.positions + a0 * row  # flat index in the full tensor
+                keep = (g >= r0 * row) & (g < r1 * row)
+                if not keep.any():
+                    continue
+                local = g[keep] - r0 * row
+                flat = bits(state[name]).reshape(-1)
+                if t.values is not None:
+                    flat[local] = t.values[keep]
+                else:  # residuals against the base: the base values at these positions are this rank's
+                    flat[local] = (flat[local].view(np.uint16) + t.residual[keep].view(np.uint16)).astype(np.uint16)
+            vf.path.unlink(missing_ok=True)
+            del pf
 
     def restored_rows(self) -> dict[str, torch.Tensor] | None:
         """This rank's rows (bf16) of the bucket's latest version when the restart rebuilt them, else None: a trainer
@@ -525,17 +602,17 @@ class ShardedPublisher(BackgroundPublishing):
         base = self._prev_version if "delta" in receipt else None
         self._prev, self._prev_version, self._esum = snap, version, esum
         kinds = tuple(x for x in ("delta", "anchor") if x in receipt)
-        wait_s, digest = 0.0, None
+        wait_s, digest, whole = 0.0, None, {}
         if k == 0:
             t0 = time.perf_counter()
-            kinds, digest = self._commit(version, shapes)
+            kinds, digest, whole = self._commit(version, shapes)
             wait_s = time.perf_counter() - t0
         log.info("rank %d: v%d part %d/%d %s, %d/%d changed, %s B, encode %.3fs upload %.3fs%s", k, version, k, n,
                  "+".join(kinds), changed, total, f"{part_bytes:,}", encode_s, upload_s,
                  f", committed after {wait_s:.3f}s" if k == 0 else "")
         return ShardReport(version=version, rank=k, base=base, kinds=kinds, changed=changed, total=total,
                            part_bytes=part_bytes, snapshot_s=snapshot_s, encode_s=encode_s, digest_s=digest_s,
-                           upload_s=upload_s, wait_s=wait_s, digest=digest)
+                           upload_s=upload_s, wait_s=wait_s, digest=digest, **whole)
 
     def _await_receipts(self, version: int) -> list[PartReceipt]:
         """Rank 0: every rank's receipt for this version, polled from the bucket (bounded by commit_timeout_s)."""
@@ -571,7 +648,7 @@ class ShardedPublisher(BackgroundPublishing):
                     "committed version, and a restarted run continues from it")
             time.sleep(self.poll_s)
 
-    def _commit(self, version: int, shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[str, ...], str]:
+    def _commit(self, version: int, shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[str, ...], str, dict]:
         receipts = self._await_receipts(version)
         n = self.world_size
         digest = combine(shapes, [int(r.element_sum, 16) for r in receipts])
@@ -625,7 +702,12 @@ class ShardedPublisher(BackgroundPublishing):
             self.bucket.delete([*dropped, *unlisted, *(receipt_path(version, k, n) for k in range(n))])
         except Exception as exc:  # noqa: BLE001
             log.warning("could not delete retired files %s: %s", dropped, exc)
-        return tuple(kinds), digest
+        whole = dict(version_total=sum(r.total for r in receipts),
+                     version_changed=sum(r.delta.changed or 0 for r in receipts) if all(r.delta for r in receipts)
+                     else sum(r.total for r in receipts),
+                     delta_bytes=sum(r.delta.bytes for r in receipts) if "delta" in kinds else None,
+                     anchor_bytes=anchor_bytes if "anchor" in kinds else None)
+        return tuple(kinds), digest, whole
 
 
 __all__ = ["PartReceipt", "ShardReport", "ShardedPublisher", "receipt_path"]

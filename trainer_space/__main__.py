@@ -6,6 +6,11 @@ hold NaN/Inf -- nothing of that step is published --, a bad option or variable);
 traceback). When training ends the process exits if `--exit-when-done` (`DWS_EXIT_WHEN_DONE`) holds -- the default
 outside a Space (`SPACE_ID` unset: a terminal, CI) -- and otherwise keeps serving the dashboard, as a Space should,
 until interrupted.
+
+Under torchrun (`torchrun --nproc_per_node N -m trainer_space ...`, trainer_space/sharded.py) every rank runs this
+entrypoint: rank 0 serves the dashboard and logs as before; the other ranks log with their rank in each line, serve
+nothing and exit when training ends. A configuration the rank count cannot run is refused by every rank in one line
+(exit 2) before any process group is formed; torchrun then reports the failed workers.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ log = logging.getLogger("dws.trainer")
 
 
 def main(argv: list[str] | None = None) -> int:
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    rank_tag = f" [rank {os.environ.get('RANK', '?')}/{world}]" if world not in ("", "1") else ""
     logging.basicConfig(level=os.environ.get("DWS_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{rank_tag}: %(message)s")
     # httpx logs every request at INFO: hundreds of lines per step would bury the trainer's own one line per step.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     import importlib.util
@@ -37,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     from shared.errors import NonFiniteWeightsError, OwnerConflictError
     from trainer_space.page import serve_in_background
     from trainer_space.remote import NoHealthyEnvError, NoHealthyReplicaError, RolloutRequestError
+    from trainer_space.sharded import Ranks
     from trainer_space.state import RunState
     from trainer_space.train import train
 
-    log.info("dws trainer: %s", cfg.describe())  # describe() masks every secret
+    ranks = Ranks.from_env()  # parse_args already refused a malformed one
     state = RunState(cfg.describe())
-    server = serve_in_background(state, host=cfg.host, port=cfg.port, bucket=cfg.bucket, ui=cfg.ui)
-    log.info("dashboard on http://%s:%d/ (GET /status, /health)", cfg.host, cfg.port)
+    server = None
+    if ranks.main:
+        log.info("dws trainer: %s", cfg.describe())  # describe() masks every secret
+        server = serve_in_background(state, host=cfg.host, port=cfg.port, bucket=cfg.bucket, ui=cfg.ui)
+        log.info("dashboard on http://%s:%d/ (GET /status, /health)", cfg.host, cfg.port)
     rc = 0
     try:
         train(cfg, state=state)
@@ -61,14 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a clear one-line reason on top of the traceback
         log.exception("training failed: %s", e)
         rc = 1
-    if not cfg.exit_when_done:
+    if ranks.sharded:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not cfg.exit_when_done and server is not None:
         log.info("run finished (rc=%d); the dashboard keeps serving (--no-exit-when-done), Ctrl-C to exit", rc)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    server.stop()
+    if server is not None:
+        server.stop()
     return rc
 
 

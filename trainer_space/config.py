@@ -227,6 +227,16 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
                                                                    ns.max_completion_length, 1)):
         if v < lo:
             ap.error(f"{name} must be at least {lo}, got {v}")
+    # Under torchrun: what the rank count cannot run is refused here, on every rank, before any process group forms.
+    from trainer_space.sharded import Ranks, refusal
+
+    try:
+        ranks = Ranks.from_env()
+    except ValueError as e:
+        ap.error(str(e))
+    why = refusal(world=ranks.world, batch_size=ns.prompts_per_step * ns.group_size, trainable=ns.trainable)
+    if why:
+        ap.error(why)
     return TrainerConfig(
         model=ns.model, bucket=ns.bucket, rollout_urls=rollout_urls, env_urls=env_urls, task=ns.task,
         steps=ns.steps, lr=ns.lr, optim=ns.optim, trainable=ns.trainable, prompts_per_step=ns.prompts_per_step,

@@ -91,8 +91,11 @@ class FaultInjection(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kw):
         if state.global_step == self.at:
             name, p = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+            local = p.to_local() if hasattr(p, "to_local") else p  # sharded: this rank's rows (rank 0: element 0)
+            if local.numel() == 0:
+                return
             with torch.no_grad():
-                p.view(-1)[0] = float("nan")
+                local.view(-1)[0] = float("nan")
             log.warning("FAULT INJECTION: wrote NaN into %s after step %d", name, self.at)
 
 
@@ -155,13 +158,15 @@ def build_rows(envs: EnvPool, cfg: TrainerConfig) -> tuple[list[dict], dict]:
     return rows, infos
 
 
-def _trainer_args(cfg: TrainerConfig):
+def _trainer_args(cfg: TrainerConfig, *, world: int = 1):
     from trl.experimental.async_grpo import AsyncGRPOConfig
 
     cuda = torch.cuda.is_available()
     return AsyncGRPOConfig(
         output_dir=cfg.output_dir, max_steps=cfg.steps, learning_rate=cfg.lr, optim=cfg.optim,
-        lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=cfg.batch_size,
+        # TRL's micro-batch is per_device_train_batch_size x ranks samples, split row by row over the ranks: the
+        # batch per optimizer step stays `batch_size` whatever the rank count (config refuses one that does not split).
+        lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=cfg.batch_size // world,
         gradient_accumulation_steps=1, num_generations=cfg.group_size,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
@@ -174,49 +179,103 @@ def _trainer_args(cfg: TrainerConfig):
         dtype="float32", model_init_kwargs={"token": cfg.hf_token} if cfg.hf_token else None)
 
 
+def _open_publisher(cfg: TrainerConfig, ranks):
+    """The single-process Publisher, or under torchrun this rank's ShardedPublisher (a collective: every rank)."""
+    if not ranks.sharded:
+        return Publisher(cfg.bucket, model_name=cfg.model, anchor_every=cfg.anchor_every,
+                         anchor_fraction=cfg.anchor_fraction, keep_anchors=cfg.keep_anchors,
+                         encoding=cfg.encoding, run_id=cfg.run_id, take_over=cfg.take_over, token=cfg.hf_token)
+    from shared.bucket import open_bucket
+    from shared.sharded import ShardedPublisher
+    from trainer_space.sharded import killing_bucket
+
+    bucket = killing_bucket(open_bucket(cfg.bucket, token=cfg.hf_token, create=True), ranks)
+    return ShardedPublisher(bucket, model_name=cfg.model, anchor_every=cfg.anchor_every,
+                            anchor_fraction=cfg.anchor_fraction, keep_anchors=cfg.keep_anchors, encoding=cfg.encoding,
+                            run_id=cfg.run_id, take_over=cfg.take_over, token=cfg.hf_token,
+                            commit_timeout_s=cfg.rollout_timeout_s)
+
+
+def publish_row(rep) -> dict:
+    """One dashboard row per committed version. A sharded rank 0 reports the whole version (every rank's part)."""
+    d = rep.as_dict()
+    if d.get("version_total") is None:
+        return d
+    changed, total = d["version_changed"], d["version_total"]
+    return {**d, "changed": changed, "total": total, "sparsity": 1.0 - changed / total if total else 1.0,
+            "bytes": (d["delta_bytes"] or 0) + (d["anchor_bytes"] or 0)}
+
+
 def train(cfg: TrainerConfig, *, state: RunState | None = None,
           callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """One full run: pools, publisher (resume or start at v0), AsyncGRPOTrainer, publish per sync, flush.
-    `callbacks` are added after this module's own and before TRL's weight-sync callback."""
+    `callbacks` are added after this module's own and before TRL's weight-sync callback.
+
+    Under torchrun (WORLD_SIZE > 1) the same run is sharded (trainer_space/sharded.py): rank 0 alone reaches the
+    replicas and env Spaces, every rank trains its FSDP2 shard and publishes its own part of each version."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl.experimental.async_grpo import AsyncGRPOTrainer
 
     from trainer_space.cpu_shims import install_after_build, peak_flops_without_cuda
+    from trainer_space.sharded import Ranks
 
+    ranks = Ranks.from_env()
     state = state or RunState(cfg.describe())
-    log.info("model %s | bucket %s | replicas %s | env %s task %s | steps %d lr %g | batch %d = %d prompts x %d "
-             "| max staleness %d | %d in flight | sync every %d step(s)", cfg.model, cfg.bucket,
-             ", ".join(cfg.rollout_urls), ", ".join(cfg.env_urls), cfg.task, cfg.steps, cfg.lr, cfg.batch_size,
-             cfg.prompts_per_step, cfg.group_size, cfg.max_staleness, cfg.inflight, cfg.weight_sync_steps)
-    pool = ReplicaPool(cfg.rollout_urls, token=cfg.rollout_token, timeout_s=cfg.request_timeout_s,
+    if ranks.main:
+        log.info("model %s | bucket %s | replicas %s | env %s task %s | steps %d lr %g | batch %d = %d prompts x %d "
+                 "| max staleness %d | %d in flight | sync every %d step(s)%s", cfg.model, cfg.bucket,
+                 ", ".join(cfg.rollout_urls), ", ".join(cfg.env_urls), cfg.task, cfg.steps, cfg.lr, cfg.batch_size,
+                 cfg.prompts_per_step, cfg.group_size, cfg.max_staleness, cfg.inflight, cfg.weight_sync_steps,
+                 f" | FSDP2 over {ranks.world} ranks" if ranks.sharded else "")
+    group = None
+    if ranks.sharded:
+        from trainer_space.sharded import start_process_group
+
+        group = start_process_group(ranks)
+    pool = envs = None
+    if ranks.main:  # only rank 0 generates and scores (TRL's rollout worker lives on the main process)
+        pool = ReplicaPool(cfg.rollout_urls, token=cfg.rollout_token, timeout_s=cfg.request_timeout_s,
+                           retry_after_s=cfg.retry_after_s)
+        envs = EnvPool(cfg.env_urls, token=cfg.env_token, timeout_s=cfg.request_timeout_s,
                        retry_after_s=cfg.retry_after_s)
-    envs = EnvPool(cfg.env_urls, token=cfg.env_token, timeout_s=cfg.request_timeout_s,
-                   retry_after_s=cfg.retry_after_s)
-    state.set(pool=pool, envs=envs)
+        state.set(pool=pool, envs=envs)
     publisher = None
     try:
-        publisher = Publisher(cfg.bucket, model_name=cfg.model, anchor_every=cfg.anchor_every,
-                              anchor_fraction=cfg.anchor_fraction, keep_anchors=cfg.keep_anchors,
-                              encoding=cfg.encoding, run_id=cfg.run_id, take_over=cfg.take_over, token=cfg.hf_token)
-        rows, infos = build_rows(envs, cfg)
-        multi_turn = {t for t, info in infos.items() if info.max_turns > 1}
+        publisher = _open_publisher(cfg, ranks)
+        rows = infos = None
+        if ranks.main:
+            try:
+                rows, infos = build_rows(envs, cfg)
+            except Exception as e:
+                if not ranks.sharded:
+                    raise
+                rows = e  # the other ranks must hear it rather than wait in the broadcast below
+        if ranks.sharded:
+            from trainer_space.sharded import broadcast
+
+            rows = broadcast(rows, group)
+            if isinstance(rows, Exception):
+                raise rows
+        multi_turn = {t for t, info in (infos or {}).items() if info.max_turns > 1}
         state.set(tasks=list(cfg.tasks), multi_turn_tasks=sorted(multi_turn))
         tok = AutoTokenizer.from_pretrained(cfg.model, token=cfg.hf_token)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        player = GroupPlayer(pool=pool, envs=envs, template=TurnTemplate(tok),
-                             executor=make_executor(cfg.inflight, cfg.group_size), env_token=cfg.env_token,
-                             group_size=cfg.group_size, max_tokens=cfg.max_completion_length,
-                             temperature=cfg.temperature, multi_turn=multi_turn,
-                             task_max_turns={t: i.max_turns for t, i in infos.items()}, max_turns=cfg.max_turns,
-                             max_episode_tokens=cfg.max_episode_tokens)
-        worker = RemoteRolloutWorker(player=player, rows=rows, max_inflight=cfg.inflight,
-                                     queue_size=cfg.buffer_size, max_staleness=cfg.max_staleness, seed=cfg.seed)
-        state.set(worker=worker)
+        worker = None
+        if ranks.main:
+            player = GroupPlayer(pool=pool, envs=envs, template=TurnTemplate(tok),
+                                 executor=make_executor(cfg.inflight, cfg.group_size), env_token=cfg.env_token,
+                                 group_size=cfg.group_size, max_tokens=cfg.max_completion_length,
+                                 temperature=cfg.temperature, multi_turn=multi_turn,
+                                 task_max_turns={t: i.max_turns for t, i in infos.items()}, max_turns=cfg.max_turns,
+                                 max_episode_tokens=cfg.max_episode_tokens)
+            worker = RemoteRolloutWorker(player=player, rows=rows, max_inflight=cfg.inflight,
+                                         queue_size=cfg.buffer_size, max_staleness=cfg.max_staleness, seed=cfg.seed)
+            state.set(worker=worker)
 
         def published(rep) -> None:
-            state.add_publish(rep.as_dict())
+            state.add_publish(publish_row(rep))
             threading.Thread(target=pool.nudge, daemon=True).start()  # replicas look now, not at their next poll
 
         def failed(e: BaseException) -> None:
@@ -224,30 +283,62 @@ def train(cfg: TrainerConfig, *, state: RunState | None = None,
 
         latest = publisher.latest_version
         start = 0 if latest is None else latest
-        transfer = BucketWeightTransfer(publisher, first_version=start, on_published=published, on_failed=failed)
+        transfer = BucketWeightTransfer(publisher, first_version=start, on_published=published if ranks.main else None,
+                                        on_failed=failed, rank=ranks.rank if ranks.sharded else None)
         extra, callbacks = list(callbacks or []), []
         fault_at = env_value(FAULT_NAN_VAR, 0, int)
         if fault_at > 0:
             callbacks.append(FaultInjection(fault_at))  # before TRL's sync callback: the publish must catch it
-        callbacks.append(StepRecorder(state=state, transfer=transfer, tasks=cfg.tasks))
+        if ranks.main:
+            callbacks.append(StepRecorder(state=state, transfer=transfer, tasks=cfg.tasks))
         callbacks += extra
+        trainer_cls = AsyncGRPOTrainer
+        if ranks.sharded:
+            from trainer_space.sharded import sharded_trainer_class
+
+            trainer_cls = sharded_trainer_class()
         with peak_flops_without_cuda():
-            trainer = AsyncGRPOTrainer(model=cfg.model, args=_trainer_args(cfg), train_dataset=Dataset.from_list(rows),
-                                       processing_class=tok, callbacks=callbacks, rollout_worker=worker,
-                                       weight_transfer=transfer)
+            trainer = trainer_cls(model=cfg.model, args=_trainer_args(cfg, world=ranks.world),
+                                  train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks,
+                                  rollout_worker=worker, weight_transfer=transfer)
         install_after_build()
         # TRL's PrinterCallback prints every logged dict (~50 keys) per step; StepRecorder logs one line instead.
         trainer.remove_callback(PrinterCallback)
         model = trainer.model
         if cfg.trainable:
             freeze_except(model, cfg.trainable)
-        if latest is not None:
+        if ranks.sharded:
+            from trainer_space.sharded import load_rows, shard_model
+
+            shard_model(model, ranks)
+            trainer.dws_transfer = transfer
+            if latest is not None:
+                rows_now = publisher.restored_rows()
+                if rows_now is None:
+                    # The history could not be rebuilt row by row (the publisher said why; its next version is an
+                    # anchor). The weights must still continue from the bucket: each rank rebuilds the whole model
+                    # once, at start, and keeps its rows.
+                    from shared.follower import Follower
+                    from shared.parts import rows_of
+
+                    log.warning("rank %d: rebuilding the whole of v%d to take its rows from it", ranks.rank, latest)
+                    _, full = Follower(cfg.bucket, token=cfg.hf_token).materialize()
+                    rows_now = {}
+                    for n, t in full.items():
+                        r0, r1 = rows_of(tuple(t.shape), ranks.rank, ranks.world)
+                        rows_now[n] = t[r0:r1].clone()
+                    del full
+                load_rows(model, rows_now)
+                log.info("rank %d: restored its rows of v%d from the bucket; continuing at v%d", ranks.rank, latest,
+                         latest + 1)
+        elif latest is not None:
             restore_latest(model, cfg.bucket, token=cfg.hf_token)
             log.info("bucket already holds versions up to v%d: restored them into the model; continuing at v%d",
                      latest, latest + 1)
-        else:
+        if latest is None and ranks.main:
             log.info("bucket is empty: the initial weights become v0")
-        transfer.frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        # Sharded, the sync hands every parameter (frozen ones included) to the transfer, so none are added.
+        transfer.frozen = {} if ranks.sharded else {n: p for n, p in model.named_parameters() if not p.requires_grad}
         transfer.names = [n for n, _ in model.named_parameters()]
         # TRL raises its version by one per sync, the first (cold) sync included: starting one below makes the
         # version after that sync the bucket's `start`, so replica tags and TRL's staleness share their numbers.
@@ -264,8 +355,11 @@ def train(cfg: TrainerConfig, *, state: RunState | None = None,
             raise transfer.error
         final = transfer.last_version
         state.set(phase="done")
-        log.info("done: v%d..v%d; latest in bucket v%s; %s", start, final, publisher.latest_version,
-                 {k: v for k, v in worker.snapshot().items() if k in ("groups", "samples", "waiting_for_fresh_s")})
+        if ranks.main:
+            log.info("done: v%d..v%d; latest in bucket v%s; %s", start, final, publisher.latest_version,
+                     {k: v for k, v in worker.snapshot().items() if k in ("groups", "samples", "waiting_for_fresh_s")})
+        else:
+            log.info("done: v%d..v%d; this rank's parts are stored (rank 0 commits each version)", start, final)
         return TrainResult(start_version=start, final_version=final, model=model, state=state, trainer=trainer)
     except Exception as e:
         state.set(phase="failed", error=f"{type(e).__name__}: {e}")
@@ -275,5 +369,7 @@ def train(cfg: TrainerConfig, *, state: RunState | None = None,
             if publisher is not None:
                 publisher.close()
         finally:
-            pool.close()
-            envs.close()
+            if pool is not None:
+                pool.close()
+            if envs is not None:
+                envs.close()

@@ -14,6 +14,8 @@ TRL calls, at every weight sync (train begin, then every `weight_sync_steps` opt
   they are added from the model as it was at start, and the bucket always holds whole models.
 - The first sync after a restart re-sends the weights the bucket already holds as its latest version (they were
   restored from it): that version is not published again.
+- Under torchrun (trainer_space/sharded.py) every rank has one, over a `ShardedPublisher`, and is handed its own
+  local shards (DTensors, never gathered); the publish is then a collective that every rank enters at the same sync.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ log = logging.getLogger("dws.trainer.transfer")
 class BucketWeightTransfer:
     def __init__(self, publisher: Publisher, *, first_version: int, frozen: dict[str, torch.Tensor] | None = None,
                  names: list[str] | None = None, on_published: Callable[[PublishReport], None] | None = None,
-                 on_failed: Callable[[BaseException], None] | None = None) -> None:
+                 on_failed: Callable[[BaseException], None] | None = None, rank: int | None = None) -> None:
         self.publisher = publisher
+        self.rank = rank  # set when this is one rank of a sharded run
         self.next_version = first_version
         self.frozen = dict(frozen or {})
         self.names = names  # the model's parameter order, for a stable tensor order in every version
@@ -73,6 +76,10 @@ class BucketWeightTransfer:
         t0 = time.perf_counter()
         fut = self.publisher.publish(tensors, version)  # NonFiniteWeightsError here stops the run
         self.snapshot_s.append(time.perf_counter() - t0)
+        if self.rank is not None:
+            from trainer_space.sharded import dump_rows
+
+            dump_rows(tensors.items(), version, self.rank)  # a test hook; does nothing unless its variable is set
         self.last_version = version
         fut.add_done_callback(self._done)
 
@@ -88,8 +95,9 @@ class BucketWeightTransfer:
             if self.on_failed:
                 self.on_failed(e)
             return
-        log.info("published v%d %s: changed %d/%d (sparsity %.4f), %d bytes, encode %.3fs, upload %.3fs",
-                 rep.version, "+".join(rep.kinds), rep.changed, rep.total, rep.sparsity, rep.bytes, rep.encode_s,
+        part = "" if self.rank is None else f" (rank {self.rank}'s part)"
+        log.info("published v%d %s%s: changed %d/%d (sparsity %.4f), %d bytes, encode %.3fs, upload %.3fs",
+                 rep.version, "+".join(rep.kinds), part, rep.changed, rep.total, rep.sparsity, rep.bytes, rep.encode_s,
                  rep.upload_s)
         if self.on_published:
             self.on_published(rep)

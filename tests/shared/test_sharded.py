@@ -187,20 +187,21 @@ def test_one_rank_without_torch_distributed_publishes_parts_and_refuses_nan(tmp_
 
 
 def test_switching_between_one_process_and_ranks_continues_the_history(tmp_path):
-    """A single-file history continued by a ShardedPublisher (it cannot rebuild its rows from single files, so its
-    first version is an anchor in parts), then continued again by the single-process Publisher (it rebuilds the
-    whole model from the parts, so its next version is a delta)."""
+    """A single-file history continued by a ShardedPublisher (it re-splits the single files into its rows, proves
+    them against the digest, and its first version is a delta in parts), then continued again by the single-process
+    Publisher (it rebuilds the whole model from the parts, so its next version is a delta too)."""
     from shared.sharded import ShardedPublisher
 
     b = tmp_path / "b"
     with Publisher(b, run_id="r", lease_settle_s=0) as pub:
         pub.publish(_weights(0), 0)
     sharded = ShardedPublisher(b, run_id="r", lease_settle_s=0)
-    assert sharded.restored_rows() is None
+    rows = sharded.restored_rows()
+    assert rows is not None and all(torch.equal(rows[k], v.to(torch.bfloat16)) for k, v in _weights(0).items())
     sharded.publish(_weights(1), 1)
     sharded.close()
     m = read_manifest(open_bucket(b))
-    assert m.anchor(1) is not None and len(m.anchor(1).parts) == 1 and m.delta(1) is None
+    assert m.delta(1) is not None and m.delta(1).base == 0 and len(m.delta(1).parts) == 1
     w2 = {k: v.clone() for k, v in _weights(1).items()}
     w2["a.weight"][3, 1] += 1.0  # a small step: stored as a delta whenever the rebuild worked
     with Publisher(b, run_id="r", lease_settle_s=0, anchor_fraction=100.0) as pub:
@@ -211,6 +212,58 @@ def test_switching_between_one_process_and_ranks_continues_the_history(tmp_path)
     st: dict = {}
     assert Follower(b).sync_state(st, None) == 2
     assert all(torch.equal(st[k], v.to(torch.bfloat16)) for k, v in w2.items())
+
+
+def test_a_history_in_two_parts_is_re_split_for_another_rank_count(sharded_run, tmp_path):
+    """The 2-rank history (deltas and anchors in 2 parts) continued by one rank: it reads both parts of every
+    version since the newest anchor, keeps its rows (here: all of them), proves them against the digest, and its
+    first version is a delta on the last 2-part version."""
+    import shutil
+
+    from shared.sharded import ShardedPublisher
+
+    b = tmp_path / "b"
+    shutil.copytree(sharded_run / "b", b)
+    want = reference(sharded_run / "dump", 5)
+    pub = ShardedPublisher(b, run_id="resplit", take_over=True, lease_settle_s=0)
+    rows = pub.restored_rows()
+    assert rows is not None and same(rows, want)
+    step = {k: v.clone() for k, v in want.items()}
+    name = sorted(step)[0]
+    step[name].view(-1)[:7] += 1.0
+    pub.publish(step, 6)
+    pub.close()
+    m = read_manifest(open_bucket(b))
+    assert m.delta(6) is not None and m.delta(6).base == 5 and len(m.delta(6).parts) == 1
+    assert m.delta(6).changed <= 7
+    st: dict = {}
+    assert Follower(b).sync_state(st, None) == 6 and same(st, {k: v.to(torch.bfloat16) for k, v in step.items()})
+    assert verify_bucket(str(b)).ok
+
+
+def test_a_history_coded_against_its_whole_base_is_not_re_split(tmp_path):
+    """ctx deltas decode only against the whole base tensor: another partition cannot apply them to its rows, so the
+    restart says so and falls back to an anchor (rows unknown) instead of guessing."""
+    from shared.sharded import ShardedPublisher
+
+    from shared.formats import read_patch_file
+
+    b = tmp_path / "b"
+    w = {"a.weight": torch.randn(512, 512, generator=torch.Generator().manual_seed(3))}
+    with Publisher(b, run_id="r", lease_settle_s=0, encoding="ctx", anchor_fraction=100.0) as pub:
+        pub.publish(w, 0)
+        w2 = {"a.weight": w["a.weight"].clone()}
+        w2["a.weight"].view(-1)[::5] += 0.01
+        pub.publish(w2, 1)
+    m = read_manifest(open_bucket(b))
+    stored = read_patch_file(b / m.delta(1).path)
+    assert stored.tensors["a.weight"].needs_base_context  # the precondition: this delta is coded against its base
+    pub = ShardedPublisher(b, run_id="r", lease_settle_s=0)
+    assert pub.restored_rows() is None
+    pub.publish(w2, 2)
+    pub.close()
+    m = read_manifest(open_bucket(b))
+    assert m.anchor(2) is not None and verify_bucket(str(b)).ok
 
 
 def test_a_bucket_owned_by_another_live_run_is_refused_by_name(tmp_path):

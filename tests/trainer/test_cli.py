@@ -82,3 +82,25 @@ def test_a_missing_model_folder_is_one_line_before_anything_starts(model, tmp_pa
     assert not (tmp_path / "b").exists(), "nothing was written to the bucket"
     assert parse_args(["--model", "Qwen/Qwen3-0.6B", "--bucket", "b", "--rollout-url", "http://r",
                        "--env-url", "http://e"]).model == "Qwen/Qwen3-0.6B"
+
+
+@pytest.mark.parametrize("extra, env, says", [
+    (["--prompts-per-step", "3", "--group-size", "3"], {}, "does not split over 2 ranks"),
+    (["--trainable", "mlp"], {}, "single-process trainer only"),
+    ([], {"ACCELERATE_USE_FSDP": "true"}, "accelerate's own FSDP"),
+    ([], {"RANK": "2"}, "not a valid place in a job"),
+])
+def test_a_configuration_two_ranks_cannot_run_is_one_line(extra, env, says, tmp_path):
+    """Under torchrun (WORLD_SIZE=2 here, as torchrun sets it) what cannot work is refused by each rank at parse
+    time, exit 2, before any process group forms, the bucket is touched or a service is contacted."""
+    p = subprocess.run([sys.executable, "-m", "trainer_space", "--model", "org/m", "--bucket", str(tmp_path / "b"),
+                        "--rollout-url", "http://r", "--env-url", "http://e", *extra], cwd=REPO,
+                       env={"PATH": "/usr/bin:/bin", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **env},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if "error:" in ln]) == 1, p.stderr
+    assert not (tmp_path / "b").exists(), "nothing was written to the bucket"
+    # The same options on one process are fine: the single-process trainer is unchanged.
+    if not env:
+        assert parse_args(["--model", "org/m", "--bucket", "b", "--rollout-url", "http://r", "--env-url", "http://e",
+                           *extra]).model == "org/m"
