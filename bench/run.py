@@ -207,13 +207,13 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
 
     def detect_encode(encoding):
         def run():
+            # The publisher's detection (TensorChange.between: one parallel read of both versions; for ctx it also
+            # ranks each changed element in its exponent class), then its encode.
             ch = {}
             for name, c in cur.items():
-                cb, pb = c.view(torch.int16).reshape(-1), prev[name].view(torch.int16).reshape(-1)
-                pos = torch.ne(cb, pb).nonzero().squeeze(1)
-                if pos.numel():
-                    pn, pbn = pos.numpy(), pb.numpy().view(np.uint16)
-                    ch[name] = TensorChange(tuple(c.shape), pn, cb.numpy().view(np.uint16)[pn], pbn[pn], base=pbn)
+                change = TensorChange.between(tuple(c.shape), c, prev[name], encoding=encoding)
+                if change is not None:
+                    ch[name] = change
             encode_delta(ch, version=version, base=version - 1, total=total, encoding=encoding)
         return run
 
@@ -273,6 +273,37 @@ def gpu_rows(prev, cur, repeats: int) -> dict:
     return {"available": True, "device": torch.cuda.get_device_name(0),
             "ne_pass": timed(sync(ne_pass), repeats), "detect_to_host": timed(sync(detect_to_host), repeats),
             **{f"detect_encode_{k}": timed(sync(detect_encode(k)), repeats) for k in CODECS}}
+
+
+_FIRST_USE = """
+import sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from shared.formats import TensorChange, encode_delta, read_patch_file, resolve_context
+base = (np.arange(4096, dtype=np.uint16) % 512) + 0x3C00
+new = base.copy()
+new[::5] += 1
+for enc in ("compact", "ctx"):
+    ch = TensorChange.between((4096,), new, base, encoding=enc)
+    blob = encode_delta({"w": ch}, version=1, base=0, total=4096, encoding=enc, verify=True)
+print(time.perf_counter() - t0)
+"""
+
+
+def first_use_s(*, cold: bool) -> float:
+    """Seconds a fresh process takes to import the codec and encode + decode one small tensor with each encoding:
+    with numba's on-disk cache as it is (what every process after the first pays), or with an empty cache (the
+    one-time compile). Timed runs below exclude it: each is warmed up first."""
+    import subprocess
+
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as cache:
+        if cold:
+            env["NUMBA_CACHE_DIR"] = cache
+        out = subprocess.run([sys.executable, "-c", _FIRST_USE, str(Path(__file__).resolve().parents[1])], env=env,
+                             capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def run(args) -> dict:
@@ -342,6 +373,7 @@ def run(args) -> dict:
         "batch": [args.batch, args.seq],
         "scenarios": results,
         "gpu": gpu,
+        "numba_first_use_s": {"cached": first_use_s(cold=False), "compile": first_use_s(cold=True)},
     }
 
 
@@ -452,20 +484,37 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated scenario names to run (default: all)")
     ap.add_argument("--partial", default="", help="also write the scenarios measured so far to this file")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's results, run nothing")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the scenarios of the existing --out file that this run does not re-measure")
     args = ap.parse_args(argv)
     if args.plot_only:
         res = json.loads(Path(args.out).read_text())
         plot(res, res["summary"], Path(args.plot))
         return 0
     res = run(args)
+    out = Path(args.out)
+    if args.merge and out.exists():
+        # Re-measured scenarios replace their old rows; the others stay, each with the date it was measured on.
+        old = json.loads(out.read_text())
+        for sc in res["scenarios"]:
+            sc["date"] = res["date"]
+        fresh = {sc["scenario"] for sc in res["scenarios"]}
+        kept = [dict(sc, date=sc.get("date", old.get("date"))) for sc in old.get("scenarios", [])
+                if sc["scenario"] not in fresh]
+        order = [sc[0] for sc in (QUICK_SCENARIOS if args.quick else FULL_SCENARIOS)]
+        res["scenarios"] = sorted(kept + res["scenarios"],
+                                  key=lambda sc: order.index(sc["scenario"]) if sc["scenario"] in order else 99)
     rows = summarize(res)
     res["summary"] = rows
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     if args.plot:
         plot(res, rows, Path(args.plot))
     print(table(rows, res["gpu"]))
+    nb = res.get("numba_first_use_s")
+    if nb:
+        print(f"codec kernels (numba): a fresh process's first encode+decode {nb['cached']:.2f} s with the on-disk "
+              f"cache, {nb['compile']:.1f} s compiling from scratch (once per machine); timed runs are warmed up")
     print(f"\nresults: {out}" + (f", plot: {args.plot}" if args.plot else ""))
     return 0 if all(r["bit_exact"] for r in rows) else 1
 

@@ -92,6 +92,76 @@ def bf16_from_bits(a: np.ndarray):
 
 
 @dataclass(frozen=True)
+class ClassRanks:
+    """Each changed element's exponent class (pooled to ``[lo, hi]``) and rank in its class, in position order:
+    what `diff_bits(context=True)` finds while it reads the base, so the ctx encoder need not read it again."""
+
+    positions: np.ndarray
+    cls: np.ndarray  # uint8
+    rank: np.ndarray  # int64
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class BaseBits:
+    """A base tensor's flat uint16 bits with what `diff_bits` counted while reading them: the exponent histogram
+    (per `_BaseClasses.chunk` elements) and, with ``context=True``, the changed elements' class ranks."""
+
+    bits: np.ndarray
+    histogram: np.ndarray  # int64 [chunks, 256]
+    chunk: int
+    ranks: ClassRanks | None = None
+
+    def reshape(self, *shape) -> np.ndarray:
+        return self.bits.reshape(*shape)
+
+
+def diff_bits(new: np.ndarray, old: np.ndarray, *,
+              context: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, BaseBits | np.ndarray]:
+    """Change detection in one parallel read of both tensors (flat uint16 bits, same length): the positions (int64,
+    sorted) where they differ, the new and old values there, and the base to hand the encoders. With `context`
+    (the encoding reads the base: ctx) a first pass counts the base's exponents and the diff pass ranks every
+    changed element in its class on the way, returned inside a `BaseBits`; without, the base is `old` itself."""
+    K = _kernels()
+    new, old = bf16_bits(new).reshape(-1), bf16_bits(old).reshape(-1)
+    if new.size != old.size:
+        raise ValueError(f"cannot diff {new.size} elements against {old.size}")
+    chunk = _BaseClasses.chunk
+    bounds = [(s, min(s + chunk, new.size)) for s in range(0, new.size, chunk)]
+    # Model-sized only in address space: each chunk writes a prefix of its slice (O(changed) pages touched).
+    pos, new_at, old_at = np.empty(new.size, np.int64), np.empty(new.size, np.uint16), np.empty(new.size, np.uint16)
+    if context:
+        hist = np.zeros((len(bounds), _N_CLASSES), np.int64)
+        K.run_chunks(lambda i: K.exponent_histogram(old[slice(*bounds[i])], hist[i]), len(bounds))
+        classes = _BaseClasses(BaseBits(old, hist, chunk), new.size)
+        lo, hi = classes.pooling_bounds(new.size)
+        classes.pool(lo, hi)
+        cls, rank = np.empty(new.size, np.uint8), np.empty(new.size, np.int64)
+
+        def one(i: int) -> int:
+            s, e = bounds[i]
+            return K.diff_ranks(new[s:e], old[s:e], s, classes._table, classes._before[i], pos[s:e], new_at[s:e],
+                                old_at[s:e], cls[s:e], rank[s:e])
+    else:
+        def one(i: int) -> int:
+            s, e = bounds[i]
+            return K.diff_bits(new[s:e], old[s:e], s, pos[s:e], new_at[s:e], old_at[s:e])
+
+    counts = K.run_chunks(one, len(bounds))
+    parts = [slice(s, s + k) for (s, _), k in zip(bounds, counts)]
+    if len(parts) <= 1:  # one chunk (or an empty tensor): a copy frees the model-sized buffer
+        take = lambda a: a[parts[0] if parts else slice(0, 0)].copy()  # noqa: E731
+    else:
+        take = lambda a: np.concatenate([a[p] for p in parts])  # noqa: E731
+    positions = take(pos)
+    if not context:
+        return positions, take(new_at), take(old_at), old
+    ranks = ClassRanks(positions, take(cls), take(rank), lo, hi)
+    return positions, take(new_at), take(old_at), BaseBits(old, hist, chunk, ranks)
+
+
+@dataclass(frozen=True)
 class EncodedTensor:
     """What an encoding stores for one tensor: named arrays (safetensors tensors) and small JSON-able params."""
 
@@ -223,48 +293,52 @@ class RawEncoding:
         return DecodedTensor(positions=positions, values=vals)
 
 
+def _kernels():
+    """The compiled loops (shared.codec_kernels), imported on first use: numba's import and cache load must not
+    land in every `dws` command, only in those that encode or decode."""
+    from shared import codec_kernels
+
+    return codec_kernels
+
+
 def _rice_k(gaps: np.ndarray) -> int:
     """The Rice parameter that minimises n*(k+1) + sum(g >> k), searched around log2 of the mean gap."""
     mean = float(gaps.mean()) if gaps.size else 0.0
     k0 = max(0, int(np.floor(np.log2(mean + 1.0))))
-    best_k, best_bits = 0, None
-    for k in range(max(0, k0 - 2), min(_MAX_K, k0 + 2) + 1):
-        bits = gaps.size * (k + 1) + int((gaps >> k).sum())
-        if best_bits is None or bits < best_bits:
-            best_k, best_bits = k, bits
-    return best_k
+    k_lo, k_hi = max(0, k0 - 2), min(_MAX_K, k0 + 2)
+    if k_lo > k_hi:
+        return 0
+    return int(_kernels().rice_cost(np.ascontiguousarray(gaps, dtype=np.int64), k_lo, k_hi))
 
 
 def rice_encode(gaps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Two packed bit streams: unary quotients (q zeros then a one) and k-bit remainders (MSB first)."""
-    gaps = gaps.astype(np.uint64)
-    q = (gaps >> np.uint64(k)).astype(np.int64)
-    ones = np.cumsum(q + 1) - 1
-    unary = np.zeros(int(ones[-1]) + 1 if ones.size else 0, dtype=np.uint8)
-    unary[ones] = 1
-    if k:
-        shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
-        rem_bits = ((gaps[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
-        rem = np.packbits(rem_bits.reshape(-1))
-    else:
-        rem = np.zeros(0, dtype=np.uint8)
-    return np.packbits(unary), rem
+    return _kernels().rice_encode(np.ascontiguousarray(gaps, dtype=np.int64), int(k))
 
 
 def rice_decode(unary: np.ndarray, rem: np.ndarray, n: int, k: int) -> np.ndarray:
-    ones = np.flatnonzero(np.unpackbits(unary))
-    if ones.size < n:
-        raise FormatError(f"position stream holds {ones.size} entries, header says {n}")
-    ones = ones[:n].astype(np.int64)
-    q = np.diff(ones, prepend=-1) - 1
-    if k:
-        bits = np.unpackbits(rem)
-        if bits.size < n * k:
-            raise FormatError(f"remainder stream too short: {bits.size} bits for {n}x{k}")
-        weights = (np.uint64(1) << np.arange(k - 1, -1, -1, dtype=np.uint64))
-        r = (bits[: n * k].reshape(n, k).astype(np.uint64) * weights[None, :]).sum(axis=1, dtype=np.uint64)
-        return (q.astype(np.uint64) << np.uint64(k)) | r
-    return q.astype(np.uint64)
+    """Inverse of `rice_encode`: n gaps (uint64). FormatError when the streams hold fewer than n entries."""
+    K = _kernels()
+    gaps = np.empty(n, np.int64)
+    err = K.rice_decode(np.ascontiguousarray(unary, np.uint8), np.ascontiguousarray(rem, np.uint8), int(n), int(k),
+                        K._CLZ8, gaps)
+    if err == -1:
+        raise FormatError(f"position stream holds fewer than the {n} entries the header says")
+    if err == -2:
+        raise FormatError(f"remainder stream too short: {rem.size * 8} bits for {n}x{k}")
+    if err == -3:
+        raise FormatError("position stream holds a gap wider than 62 bits")
+    return gaps.view(np.uint64)
+
+
+def rice_positions(unary: np.ndarray, rem: np.ndarray, n: int, k: int, limit: int, *, what: str) -> np.ndarray:
+    """Sorted, unique positions below `limit` from their Rice-coded gaps; FormatError for anything else."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    out = _kernels().gaps_to_positions(rice_decode(unary, rem, n, k).view(np.int64), int(limit))
+    if out[0] < 0:
+        raise FormatError(f"{what} out of range for {limit} elements")
+    return out
 
 
 @register_encoding
@@ -312,9 +386,7 @@ class CompactEncoding:
         if not (0 <= n <= numel and 0 <= k <= _MAX_K and width in (1, 2) and 0 <= ulen and 0 <= rlen
                 and ulen + rlen + nbytes <= blob.size):
             raise FormatError(f"compact delta parameters out of range: n={n} k={k} u={ulen} r={rlen} w={width}")
-        gaps = rice_decode(blob[:ulen], blob[ulen: ulen + rlen], n, k)
-        positions = np.cumsum(gaps.astype(np.int64) + 1) - 1 if n else np.zeros(0, np.int64)
-        check_positions(positions, numel)
+        positions = rice_positions(blob[:ulen], blob[ulen: ulen + rlen], n, k, numel, what="positions")
         negative = np.unpackbits(blob[ulen + rlen: ulen + rlen + nbytes])[:n].astype(bool)
         try:
             # max_output_size bounds memory against a hostile frame that claims a huge size.
@@ -344,26 +416,23 @@ _MAX_MSYM = 17  # magnitude buckets: 1, 2, 3 exact, then [2**b, 2**(b+1)) for b 
 _FREQ_SCALE = 65535
 
 
-def _exponents(b: np.ndarray) -> np.ndarray:
-    return (b >> 7).astype(np.uint8)  # the uint8 cast drops the sign bit: the exponent field remains
-
-
 class _BaseClasses:
     """The exponent classes of one base tensor: class sizes, and ranks of elements inside their class.
 
     An element's class is its base exponent clamped to ``[lo, hi]`` (the pooled tails). Its rank is the number of
     elements of the same class before it in the tensor -- a definition that does not depend on how the work is cut:
-    the host path sorts cache-sized chunks (ranks = rank in chunk + the class's count in earlier chunks), the device
-    path (a CUDA base) sorts the whole tensor on its device and moves only sparse indices to the host.
+    the host path counts classes chunk by chunk on `codec_kernels.run_chunks`' threads (one read of the base per pass:
+    a histogram, then a walk that stops at the last changed element), the device path (a CUDA base) sorts the whole
+    tensor on its device and moves only sparse indices to the host.
     """
 
-    # Host tensors take the numpy path (its uint8 argsort is a radix sort, faster than torch.sort on CPU); tests set
-    # this to run the device path on the CPU.
+    # Host tensors take the compiled path; tests set this to run the device path on the CPU.
     torch_on_cpu = False
-    chunk = 1 << 20  # host path: elements per sort; an order array of 8 MiB stays in cache
+    chunk = 1 << 22  # host path: elements per kernel call (the unit of parallelism inside one tensor)
 
     def __init__(self, base: Any, numel: int):
         self._torch = None
+        self.known = base.ranks if isinstance(base, BaseBits) else None
         device = getattr(getattr(base, "device", None), "type", None)
         if device is not None and (device != "cpu" or self.torch_on_cpu):
             import torch
@@ -376,7 +445,15 @@ class _BaseClasses:
             self._torch, self._t = torch, t
             self._bounds = [(0, numel)] if numel else []
             raw = [torch.bincount(self._exps(0).to(torch.int32), minlength=_N_CLASSES).cpu().numpy()] if numel else []
+            raw = np.array(raw, dtype=np.int64).reshape(-1, _N_CLASSES)
+        elif isinstance(base, BaseBits) and base.chunk == self.chunk:
+            self._b = bf16_bits(base.bits.reshape(-1))
+            self._check_size(self._b.size, numel)
+            self._bounds = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)]
+            raw = base.histogram
         else:
+            if isinstance(base, BaseBits):
+                base = base.bits
             if not isinstance(base, np.ndarray):
                 import torch
 
@@ -386,26 +463,19 @@ class _BaseClasses:
             self._b = bf16_bits(np.asarray(base).reshape(-1))
             self._check_size(self._b.size, numel)
             self._bounds = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)]
-            raw = [np.bincount(self._exps(i), minlength=_N_CLASSES) for i in range(len(self._bounds))]
-        self._chunk_raw = np.array(raw, dtype=np.int64).reshape(-1, _N_CLASSES)
+            raw = np.zeros((len(self._bounds), _N_CLASSES), np.int64)
+            hist = _kernels().exponent_histogram
+            _kernels().run_chunks(lambda i: hist(self._b[slice(*self._bounds[i])], raw[i]), len(self._bounds))
+        self._chunk_raw = raw
         self.raw_counts = self._chunk_raw.sum(axis=0)
         self.pool(0, _N_CLASSES - 1)
 
     def _exps(self, i: int):
         s, e = self._bounds[i]
-        if self._torch is not None:
-            return ((self._t[s:e] >> 7) & 0xFF).to(self._torch.uint8)
-        return _exponents(self._b[s:e])
+        return ((self._t[s:e] >> 7) & 0xFF).to(self._torch.uint8)
 
     def _keys(self, i: int):
-        if self._torch is not None:
-            return self._torch.clamp(self._exps(i), self.lo, self.hi)
-        return np.clip(self._exps(i), self.lo, self.hi)
-
-    def _argsort(self, keys):
-        if self._torch is not None:
-            return self._torch.sort(keys, stable=True).indices
-        return np.argsort(keys, kind="stable")  # a radix sort for uint8 keys: O(n)
+        return self._torch.clamp(self._exps(i), self.lo, self.hi)
 
     def pool(self, lo: int, hi: int) -> None:
         """Pool the exponents below `lo` into class `lo` and those above `hi` into `hi`: a class of a handful of
@@ -419,6 +489,7 @@ class _BaseClasses:
         self._counts = m
         self._before = np.cumsum(m, axis=0) - m  # per chunk: the class's elements in earlier chunks
         self.counts = m.sum(axis=0)
+        self._table = np.clip(np.arange(_N_CLASSES), lo, hi).astype(np.uint8)  # exponent -> class
 
     def pooling_bounds(self, numel: int) -> tuple[int, int]:
         """The classes to keep apart: pool the tails that together hold at most max(64, numel / 2048) elements."""
@@ -437,119 +508,121 @@ class _BaseClasses:
         if got != numel:
             raise FormatError(f"base context has {got} elements, the tensor has {numel}")
 
+    def ranks(self, positions: np.ndarray, base_at: np.ndarray, residual: np.ndarray):
+        """For sorted, unique, in-range `positions` (base values `base_at` there, int16 `residual`): the changed
+        elements in class-major order (ranks ascending inside each class) as ``(starts, rank, sym, width, low,
+        hist)`` -- class c's are ``starts[c]:starts[c+1]``; sym/width/low/hist as `codec_kernels.class_ranks` says.
+        `starts` is None when a residual is 0."""
+        K = _kernels()
+        n = positions.size
+        rank, res = np.empty(n, np.int64), np.empty(n, np.int16)
+        if self._torch is not None:
+            cls, rank_pos = self._ranks_device(positions)
+            order = np.argsort(cls, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(np.bincount(cls, minlength=_N_CLASSES))])
+            rank[:], res[:] = rank_pos[order], residual[order]
+        elif self.known is not None and self.known.lo == self.lo and self.known.hi == self.hi and (
+                self.known.positions is positions or np.array_equal(self.known.positions, positions)):
+            # Ranked by diff_bits while it read the base: only the O(changed) reordering is left.
+            counts = np.bincount(self.known.cls, minlength=_N_CLASSES)
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            K.to_class_major(self.known.cls, self.known.rank, residual, starts[:-1].copy(), rank, res)
+        else:
+            edges = [s for s, _ in self._bounds] + [self._bounds[-1][1] if self._bounds else 0]
+            cuts = np.searchsorted(positions, edges)
+            # Where each chunk's changed elements of each class go: class after class, chunk after chunk inside one.
+            k = np.zeros((len(self._bounds), _N_CLASSES), np.int64)
+            for i in range(len(self._bounds)):
+                K.class_counts(base_at[cuts[i]: cuts[i + 1]], self._table, k[i])
+            starts = np.concatenate([[0], np.cumsum(k.sum(axis=0))])
+            slots = starts[:-1] + np.cumsum(k, axis=0) - k
+
+            def one(i: int) -> None:
+                (s, e), a, b = self._bounds[i], cuts[i], cuts[i + 1]
+                if a < b:
+                    K.class_ranks(self._b[s:e], self._table, self._before[i], positions[a:b] - s, residual[a:b],
+                                  slots[i], rank, res)
+
+            K.run_chunks(one, len(self._bounds))
+        sym, width, low = np.empty(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
+        bad = K.residual_symbols(starts, res, sym, width, low, hist)
+        return (None if bad else starts), rank, sym, width, low, hist
+
+    def positions(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
+                  values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of `ranks`: `rank` holds class ``cls_ids[i]``'s ``sizes[i]`` ranks (ascending, below the class
+        size), class after class, and `values` one entry per rank in the same order. Returns the sorted positions
+        and the values in position order."""
+        if self._torch is not None:
+            return self._positions_device(np.repeat(np.array(cls_ids, np.int64), sizes), rank, values)
+        K = _kernels()
+        nchunks = len(self._bounds)
+        # ptr[i, c]: the first rank of class c in chunk i or later (row nchunks: the class's end).
+        ptr = np.zeros((nchunks + 1, _N_CLASSES), np.int64)
+        a = 0
+        for c, size in zip(cls_ids, sizes):
+            ptr[:nchunks, c] = a + np.searchsorted(rank[a: a + size], self._before[:, c])
+            ptr[nchunks, c] = a + size
+            a += size
+        want = (ptr[1:] - ptr[:-1]).sum(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(want)])
+        pos = np.empty(rank.size, np.int64)
+        out = np.empty(rank.size, values.dtype)
+
+        def one(i: int) -> int:
+            (s, e), a, b = self._bounds[i], offsets[i], offsets[i + 1]
+            if a == b:
+                return 0
+            return K.class_positions(self._b[s:e], self._table, self._before[i], rank, ptr[i], ptr[i + 1], values, s,
+                                     pos[a:b], out[a:b]) - (b - a)
+
+        if any(K.run_chunks(one, nchunks)):
+            raise FormatError("ctx delta ranks do not fit this base's exponent classes")
+        return pos, out
+
+    # -- the device path (a CUDA base): sorts on the device, only sparse indices reach the host ------------------
     def _to_host(self, x) -> np.ndarray:
-        return x.cpu().numpy() if self._torch is not None else x
+        return x.cpu().numpy()
 
     def _from_host(self, x: np.ndarray):
-        return self._torch.from_numpy(x).to(self._t.device) if self._torch is not None else x
+        return self._torch.from_numpy(x).to(self._t.device)
 
-    def ranks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For sorted, unique, in-range `positions`: (class, rank in class, index into `positions`), class-major
-        (then rank) order."""
-        cls_parts, rank_parts, perm_parts = [], [], []
-        for i, (s, e) in enumerate(self._bounds):
-            a, b = np.searchsorted(positions, [s, e])
-            if a == b:
-                continue
-            local = positions[a:b] - s
-            keys = self._keys(i)
-            order = self._argsort(keys)
-            if self._torch is not None:
-                mask = self._torch.zeros(e - s, dtype=self._torch.bool, device=self._t.device)
-                mask[self._from_host(local)] = True
-                idx = self._to_host(mask[order].nonzero().squeeze(1))
-                key_at = self._to_host(keys[self._from_host(local)])
-            else:
-                mask = np.zeros(e - s, dtype=bool)
-                mask[local] = True
-                idx = np.flatnonzero(mask[order])
-                key_at = keys[local]
-            counts = self._counts[i]
-            starts = np.cumsum(counts) - counts
-            cls = np.searchsorted(starts + counts, idx, side="right")
-            cls_parts.append(cls)
-            rank_parts.append(idx - starts[cls] + self._before[i, cls])
-            # The same class-major order, as indices into `positions`.
-            perm_parts.append(a + np.argsort(key_at, kind="stable"))
-        if not cls_parts:
-            empty = np.zeros(0, np.int64)
-            return empty, empty, empty
-        cls, rank, perm = (np.concatenate(x) for x in (cls_parts, rank_parts, perm_parts))
-        g = np.argsort(cls.astype(np.uint8), kind="stable")  # chunks ascend, so ranks ascend inside each class
-        return cls[g], rank[g], perm[g]
+    def _argsort(self, keys):
+        return self._torch.sort(keys, stable=True).indices
 
-    def positions(self, cls: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inverse of `ranks`: for (class, rank) pairs in class-major order (ranks below the class size), the sorted
-        positions and, for each, the index of its pair."""
-        chunk_of = np.zeros(cls.size, np.int64)
-        ends = np.cumsum(self._counts, axis=0)  # per chunk: the class's elements up to the chunk's end
-        cuts = np.flatnonzero(np.diff(cls)) + 1
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, cls.size]):
-            if a < b:
-                chunk_of[a:b] = np.searchsorted(ends[:, cls[a]], rank[a:b], side="right")
-        by_chunk = np.argsort(chunk_of, kind="stable")
-        splits = np.searchsorted(chunk_of[by_chunk], np.arange(len(self._bounds) + 1))
-        pos_parts, perm_parts = [], []
-        for i, (s, e) in enumerate(self._bounds):
-            items = by_chunk[splits[i]: splits[i + 1]]
-            if items.size == 0:
-                continue
-            c = cls[items]
-            counts = self._counts[i]
-            idx = (np.cumsum(counts) - counts)[c] + rank[items] - self._before[i, c]
-            local = self._to_host(self._argsort(self._keys(i))[self._from_host(idx)])
-            # Sort by position inside the chunk: scatter and scan, O(chunk) instead of a comparison sort.
-            mask = np.zeros(e - s, dtype=bool)
-            mask[local] = True
-            inv = np.empty(e - s, dtype=np.int64)
-            inv[local] = items
-            sorted_local = np.flatnonzero(mask)
-            pos_parts.append(s + sorted_local)
-            perm_parts.append(inv[sorted_local])
-        if not pos_parts:
+    def _ranks_device(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self._bounds or positions.size == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(pos_parts), np.concatenate(perm_parts)
+        keys = self._keys(0)
+        order = self._argsort(keys)
+        mask = self._torch.zeros(self._bounds[0][1], dtype=self._torch.bool, device=self._t.device)
+        mask[self._from_host(positions)] = True
+        idx = self._to_host(mask[order].nonzero().squeeze(1))  # sorted-order indices of the changed elements
+        key_at = self._to_host(keys[self._from_host(positions)])
+        counts = self._counts[0]
+        starts = np.cumsum(counts) - counts
+        cls = np.searchsorted(starts + counts, idx, side="right")
+        perm = np.argsort(key_at, kind="stable")  # the same class-major order, as indices into `positions`
+        cls_pos, rank_pos = np.empty_like(cls), np.empty_like(cls)
+        cls_pos[perm], rank_pos[perm] = cls, idx - starts[cls]
+        return cls_pos, rank_pos
 
-
-def _magnitude_symbols(mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """|residual| (1..32768) -> (bucket 1..17, raw low-bit width)."""
-    wide = mag >= 4
-    width = np.zeros(mag.shape, np.int64)
-    # floor(log2) is exact in float64 for integers below 2**16.
-    width[wide] = np.floor(np.log2(mag[wide].astype(np.float64))).astype(np.int64)
-    return np.where(wide, width + 2, mag), width
-
-
-def _pack_varwidth(values: np.ndarray, width: np.ndarray) -> np.ndarray:
-    """Each value's `width` low bits, MSB first, concatenated and packed."""
-    sel = width > 0
-    if not sel.any():
-        return np.zeros(0, np.uint8)
-    v, w = values[sel].astype(np.int64), width[sel]
-    cols = np.arange(int(w.max()))
-    shifts = w[:, None] - 1 - cols[None, :]
-    valid = shifts >= 0
-    bits = (v[:, None] >> np.maximum(shifts, 0)) & 1
-    return np.packbits(bits[valid].astype(np.uint8))
-
-
-def _unpack_varwidth(packed: np.ndarray, width: np.ndarray) -> np.ndarray:
-    out = np.zeros(width.shape, np.int64)
-    sel = width > 0
-    if not sel.any():
-        return out
-    w = width[sel]
-    bits = np.unpackbits(packed)
-    total = int(w.sum())
-    if bits.size < total or bits.size - total >= 8:
-        raise FormatError(f"ctx delta extra-bit stream holds {bits.size} bits, expected {total}")
-    cols = np.arange(int(w.max()))
-    shifts = w[:, None] - 1 - cols[None, :]
-    valid = shifts >= 0
-    grid = np.zeros(valid.shape, np.int64)
-    grid[valid] = bits[:total]
-    out[sel] = (grid << np.maximum(shifts, 0) * valid).sum(axis=1)
-    return out
+    def _positions_device(self, cls: np.ndarray, rank: np.ndarray,
+                          values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self._bounds or cls.size == 0:
+            return np.zeros(0, np.int64), values[:0]
+        numel = self._bounds[0][1]
+        counts = self._counts[0]
+        idx = (np.cumsum(counts) - counts)[cls] + rank
+        local = self._to_host(self._argsort(self._keys(0))[self._from_host(idx)])
+        # Sort by position: scatter and scan, O(numel) instead of a comparison sort.
+        mask = np.zeros(numel, dtype=bool)
+        mask[local] = True
+        inv = np.empty(numel, dtype=np.int64)
+        inv[local] = np.arange(cls.size)
+        sorted_local = np.flatnonzero(mask)
+        return sorted_local, values[inv[sorted_local]]
 
 
 def _categorical(freq: np.ndarray):
@@ -584,52 +657,49 @@ class ContextEncoding:
 
         if base_context is None:
             raise ValueError("the ctx encoding needs the whole base tensor (base_context=)")
-        positions = np.asarray(positions, dtype=np.int64)
-        residual = (np.asarray(new_bits, np.uint16) - np.asarray(base_bits, np.uint16)).view(np.int16)
-        mag = np.abs(residual.astype(np.int32))
-        if mag.size and int(mag.min()) == 0:
-            raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
+        K = _kernels()
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        new_bits = np.ascontiguousarray(new_bits, dtype=np.uint16)
+        base_bits = np.ascontiguousarray(base_bits, dtype=np.uint16)
+        if new_bits.shape != positions.shape or base_bits.shape != positions.shape:
+            raise ValueError("positions, new and base values must have the same length")
         if positions.size and (int(positions[0]) < 0 or int(positions[-1]) >= numel
                                or not bool(np.all(positions[1:] > positions[:-1]))):
             raise ValueError("positions must be sorted, unique and inside the tensor")
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        cls_of, ranks, perm = classes.ranks(positions)  # class-major; residuals follow the same order
-        mag, neg = mag[perm], residual[perm] < 0
-        msym, width = _magnitude_symbols(mag)
-        sym = (2 * (msym - 1) + neg).astype(np.int32)
-        extra = _pack_varwidth(mag - (np.int64(1) << width), width)
-
-        bounds = np.flatnonzero(np.diff(cls_of, prepend=-1, append=_N_CLASSES + 1))
+        starts, ranks, sym, width, low, hist = classes.ranks(positions, base_bits,
+                                                             (new_bits - base_bits).view(np.int16))  # wraps
+        if starts is None:
+            raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
+        extra = K.pack_varwidth(low, width)
         rows, pos_streams, tables, words = [], [], [], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            c = int(cls_of[a])
-            n_c, k_c = int(classes.counts[c]), int(b - a)
+        for c in np.flatnonzero(np.diff(starts)):
+            a, b = int(starts[c]), int(starts[c + 1])
+            n_c, k_c = int(classes.counts[c]), b - a
             r = ranks[a:b]
             if k_c == n_c:
                 mode, coded = _MODE_ALL, None
             elif 2 * k_c > n_c:
-                keep = np.ones(n_c, dtype=bool)
-                keep[r] = False
-                mode, coded = _MODE_UNCHANGED, np.flatnonzero(keep)
+                mode, coded = _MODE_UNCHANGED, K.complement(r, n_c)
             else:
                 mode, coded = _MODE_CHANGED, r
             if coded is None:
                 rk, unary, rem = 0, np.zeros(0, np.uint8), np.zeros(0, np.uint8)
             else:
-                gaps = np.diff(coded, prepend=-1) - 1
+                gaps = K.rank_gaps(coded)
                 rk = _rice_k(gaps)
-                unary, rem = rice_encode(gaps, rk)
-            s = sym[a:b]
-            freq = _quantize(np.bincount(s, minlength=2 * int(msym[a:b].max())))
+                unary, rem = K.rice_encode(gaps, rk)
+            counts = hist[c]
+            freq = _quantize(counts[: 2 * (int(np.flatnonzero(counts)[-1]) // 2 + 1)])
             if np.count_nonzero(freq) > 1:
                 coder = constriction.stream.queue.RangeEncoder()
-                coder.encode(s, _categorical(freq))
+                coder.encode(sym[a:b], _categorical(freq))
                 w = coder.get_compressed().astype("<u4").view(np.uint8)
             else:  # one symbol only: it is implied by the table
                 w = np.zeros(0, np.uint8)
-            rows.append([c, n_c, k_c, mode, rk, int(unary.size), int(rem.size), int(freq.size), int(w.size)])
+            rows.append([int(c), n_c, k_c, mode, rk, int(unary.size), int(rem.size), int(freq.size), int(w.size)])
             pos_streams += [unary, rem]
             tables.append(freq.astype("<u2").view(np.uint8))
             words.append(w)
@@ -658,6 +728,7 @@ class ContextEncoding:
                         and min(row[5:]) >= 0 and 2 <= row[7] <= 2 * _MAX_MSYM and row[7] % 2 == 0 for row in rows)
                 and sum(r[5] + r[6] + 2 * r[7] + r[8] for r in rows) + xlen == blob.size):
             raise FormatError(f"ctx delta parameters out of range or inconsistent with its {blob.size}-byte payload")
+        K = _kernels()
         classes = _BaseClasses(base_context, numel)
         classes.pool(lo, hi)
         for c, n_c, *_ in rows:
@@ -673,15 +744,8 @@ class ContextEncoding:
                 r = np.arange(n_c, dtype=np.int64)
             else:
                 m = k_c if mode == _MODE_CHANGED else n_c - k_c
-                coded = np.cumsum(rice_decode(unary, rem, m, rk).astype(np.int64) + 1) - 1 if m else \
-                    np.zeros(0, np.int64)
-                check_positions(coded, n_c, what=f"class {c} ranks")
-                if mode == _MODE_CHANGED:
-                    r = coded
-                else:
-                    keep = np.ones(n_c, dtype=bool)
-                    keep[coded] = False
-                    r = np.flatnonzero(keep)
+                coded = rice_positions(unary, rem, m, rk, n_c, what=f"class {c} ranks")
+                r = coded if mode == _MODE_CHANGED else K.complement(coded, n_c)
             if r.size != k_c:
                 raise FormatError(f"ctx delta class {c}: {r.size} positions decoded, header says {k_c}")
             rank_parts.append(r)
@@ -697,26 +761,23 @@ class ContextEncoding:
             if nz.size == 0:
                 raise FormatError(f"ctx delta class {c}: empty frequency table")
             if nz.size == 1:
-                sym_parts.append(np.full(k_c, nz[0], np.int64))
+                sym_parts.append(np.full(k_c, nz[0], np.int32))
                 continue
             if wlen % 4:
                 raise FormatError(f"ctx delta class {c}: coder stream of {wlen} bytes is not whole words")
             try:
                 dec = constriction.stream.queue.RangeDecoder(w.view("<u4").astype(np.uint32))
-                sym_parts.append(dec.decode(_categorical(freq), k_c).astype(np.int64))
+                sym_parts.append(dec.decode(_categorical(freq), k_c).astype(np.int32))
             except (ValueError, RuntimeError) as exc:
                 raise FormatError(f"ctx delta class {c}: residual stream does not decode ({exc})") from None
         if not rows:
             return DecodedTensor(positions=np.zeros(0, np.int64), residual=np.zeros(0, np.int16))
-        sym = np.concatenate(sym_parts)
-        msym = sym // 2 + 1
-        width = np.where(msym >= 4, msym - 2, 0)
-        extra = _unpack_varwidth(blob[off: off + xlen], width)
-        mag = np.where(msym >= 4, (np.int64(1) << width) + extra, msym)
-        residual_cls = np.where(sym & 1, -mag, mag).astype(np.int16)
-        cls = np.repeat(np.array(cls_ids, np.int64), [row[2] for row in rows])
-        positions, order = classes.positions(cls, np.concatenate(rank_parts))
+        residual_cls = K.symbols_to_residuals(np.concatenate(sym_parts), np.ascontiguousarray(blob[off: off + xlen]))
+        if residual_cls.size != n:
+            raise FormatError(f"ctx delta extra-bit stream of {xlen} bytes does not match its residual symbols")
+        positions, residual = classes.positions(cls_ids, [row[2] for row in rows], np.concatenate(rank_parts),
+                                                residual_cls)
         if positions.size != n:
             raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
         check_positions(positions, numel)
-        return DecodedTensor(positions=positions, residual=residual_cls[order])
+        return DecodedTensor(positions=positions, residual=residual)

@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from shared.codec import ContextTensor, DecodedTensor, EncodedTensor, bf16_bits, bf16_from_bits, check_positions, \
-    get_encoding
+    diff_bits, get_encoding
 from shared.errors import FormatError
 
 DELTA_FORMAT = "dws-delta"
@@ -58,9 +58,16 @@ class TensorChange:
     positions: np.ndarray  # int64 flat positions, sorted
     new_bits: np.ndarray  # uint16
     base_bits: np.ndarray  # uint16, the base at `positions`
-    # The whole base tensor, flat (uint16 bits, or a bf16 torch tensor on any device): what encodings with base
-    # context (`ctx`) read. None: those encodings are skipped for this tensor.
+    # The whole base tensor, flat (uint16 bits, `codec.BaseBits`, or a bf16 torch tensor on any device): what
+    # encodings with base context (`ctx`) read. None: those encodings are skipped for this tensor.
     base: Any = None
+
+    @classmethod
+    def between(cls, shape: tuple[int, ...], new: Any, old: Any, *, encoding: str = "compact") -> TensorChange | None:
+        """The change from `old` to `new` (bf16 tensors or uint16 bits of `shape`), found in one parallel read of
+        both (`codec.diff_bits`), plus what `encoding` needs from the base on the way; None when nothing changed."""
+        positions, new_at, old_at, base = diff_bits(new, old, context=get_encoding(encoding).needs_base_context)
+        return cls(tuple(shape), positions, new_at, old_at, base=base) if positions.size else None
 
 
 def _payload_bytes(out: EncodedTensor) -> int:

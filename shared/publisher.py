@@ -313,14 +313,11 @@ class Publisher(BackgroundPublishing):
         if self._prev is not None:
             changed = 0
             for name, cur in snap.items():
-                prev = self._prev[name]
-                cur_bits, prev_bits = bits(cur).reshape(-1), bits(prev).reshape(-1)
-                pos = torch.from_numpy(cur_bits.view("int16")).ne(torch.from_numpy(prev_bits.view("int16")))
-                positions = pos.nonzero().squeeze(1).numpy()
-                if positions.size:
-                    changes[name] = TensorChange(tuple(cur.shape), positions, cur_bits[positions], prev_bits[positions],
-                                                 base=prev_bits)
-                    changed += int(positions.size)
+                # One parallel read of both versions finds the changes (and counts what the ctx encoder needs).
+                ch = TensorChange.between(tuple(cur.shape), bits(cur), bits(self._prev[name]), encoding=self.encoding)
+                if ch is not None:
+                    changes[name] = ch
+                    changed += int(ch.positions.size)
             delta_bytes_blob = encode_delta(changes, version=version, base=self._prev_version, total=total,
                                             encoding=self.encoding)
         encode_s = time.perf_counter() - t0

@@ -258,3 +258,88 @@ def test_tensor_of_one_exponent_class():
     dec = enc.decode(out.arrays, out.params, base.size, base_context=base)
     assert np.array_equal(dec.positions, ch.positions)
     assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
+
+
+def _ctx_fixture_states():
+    """The states tests/shared/fixtures/ctx-v1.safetensors was written from (by the numpy encoder, before the codec's
+    passes were compiled): a pooled subnormal tail, pooled huge exponents, wide residuals (extra bits), classes in
+    all three modes, and a one-class tensor that changed entirely."""
+    g = torch.Generator().manual_seed(41)
+    a = bf16_bits((torch.randn(6000, generator=g) * 0.02).bfloat16()).copy()
+    a[:30] = np.arange(1, 31, dtype=np.uint16)
+    a[30:40] = 0x7F7F
+    na = bf16_bits(((torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+                     + torch.randn(6000, generator=g) * 3e-5)).bfloat16()).copy()
+    na[100:140] = a[100:140] ^ np.uint16(0x0055)
+    b = np.full(300, 0x3F80, np.uint16)
+    nb = b + np.uint16(1)
+    nb[::3] = b[::3] - np.uint16(1)
+    return {"a.weight": (a, na, (60, 100)), "b.weight": (b, nb, (300,))}
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+@pytest.mark.parametrize("detect", ["numpy", "diff_bits"])
+def test_ctx_writer_still_writes_the_bytes_of_the_first_ctx_files(monkeypatch, tmp_path, chunk, detect):
+    """The compiled passes changed how ranks are found, not what is written: from the same states the writer
+    produces tests/shared/fixtures/ctx-v1.safetensors byte for byte -- whether the publisher's detection ranked the
+    changes on the way (diff_bits) or the encoder ranks them itself -- and that file applies bit-exactly."""
+    from shared import codec
+
+    if chunk:
+        monkeypatch.setattr(codec._BaseClasses, "chunk", chunk)
+    changes = {}
+    for name, (base, new, shape) in _ctx_fixture_states().items():
+        if detect == "numpy":
+            changes[name] = _change(base, new, shape)
+        else:
+            changes[name] = TensorChange.between(shape, new, base, encoding="ctx")
+            assert changes[name].base.ranks is not None
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(encode_delta(changes, version=3, base=2, total=6300, encoding="ctx", verify=True))
+    # (safetensors orders header keys as it likes: compare the metadata and every stored array, not file bytes)
+    with safe_open(str(path), framework="np") as ours, \
+            safe_open(str(FIXTURES / "ctx-v1.safetensors"), framework="np") as first:
+        assert ours.metadata() == first.metadata()
+        assert sorted(ours.keys()) == sorted(first.keys())
+        for key in first.keys():
+            assert np.array_equal(ours.get_tensor(key), first.get_tensor(key)), key
+    pf = resolve_context(read_patch_file(FIXTURES / "ctx-v1.safetensors"),
+                         {name: base for name, (base, _, _) in _ctx_fixture_states().items()})
+    for name, (base, new, _) in _ctx_fixture_states().items():
+        dec = pf.tensors[name]
+        rebuilt = base.copy()
+        rebuilt[dec.positions] = dec.resolve(base[dec.positions])
+        assert np.array_equal(rebuilt, new)
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 22])
+@pytest.mark.parametrize("encoding", ["compact", "ctx"])
+def test_diff_bits_finds_exactly_the_changes_across_chunks(monkeypatch, chunk, encoding):
+    """The publisher's detection (one parallel read of both versions, chunk by chunk) returns what a plain numpy
+    comparison does, and with ctx the class ranks it found on the way code the same bytes as the encoder's own."""
+    from shared import codec
+
+    monkeypatch.setattr(codec._BaseClasses, "chunk", chunk)
+    base = _weights(20_011, 51)
+    base[5:25] = np.arange(1, 21, dtype=np.uint16)  # a pooled tail
+    new = _step(base, 1e-5, 52)
+    new[-3:] = base[-3:] + 9  # changes in the last, partial block of 8 and chunk
+    ch = TensorChange.between((20_011,), torch.from_numpy(new.view(np.int16)).view(torch.bfloat16), base,
+                              encoding=encoding)
+    want = np.flatnonzero(base != new)
+    assert np.array_equal(ch.positions, want)
+    assert np.array_equal(ch.new_bits, new[want]) and np.array_equal(ch.base_bits, base[want])
+    enc = get_encoding("ctx")
+    ours = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=ch.base)
+    plain = enc.encode(want, new[want], base[want], base.size, base_context=base)
+    assert ours.params == plain.params and np.array_equal(ours.arrays[""], plain.arrays[""])
+    assert TensorChange.between((4,), base[:4], base[:4], encoding=encoding) is None
+    with pytest.raises(ValueError, match="cannot diff"):
+        TensorChange.between((4,), base[:4], base[:5], encoding=encoding)
+
+
+
+@pytest.mark.parametrize("encoding", ["compact", "ctx"])
+def test_diff_bits_of_an_empty_tensor(encoding):
+    empty = np.zeros(0, np.uint16)
+    assert TensorChange.between((0, 4), empty, empty, encoding=encoding) is None

@@ -1,0 +1,456 @@
+"""The codec's compiled loops: every pass over a whole tensor and every per-element bit-stream loop of `shared.codec`.
+
+Owns speed, not format: each kernel computes exactly what the numpy expression it replaced computed (the tests compare
+bytes with files written before it existed), so the encodings in `shared.codec` stay defined there.
+
+Why numba: the ``ctx`` encoding needs, for every changed element, its rank among the base elements of the same
+exponent class. As numpy that was a per-chunk stable sort of every element's class (8-10 ns per element of the
+*model*); here it is one pass over the base's bits with 256 counters (well under 1 ns per element). Every kernel is
+compiled with ``nogil=True`` and runs serially on one chunk: callers spread chunks over `run_chunks`' thread pool, so
+the parallelism is plain Python threads (safe to call from any number of threads at once -- numba's own ``parallel=``
+threading layers are not all re-entrant -- and it adds nothing to how many threads a process starts).
+
+``cache=True`` keeps the compiled code on disk (next to this file, or numba's per-user cache directory where that is
+not writable): the first process on a machine compiles once (about 10 s for all kernels on a 2-core machine), later
+ones load it in well under a second. Nothing imports this module before an encoding needs it, so `dws --help` and the
+env Space never pay for numba.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+from numba import njit
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def run_chunks(fn: Callable[[int], object], n: int) -> list:
+    """`fn(i)` for i in range(n), on a shared pool of one thread per core (a single chunk runs inline). The kernels
+    release the GIL, so chunks of one big tensor run in parallel even when called from inside another pool."""
+    global _POOL
+    if n <= 1 or (os.cpu_count() or 1) == 1:
+        return [fn(i) for i in range(n)]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dws-kernel")
+    return list(_POOL.map(fn, range(n)))
+
+
+# A byte's leading zero count (8 for 0): the unary decoder skips to the next one bit with it.
+_CLZ8 = np.array([8 - b.bit_length() for b in range(256)], dtype=np.int64)
+
+
+@njit(nogil=True, cache=True)
+def exponent_histogram(b, out):
+    """out[e] += number of elements of `b` (uint16 bf16 bits) whose exponent field is e."""
+    # Four interleaved tables: consecutive elements of the same exponent would otherwise wait on one counter.
+    h = np.zeros((4, 256), np.int64)
+    n = b.size
+    j = 0
+    while j + 4 <= n:
+        h[0, (b[j] >> 7) & 0xFF] += 1
+        h[1, (b[j + 1] >> 7) & 0xFF] += 1
+        h[2, (b[j + 2] >> 7) & 0xFF] += 1
+        h[3, (b[j + 3] >> 7) & 0xFF] += 1
+        j += 4
+    while j < n:
+        h[0, (b[j] >> 7) & 0xFF] += 1
+        j += 1
+    for e in range(256):
+        out[e] += h[0, e] + h[1, e] + h[2, e] + h[3, e]
+
+
+@njit(nogil=True, cache=True)
+def class_counts(old_at, table, out):
+    """out[c] += how many of these changed elements (base values `old_at`) are in class ``table[exponent]``."""
+    for i in range(old_at.size):
+        out[table[(old_at[i] >> 7) & 0xFF]] += 1
+
+
+@njit(nogil=True, cache=True)
+def residual_symbols(starts, residual, sym, width, low, hist):
+    """Every residual, given in class-major order (class c's are ``residual[starts[c]:starts[c+1]]``), as its ctx
+    symbol ``2 * (bucket - 1) + negative`` -- buckets 1, 2, 3, then w + 2 for |r| in [2**w, 2**(w+1)), whose w low
+    bits go to width/low -- and hist[c] counts class c's symbols. Returns 1 when a residual is 0, else 0."""
+    h = np.zeros((4, hist.shape[1]), np.int64)  # interleaved: runs of one symbol would wait on one counter
+    for c in range(starts.size - 1):
+        a, b = starts[c], starts[c + 1]
+        if a == b:
+            continue
+        h[:] = 0
+        for i in range(a, b):
+            r = np.int64(residual[i])
+            neg = (r >> 63) & 1  # branch-free: signs are coin flips, a branch would mispredict half the time
+            m = (r ^ -neg) + neg
+            if m < 4:
+                if m == 0:
+                    return 1
+                v = 2 * (m - 1) + neg
+            else:
+                w = 2
+                while (m >> (w + 1)) != 0:
+                    w += 1
+                width[i] = w
+                low[i] = m - (np.int64(1) << w)
+                v = 2 * (w + 1) + neg
+            sym[i] = v
+            h[i & 3, v] += 1
+        for v in range(hist.shape[1]):
+            hist[c, v] = h[0, v] + h[1, v] + h[2, v] + h[3, v]
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def class_ranks(b, table, start, positions, residual, slot, rank_out, res_out):
+    """One chunk of the ctx encoder: for sorted chunk-local `positions` into `b`, each one's rank among the elements
+    of its class ``table[exponent]`` (``start[c]`` of them come before this chunk) and its `residual`, written
+    straight into class-major order: the next free index of class c is ``slot[c]`` (advanced here), so
+    rank_out/res_out fill two sequential streams per class. Reads `b` once, up to the last position."""
+    h = np.zeros((4, 256), np.int64)
+    cur = 0
+    for i in range(positions.size):
+        p = positions[i]
+        j = cur
+        while j + 4 <= p:
+            h[0, table[(b[j] >> 7) & 0xFF]] += 1
+            h[1, table[(b[j + 1] >> 7) & 0xFF]] += 1
+            h[2, table[(b[j + 2] >> 7) & 0xFF]] += 1
+            h[3, table[(b[j + 3] >> 7) & 0xFF]] += 1
+            j += 4
+        while j < p:
+            h[0, table[(b[j] >> 7) & 0xFF]] += 1
+            j += 1
+        c = table[(b[p] >> 7) & 0xFF]
+        o = slot[c]
+        slot[c] = o + 1
+        rank_out[o] = start[c] + h[0, c] + h[1, c] + h[2, c] + h[3, c]
+        res_out[o] = residual[i]
+        h[0, c] += 1
+        cur = p + 1
+
+
+@njit(nogil=True, cache=True)
+def class_positions(b, table, start, want, ptr, end, values, offset, out_pos, out_val):
+    """The inverse of `class_ranks` on one chunk: `want` holds every class's sorted ranks (class-major); for class c
+    the entries ``want[ptr[c]:end[c]]`` fall in this chunk (``start[c]`` class elements precede it). Writes, in
+    position order, each such element's position (chunk-local + `offset`) and its entry of `values` (class-major,
+    like `want`: read as sequential streams, one per class); returns how many."""
+    nxt = np.full(256, -1, np.int64)
+    p = ptr.copy()
+    left = 0
+    for c in range(256):
+        if p[c] < end[c]:
+            nxt[c] = want[p[c]] - start[c]
+            left += end[c] - p[c]
+    cnt = np.zeros(256, np.int64)
+    k = 0
+    for j in range(b.size):
+        if left == 0:
+            break
+        c = table[(b[j] >> 7) & 0xFF]
+        r = cnt[c]
+        cnt[c] = r + 1
+        if r == nxt[c]:
+            out_pos[k] = j + offset
+            out_val[k] = values[p[c]]
+            k += 1
+            left -= 1
+            p[c] += 1
+            nxt[c] = want[p[c]] - start[c] if p[c] < end[c] else -1
+    return k
+
+
+@njit(nogil=True, cache=True)
+def diff_bits(new, old, offset, pos, new_at, old_at):
+    """Where `new` and `old` (uint16) differ: fills pos/new_at/old_at (each len(new) long) with the positions
+    (+ `offset`) and both values, returns the count. Branch-free: at densities of a few percent a branch would
+    mispredict (measured: 0.9 ns per element on one thread, torch.ne alone 1.0)."""
+    k = 0
+    for j in range(new.size):
+        v = new[j]
+        o = old[j]
+        pos[k] = j + offset
+        new_at[k] = v
+        old_at[k] = o
+        k += v != o
+    return k
+
+
+@njit(nogil=True, cache=True)
+def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
+    """`diff_bits` that also gives each changed element its class ``table[exponent of old]`` and its rank among the
+    class's elements (``start[c]`` of them precede this chunk) -- the ctx encoder's whole O(numel) work in the same
+    read. Blocks of 8 without a change only count classes (4 interleaved counters: runs of one class would wait
+    on one counter)."""
+    h = np.zeros((4, 256), np.int64)
+    k = 0
+    n = new.size
+    j = 0
+    while j + 8 <= n:
+        diff = 0
+        for u in range(8):
+            diff |= new[j + u] ^ old[j + u]
+        if diff:
+            for u in range(8):
+                v = new[j + u]
+                o = old[j + u]
+                c = table[(o >> 7) & 0xFF]
+                if v != o:
+                    pos[k] = j + u + offset
+                    new_at[k] = v
+                    old_at[k] = o
+                    cls[k] = c
+                    rank[k] = start[c] + h[0, c] + h[1, c] + h[2, c] + h[3, c]
+                    k += 1
+                h[u & 3, c] += 1
+        else:
+            for u in range(8):
+                h[u & 3, table[(old[j + u] >> 7) & 0xFF]] += 1
+        j += 8
+    while j < n:
+        v = new[j]
+        o = old[j]
+        c = table[(o >> 7) & 0xFF]
+        if v != o:
+            pos[k] = j + offset
+            new_at[k] = v
+            old_at[k] = o
+            cls[k] = c
+            rank[k] = start[c] + h[0, c] + h[1, c] + h[2, c] + h[3, c]
+            k += 1
+        h[0, c] += 1
+        j += 1
+    return k
+
+
+@njit(nogil=True, cache=True)
+def to_class_major(cls, rank, residual, slot, rank_out, res_out):
+    """Scatter changed elements (position order) into class-major order: class c's next free index is ``slot[c]``
+    (advanced here); ranks stay ascending inside each class."""
+    for i in range(cls.size):
+        c = cls[i]
+        o = slot[c]
+        slot[c] = o + 1
+        rank_out[o] = rank[i]
+        res_out[o] = residual[i]
+
+
+@njit(nogil=True, cache=True)
+def rice_cost(gaps, k_lo, k_hi):
+    """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k), the smallest on ties, in one
+    pass over `gaps` (five plain accumulators: the loop vectorizes)."""
+    s0 = s1 = s2 = s3 = s4 = np.int64(0)
+    for i in range(gaps.size):
+        g = gaps[i] >> k_lo
+        s0 += g
+        s1 += g >> 1
+        s2 += g >> 2
+        s3 += g >> 3
+        s4 += g >> 4
+    sums = (s0, s1, s2, s3, s4)
+    best_k = k_lo
+    best = -1
+    for t in range(k_hi - k_lo + 1):
+        bits = gaps.size * (k_lo + t + 1) + sums[t]
+        if best < 0 or bits < best:
+            best_k = k_lo + t
+            best = bits
+    return best_k
+
+
+@njit(nogil=True, cache=True)
+def rank_gaps(ranks):
+    """Rice gaps of sorted ranks: ``r_i - r_{i-1} - 1`` (with r_{-1} = -1)."""
+    out = np.empty(ranks.size, np.int64)
+    prev = -1
+    for i in range(ranks.size):
+        out[i] = ranks[i] - prev - 1
+        prev = ranks[i]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ bit streams
+@njit(nogil=True, cache=True)
+def _put(out, o, acc, nacc, value, width):
+    """Append `width` (<= 32) low bits of `value`, MSB first, to a byte stream with a pending bit accumulator."""
+    acc = (acc << width) | (value & ((1 << width) - 1))
+    nacc += width
+    while nacc >= 8:
+        out[o] = (acc >> (nacc - 8)) & 0xFF
+        o += 1
+        nacc -= 8
+    acc &= (1 << nacc) - 1
+    return o, acc, nacc
+
+
+@njit(nogil=True, cache=True)
+def _flush(out, o, acc, nacc):
+    if nacc:
+        out[o] = (acc << (8 - nacc)) & 0xFF
+        o += 1
+    return o
+
+
+@njit(nogil=True, cache=True)
+def rice_encode(gaps, k):
+    """Unary quotients (q zeros then a one) and k-bit remainders, each MSB first and zero-padded to whole bytes --
+    the bytes ``np.packbits`` of the two bit sequences gives."""
+    n = gaps.size
+    ubits = 0
+    for i in range(n):
+        ubits += (gaps[i] >> k) + 1
+    unary = np.zeros((ubits + 7) // 8, np.uint8)
+    bit = -1
+    for i in range(n):
+        bit += (gaps[i] >> k) + 1
+        unary[bit >> 3] |= np.uint8(0x80 >> (bit & 7))
+    rem = np.zeros((n * k + 7) // 8, np.uint8)
+    if k == 0:
+        return unary, rem
+    o, acc, nacc = 0, 0, 0
+    if k <= 56:  # the accumulator holds < 8 pending bits + k
+        mask = (np.int64(1) << k) - 1
+        for i in range(n):
+            acc = (acc << k) | (gaps[i] & mask)
+            nacc += k
+            while nacc >= 8:
+                nacc -= 8
+                rem[o] = (acc >> nacc) & 0xFF
+                o += 1
+            acc &= (np.int64(1) << nacc) - 1
+    else:
+        for i in range(n):
+            g = gaps[i]
+            w = k
+            while w > 0:
+                take = min(w, 32)
+                o, acc, nacc = _put(rem, o, acc, nacc, g >> (w - take), take)
+                w -= take
+    _flush(rem, o, acc, nacc)
+    return unary, rem
+
+
+@njit(nogil=True, cache=True)
+def rice_decode(unary, rem, n, k, clz8, gaps):
+    """Inverse of `rice_encode` into `gaps` (int64, n long). Returns 0, or -1 when the unary stream holds fewer than
+    n entries, -2 when the remainder stream is shorter than n*k bits, -3 when a gap would not fit 62 bits."""
+    nbits = unary.size * 8
+    bit = 0
+    for i in range(n):
+        q = 0
+        while True:
+            if bit >= nbits:
+                return -1
+            off = bit & 7
+            rest = (np.int64(unary[bit >> 3]) << off) & 0xFF
+            if rest == 0:
+                q += 8 - off
+                bit += 8 - off
+            else:
+                z = clz8[rest]
+                q += z
+                bit += z + 1
+                break
+        if k and q >= (np.int64(1) << (62 - k)):
+            return -3
+        gaps[i] = q << k
+    if k == 0:
+        return 0
+    if rem.size * 8 < n * k:
+        return -2
+    if k <= 56:  # at most 7 spare bits + k in the accumulator
+        mask = (np.int64(1) << k) - 1
+        acc, nacc, o = np.int64(0), 0, 0
+        for i in range(n):
+            while nacc < k:
+                acc = ((acc << 8) | rem[o]) & ((np.int64(1) << 62) - 1)
+                o += 1
+                nacc += 8
+            nacc -= k
+            gaps[i] |= (acc >> nacc) & mask
+        return 0
+    bit = 0
+    for i in range(n):
+        r = np.int64(0)
+        for _ in range(k):
+            r = (r << 1) | ((rem[bit >> 3] >> (7 - (bit & 7))) & 1)
+            bit += 1
+        gaps[i] |= r
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def gaps_to_positions(gaps, limit):
+    """Positions from Rice gaps (``p_i = p_{i-1} + g_i + 1``); -1 in the first slot when one reaches `limit`."""
+    out = np.empty(gaps.size, np.int64)
+    p = -1
+    for i in range(gaps.size):
+        g = gaps[i]
+        if g < 0 or g >= limit or p + g + 1 >= limit:
+            out[0] = -1
+            return out
+        p += g + 1
+        out[i] = p
+    return out
+
+
+@njit(nogil=True, cache=True)
+def complement(sorted_ranks, n):
+    """0..n-1 without the (sorted, unique, in-range) `sorted_ranks`."""
+    out = np.empty(n - sorted_ranks.size, np.int64)
+    k = 0
+    j = 0
+    for r in range(n):
+        if j < sorted_ranks.size and sorted_ranks[j] == r:
+            j += 1
+        else:
+            out[k] = r
+            k += 1
+    return out
+
+
+@njit(nogil=True, cache=True)
+def pack_varwidth(values, width):
+    """Each value's `width` low bits (width <= 16 here), MSB first, concatenated and zero-padded to whole bytes."""
+    total = 0
+    for i in range(width.size):
+        total += width[i]
+    out = np.zeros((total + 7) // 8, np.uint8)
+    o, acc, nacc = 0, 0, 0
+    for i in range(width.size):
+        if width[i]:
+            o, acc, nacc = _put(out, o, acc, nacc, values[i], width[i])
+    _flush(out, o, acc, nacc)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def symbols_to_residuals(sym, packed):
+    """Inverse of `residual_symbols` + `pack_varwidth`: int16 residuals, or an empty array when `packed` does not
+    hold exactly the extra bits the symbols need (fewer, or a whole spare byte)."""
+    n = sym.size
+    total = 0
+    for i in range(n):
+        b = sym[i] // 2 + 1
+        if b >= 4:
+            total += b - 2
+    if packed.size * 8 < total or packed.size * 8 - total >= 8:
+        return np.empty(0, np.int16)
+    out = np.empty(n, np.int16)
+    bit = 0
+    for i in range(n):
+        b = sym[i] // 2 + 1
+        if b >= 4:
+            w = b - 2
+            v = np.int64(0)
+            for _ in range(w):
+                v = (v << 1) | ((packed[bit >> 3] >> (7 - (bit & 7))) & 1)
+                bit += 1
+            m = (np.int64(1) << w) + v
+        else:
+            m = np.int64(b)
+        out[i] = np.int16(-m if sym[i] & 1 else m)
+    return out
