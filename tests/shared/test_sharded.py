@@ -231,11 +231,14 @@ def test_a_history_in_two_parts_is_re_split_for_another_rank_count(sharded_run, 
     step = {k: v.clone() for k, v in want.items()}
     name = sorted(step)[0]
     step[name].view(-1)[:7] += 1.0
-    pub.publish(step, 6)
+    rep = pub.publish(step, 6).result(timeout=120)
     pub.close()
     m = read_manifest(open_bucket(b))
     assert m.delta(6) is not None and m.delta(6).base == 5 and len(m.delta(6).parts) == 1
     assert m.delta(6).changed <= 7
+    # Rank 0's report describes the committed version as a whole (what the trainer's dashboard shows).
+    assert rep.version_changed == m.delta(6).changed and rep.delta_bytes == m.delta(6).bytes
+    assert rep.version_total == sum(t.numel() for t in want.values()) and rep.anchor_bytes is None
     st: dict = {}
     assert Follower(b).sync_state(st, None) == 6 and same(st, {k: v.to(torch.bfloat16) for k, v in step.items()})
     assert verify_bucket(str(b)).ok

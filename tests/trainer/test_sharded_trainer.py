@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -33,25 +34,43 @@ pytestmark = pytest.mark.slow
 KILLED_AT = 5  # rank 1 dies uploading the 5th version of the first run
 
 
-def torchrun(services, tmp: Path, name: str, *, steps: int, **extra: str) -> tuple[int, str]:
+def torchrun(services, tmp: Path, name: str, *, steps: int, serve: bool = False,
+             **extra: str) -> tuple[int | None, str, dict | None]:
+    """Run the trainer Space on 2 ranks. `serve`: like a Space, rank 0 keeps its dashboard up when training is done;
+    its /status is read then and the job stopped (rc None)."""
     log = tmp / f"{name}.log"
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DWS_") and k != "SPACE_ID"}
     env.update({"DWS_MODEL": str(services["model"]), "DWS_BUCKET": str(services["bucket"]),
                 "DWS_ROLLOUT_URLS": services["gw"].url, "DWS_ENV_URL": services["env"].url,
                 "DWS_ROLLOUT_TOKEN": TOKEN, "DWS_TASK": "short", "DWS_STEPS": str(steps), "DWS_LR": "0.01",
                 "DWS_PROMPTS_PER_STEP": "2", "DWS_GROUP_SIZE": "4", "DWS_MAX_COMPLETION_LENGTH": "8",
                 "DWS_KEEP_ANCHORS": "50", "DWS_RUN_ID": "sharded-trainer-test", "DWS_UI": "false",
-                "DWS_OUTPUT_DIR": str(tmp / "out"), "HOST": "127.0.0.1", "PORT": str(free_port()),
+                "DWS_EXIT_WHEN_DONE": "false" if serve else "true",
+                "DWS_OUTPUT_DIR": str(tmp / "out"), "HOST": "127.0.0.1", "PORT": str(port),
                 "DWS_TEST_DUMP_ROWS": str(tmp / "rows"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "trainer_space"]
+    rc, status = None, None
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = proc.wait(timeout=600)  # only stops a hung run from hanging the suite; nothing timed is asserted
+            # The deadlines only stop a hung run from hanging the suite; nothing timed is asserted.
+            deadline = time.time() + 600
+            while serve and proc.poll() is None and time.time() < deadline:
+                try:
+                    st = httpx.get(f"http://127.0.0.1:{port}/status", timeout=30).json()
+                    if st["phase"] in ("done", "failed"):
+                        status = st
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            if not serve:
+                rc = proc.wait(timeout=600)
         finally:
             stop_process_group(proc, timeout=10)
-    return rc, log.read_text(errors="replace")
+    return rc, log.read_text(errors="replace"), status
 
 
 def reference(rows: Path, version: int) -> dict[str, torch.Tensor]:
@@ -67,13 +86,14 @@ def sharded(run1, services, tmp_path_factory):
     sync_replica(services["gw"], start)
     before = services["gw"].status()
     killed = start + KILLED_AT
-    rc1, log1 = torchrun(services, tmp, "killed", steps=KILLED_AT, DWS_TEST_FAULT_KILL_RANK_AT=f"1:{killed}")
+    rc1, log1, _ = torchrun(services, tmp, "killed", steps=KILLED_AT, DWS_TEST_FAULT_KILL_RANK_AT=f"1:{killed}")
     after_kill = bucket_latest(services["bucket"])
     verified_after_kill = verify_bucket(str(services["bucket"]))
-    rc2, log2 = torchrun(services, tmp, "restart", steps=2)
+    _, log2, status = torchrun(services, tmp, "restart", steps=2, serve=True)
     final = bucket_latest(services["bucket"])
     return {"tmp": tmp, "start": start, "killed": killed, "rc1": rc1, "log1": log1, "after_kill": after_kill,
-            "verified_after_kill": verified_after_kill, "rc2": rc2, "log2": log2, "final": final, "before": before}
+            "verified_after_kill": verified_after_kill, "status": status, "log2": log2, "final": final,
+            "before": before}
 
 
 def test_rank_killed_mid_upload_leaves_the_version_uncommitted(sharded):
@@ -87,7 +107,8 @@ def test_rank_killed_mid_upload_leaves_the_version_uncommitted(sharded):
 
 def test_restart_continues_from_the_last_committed_version(sharded, services):
     s = sharded
-    assert s["rc2"] == 0, s["log2"][-4000:]
+    assert s["status"] is not None and s["status"]["phase"] == "done", s["log2"][-4000:]
+    assert "[rank 1/2]: done:" in s["log2"] and "[rank 0/2]: done:" in s["log2"]
     # Each rank read back only its own part of every version since the anchor, and the ranks proved the digest.
     assert f"rebuilt its rows of v{s['killed'] - 1}" in s["log2"] and "re-split" not in s["log2"]
     assert s["final"] == s["killed"] + 1
@@ -134,3 +155,18 @@ def test_the_replica_served_every_version_bit_exactly(sharded, services):
     assert st["digest_mismatches"] == s["before"]["digest_mismatches"]
     r = httpx.get(f"{services['gw'].url}/health", timeout=10)
     assert r.status_code == 200
+
+
+def test_rank_0_serves_the_dashboard_with_whole_versions(sharded):
+    """Rank 0 is the Space: its /status shows the run, and each published version as a whole (every rank's part),
+    not rank 0's half."""
+    st, s = sharded["status"], sharded
+    hist = st["sync"]["history"]
+    assert [h["version"] for h in hist] == [s["killed"], s["killed"] + 1]
+    for h in hist:
+        whole = sum(t.numel() for t in reference(s["tmp"] / "rows", h["version"]).values())
+        assert h["total"] == whole and 0 < h["changed"] <= whole
+        # The version's parts together (two), where rank 0's own part is about half of them.
+        assert h["bytes"] == (h["delta_bytes"] or 0) + (h["anchor_bytes"] or 0) > 1.5 * h["part_bytes"] > 0
+    assert st["training"]["step"] == 2 and st["rollouts"]["groups"] >= 2
+    assert st["config"]["rollout_token"] == "set"
