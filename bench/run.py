@@ -277,10 +277,10 @@ def gpu_rows(prev, cur, repeats: int) -> dict:
 
 _FIRST_USE = """
 import sys, time
-t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from shared.formats import TensorChange, encode_delta, read_patch_file, resolve_context
+from shared.formats import TensorChange, encode_delta
+t0 = time.perf_counter()  # after torch/safetensors imports: what numba adds (its import, cache load or compile)
 base = (np.arange(4096, dtype=np.uint16) % 512) + 0x3C00
 new = base.copy()
 new[::5] += 1

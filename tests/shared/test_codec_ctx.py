@@ -343,3 +343,11 @@ def test_diff_bits_finds_exactly_the_changes_across_chunks(monkeypatch, chunk, e
 def test_diff_bits_of_an_empty_tensor(encoding):
     empty = np.zeros(0, np.uint16)
     assert TensorChange.between((0, 4), empty, empty, encoding=encoding) is None
+
+
+def test_warm_up_round_trips_every_position_coding_encoding():
+    """codec.warm_up (what a process calls to load the compiled passes before its first publish or sync) detects,
+    encodes and decodes with compact and both ctx paths, and raises on any inexact round trip."""
+    from shared import codec
+
+    assert codec.warm_up() >= 0.0
