@@ -118,7 +118,15 @@ class PeakRss:
     def stop(self) -> dict:
         rise = {p: max(0, _status_kb(p, "VmHWM") - self.before.get(p, 0)) for p in self.pids}
         return {"total_mb": sum(rise.values()) / 1024, "max_process_mb": max(rise.values()) / 1024,
-                "rss_mb": sum(self.before.values()) / 1024}
+                "rss_mb": sum(self.before.values()) / 1024,
+                "by_process_mb": {f"{p} {_comm(p)}": round(r / 1024, 1) for p, r in rise.items()}}
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def train_and_encode(size: str, *, deltas: int, lr: float, work: Path) -> tuple[int, list[bytes]]:
@@ -220,11 +228,13 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
             assert last["ok"] and last["verified"] is True and st["digest_match"] is True, last
             rows.append({"version": v, "changed": last["changed"], "bytes": last["bytes"],
                          "before_pause_s": last["download_s"], "decode_s": last["decode_s"],
+                         "worker_prepare_s": last["prepare_s"],
                          "pause_s": last["pause_s"], "control_s": last["control_s"],
                          "apply_s": last["worker_apply_s"], "verify_after_resume_s": last["verify_s"],
                          "verify_window_s": last["verify_window_s"], "publish_s": publish_s,
                          "publish_to_serving_s": serving_s, "publish_to_verified_s": verified_s,
-                         "peak_rss_rise_mb": peak["total_mb"], "peak_rss_rise_max_process_mb": peak["max_process_mb"]})
+                         "peak_rss_rise_mb": peak["total_mb"], "peak_rss_rise_max_process_mb": peak["max_process_mb"],
+                         "peak_rss_rise_by_process_mb": peak["by_process_mb"]})
             r = rows[-1]
             print(f"[replica bench] {size} v{v}: {r['changed']:,} changed, pause {r['pause_s'] * 1e3:.1f} ms "
                   f"(control {r['control_s'] * 1e3:.1f}, apply+read-back {r['apply_s'] * 1e3:.1f}), verify after "
@@ -236,7 +246,7 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "version"}
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("version", "peak_rss_rise_by_process_mb")}
     model_mb = n_params * 2 / 2**20
     return {
         "size": size, "parameters": n_params, "model_mb": model_mb, "lr": lr, "verify": "every",
@@ -263,6 +273,8 @@ def table(results: list[dict]) -> str:
     row("changed elements", lambda r: f"{r['delta_median']['changed']:,.0f}")
     row("delta bytes", lambda r: f"{r['delta_median']['bytes']:,.0f}")
     row("before the pause: download + sha256 + decode + prepare, ms", lambda r: ms(r['delta_median']['before_pause_s']))
+    row("of which the worker's plan (dws_prepare, between engine steps), ms",
+        lambda r: ms(r['delta_median']['worker_prepare_s']))
     row("**delta pause**, ms", lambda r: ms(r['delta_median']['pause_s']))
     row("of which control plane (pause + 1 RPC + resume), ms", lambda r: ms(r['delta_median']['control_s']))
     row("of which apply + in-pause read-back, ms", lambda r: ms(r['delta_median']['apply_s']))

@@ -4,10 +4,20 @@ rollout_space/plugin.py; imported only inside vLLM workers that selected ``--wei
 
 Owns what happens to the served weights of one worker (one TP rank). Every file is validated *before* the first
 write (names, shapes, index ranges, finite values, base version); then each changed tensor is written through the
-:class:`~rollout_space.patchmap.PatchMap` -- O(changed) integer arithmetic and one ``index_copy_`` per placement,
-one bounded chunk at a time, no full-shape staging -- and the written positions are read back and compared
-(O(changed)). The full served-weights digest is *not* computed inside the pause on the sync path: the gateway
-runs it after resume in chunks (``digest_start`` / ``digest_step``) and stops claiming the version on a mismatch.
+:class:`~rollout_space.patchmap.PatchMap` and the written positions are read back and compared (O(changed)).
+
+Everything that is not a write happens before the pause, between engine steps, in ``prepare`` (the ``dws_prepare``
+RPC, in budgeted steps so no engine step waits long): it reads the gateway's prepared file chunk by chunk, checks
+every position (range, order) and value (finite), decodes base-context tensors and resolves residuals against the
+served weights, and turns checkpoint positions into storage offsets of each live tensor (the PatchMap's integer
+arithmetic). The result -- per placement, (storage offsets, new bf16 bits) -- goes to a *plan* file beside the
+prepared one (pread back in chunks, never resident: memory stays bounded by a chunk). Inside the pause a planned
+file is only: read a chunk of the plan, scatter it into the live tensor, read those positions back (one compiled
+loop on CPU, ``index_copy_`` + ``index_select`` elsewhere). A plan is used only for the very file it was made from
+(inode, size, mtime) and only if no weight was written since it was made (``generation``); otherwise the pause
+falls back to doing that work itself. The full served-weights digest is *not* computed inside the pause on the
+sync path: the gateway runs it after resume in chunks (``digest_start`` / ``digest_step``) and stops claiming the
+version on a mismatch.
 """
 
 from __future__ import annotations
@@ -16,13 +26,14 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from rollout_space.patchmap import PatchMap, UnsupportedModelError, checkpoint_shapes, resolve_model_dir
+from rollout_space.patchmap import PatchMap, Placement, UnsupportedModelError, checkpoint_shapes, resolve_model_dir
 from rollout_space.plugin import BACKEND
 from rollout_space.prepared import CHUNK_ELEMENTS, PreparedReader, is_prepared
 from rollout_space.updates import DwsInitInfo, DwsUpdateInfo, InconsistentWeightsError, PatchError
@@ -34,6 +45,83 @@ logger = logging.getLogger("dws.engine")
 def _finite_bits(bits: torch.Tensor) -> bool:
     # bf16 NaN/Inf: the exponent field is all ones.
     return not bool(((bits.to(torch.int32) & 0x7F80) == 0x7F80).any())
+
+
+def _compile_scatter():
+    """The in-pause write on CPU: scatter new bf16 bits to storage offsets, then read each block back (while it is
+    still in cache) and count mismatches. One pass over the offsets instead of torch's index_copy_ + index_select +
+    compare (three passes and two temporaries). Compiled eagerly, for both offset widths, when the engine starts:
+    a JIT compile must never land inside a pause."""
+    import numba
+
+    @numba.njit(["int64(int16[::1], int32[::1], int16[::1])", "int64(int16[::1], int64[::1], int16[::1])"],
+                nogil=True, boundscheck=False)
+    def scatter_readback(target, idx, vals):
+        bad = 0
+        n = idx.size
+        for lo in range(0, n, 8192):
+            hi = min(n, lo + 8192)
+            for i in range(lo, hi):
+                target[idx[i]] = vals[i]
+            for i in range(lo, hi):
+                if target[idx[i]] != vals[i]:
+                    bad += 1
+        return bad
+
+    return scatter_readback
+
+
+def _cores() -> int:
+    """CPU cores this worker may run on (vLLM may pin it): how many threads the in-pause writes use."""
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class _Segment:
+    """One chunk of one placement in a plan file: ``count`` storage offsets (int32 or int64) at ``idx_at`` and
+    as many int16 bf16 bit patterns at ``vals_at`` (byte offsets in the plan file)."""
+
+    placement: Placement
+    count: int
+    idx_dtype: Any
+    idx_at: int
+    vals_at: int
+
+
+@dataclass
+class _Plan:
+    """A prepared file turned into writes for this rank (see the module docstring)."""
+
+    path: str
+    identity: tuple[int, int, int]
+    generation: int  # self.generation when made: any later write voids it
+    served: int | None  # the version served when made
+    version: int
+    base: int
+    plan_path: str
+    segments: list[_Segment] = field(default_factory=list)
+    changed: int = 0
+    context: int = 0  # base-context tensors decoded here
+    ms: float = 0.0
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.plan_path)
+        except OSError:
+            pass
+
+
+def _pread_into(fd: int, buf: np.ndarray, at: int) -> np.ndarray:
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], at + done)
+        if got <= 0:
+            raise InconsistentWeightsError("a plan file ended early")
+        done += got
+    return buf
 
 
 class _MemoryDelta:
@@ -89,8 +177,14 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         self.generation = 0  # bumped by every write: a digest that spans a write is void
         self.last: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
-        self._resolved: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # path -> base-context decodes
+        self._plans: dict[str, _Plan] = {}  # prepared-file path -> its finished plan
+        self._preparing: tuple[_Plan, Any] | None = None  # a plan being made, and its step generator
         self._digest: dict[str, Any] | None = None
+        self._scatter = _compile_scatter() if self.map.placements and self._on_cpu() else None
+        self._pool = None  # threads for the in-pause writes on CPU (made at the first planned apply)
+
+    def _on_cpu(self) -> bool:
+        return all(pl.target.device.type == "cpu" for pls in self.map.placements.values() for pl in pls)
 
     def _check_served_equals_checkpoint(self, model_dir) -> None:
         """Once, at start: every mapped tensor must read back exactly as the checkpoint holds it. A backend that
@@ -149,41 +243,54 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
     # ---- one sync: every file of a version, in order (the dws_apply RPC) -----------------------------------------
     def apply(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
         """Every file of a sync: all validated first (a bad later file -- e.g. one part of a version in parts --
-        must not leave earlier ones half-applied), then all written, in order."""
+        must not leave earlier ones half-applied), then all written, in order. A file with a plan from
+        ``prepare`` made at the current generation is only checked against the version chain here: its chunks were
+        validated when the plan was made."""
         t0 = time.perf_counter()
-        infos = [self.parse_update_info(s) for s in steps]
-        checked, chain = [], (self.consistent, self.version)
-        for info in infos:
-            checked.append(self._check_file(info, chain))
-            chain = (True, info.version)
-        records = [self._write_file(info, *c) for info, c in zip(infos, checked)]
-        self._sync_device()
+        try:
+            infos = [self.parse_update_info(s) for s in steps]
+            checked, chain = [], (self.consistent, self.version)
+            for i, info in enumerate(infos):
+                # Parts of one version (same version and base) write disjoint rows: a plan made for any of them
+                # before the pause stays valid while the earlier parts are written.
+                plan = self._usable_plan(info, all(p.version == info.version and p.base == info.base
+                                                   for p in infos[:i]))
+                checked.append(self._check_file(info, chain, plan))
+                chain = (True, info.version)
+            records = [self._write_file(info, *c) for info, c in zip(infos, checked)]
+            self._sync_device()
+        finally:
+            self._drop_plans()  # one sync's plans: never reused by a later one
         return {"steps": records, "version": self.version, "ms": round((time.perf_counter() - t0) * 1e3, 3)}
 
     def apply_file(self, info: DwsUpdateInfo) -> dict[str, Any]:
-        return self._write_file(info, *self._check_file(info, (self.consistent, self.version)))
+        try:
+            return self._write_file(info, *self._check_file(info, (self.consistent, self.version),
+                                                            self._usable_plan(info, True)))
+        finally:
+            self._drop_plans()
 
-    def _check_file(self, info: DwsUpdateInfo, chain: tuple[bool, int | None]):
+    def _check_file(self, info: DwsUpdateInfo, chain: tuple[bool, int | None], plan: "_Plan | None" = None):
         """Validate one file against the state the weights will be in when it is written; writes nothing."""
         t0 = time.perf_counter()
         if not os.path.isfile(info.path):
             raise PatchError(f"no such file {info.path}")
         if info.kind == "delta":
             source = self._open_delta(info, chain)
-            plan = self._validate_delta(source, info, chain)
+            names = self._validate_delta(source, info, chain, scan=plan is None)
         else:
-            source, plan = None, self._validate_anchor(info)
-        return source, plan, t0
+            source, names = None, self._validate_anchor(info)
+        return source, names, t0, plan
 
-    def _write_file(self, info: DwsUpdateInfo, source, plan, t0: float) -> dict[str, Any]:
+    def _write_file(self, info: DwsUpdateInfo, source, names, t0: float, plan: "_Plan | None" = None) -> dict:
         t1 = time.perf_counter()
         try:  # from here on weights change
-            resolved = self._take_resolved(info.path, info.base) if info.kind == "delta" else {}
             self.generation += 1
             if info.kind == "delta":
-                n_values, mismatched = self._write_delta(source, plan, info.path, resolved)
+                n_values, mismatched = (self._write_plan(plan) if plan is not None
+                                        else self._write_delta(source, names))
             else:
-                n_values, mismatched = self._write_anchor(info.path, plan, info.rows)
+                n_values, mismatched = self._write_anchor(info.path, names, info.rows)
             self._sync_device()
         except Exception as exc:
             self.consistent, self.version = False, None
@@ -202,9 +309,9 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         t3 = time.perf_counter()
         self.consistent, self.version = True, info.version
         self.last = {"kind": info.kind, "version": info.version, "base": info.base, "digest": digest,
-                     "tensors": len(plan), "values": n_values, "readback": info.kind == "delta",
-                     "validate_ms": round((t1 - t0) * 1e3, 3), "apply_ms": round((t2 - t1) * 1e3, 3),
-                     "digest_ms": round((t3 - t2) * 1e3, 3)}
+                     "tensors": len(names), "values": n_values, "readback": info.kind == "delta",
+                     "planned": plan is not None, "validate_ms": round((t1 - t0) * 1e3, 3),
+                     "apply_ms": round((t2 - t1) * 1e3, 3), "digest_ms": round((t3 - t2) * 1e3, 3)}
         self.history = (self.history + [self.last])[-32:]
         logger.info("dws: applied %s", self.last)
         return self.last
@@ -228,7 +335,20 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             raise PatchError(f"{info.path} is an anchor, update_info says delta")
         return _MemoryDelta(pf)
 
-    def _validate_delta(self, src, info: DwsUpdateInfo, chain: tuple[bool, int | None]) -> list[str]:
+    def _check_header(self, src, path: str) -> list[str]:
+        """Names and shapes of a delta against the served model (O(tensors)); the tensors that change."""
+        names = []
+        for name, t in sorted(src.tensors.items()):
+            if name not in self.map:
+                raise PatchError(f"unknown tensor {name!r} (not a checkpoint tensor the served model loads)")
+            if t.shape and tuple(t.shape) != self.map.shapes()[name]:
+                raise PatchError(f"{name}: delta shape {list(t.shape)} != served {list(self.map.shapes()[name])}")
+            if t.count:
+                names.append(name)
+        return names
+
+    def _validate_delta(self, src, info: DwsUpdateInfo, chain: tuple[bool, int | None], *,
+                        scan: bool = True) -> list[str]:
         for attr in ("version", "base"):  # a file that states its own version/base must agree
             stated, asked = getattr(src, attr, None), getattr(info, attr)
             if stated is not None and asked is not None and stated != asked:
@@ -238,53 +358,194 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         # (a later part of the version in progress has the same base as its first part)
         if base is not None and current is not None and base != current and current != info.version:
             raise PatchError(f"delta base {base} != served version {current}")
-        names = []
-        for name, t in sorted(src.tensors.items()):
-            if name not in self.map:
-                raise PatchError(f"unknown tensor {name!r} (not a checkpoint tensor the served model loads)")
-            if t.shape and tuple(t.shape) != self.map.shapes()[name]:
-                raise PatchError(f"{name}: delta shape {list(t.shape)} != served {list(self.map.shapes()[name])}")
-            if t.count == 0:
-                continue
-            if t.mode != "context":
-                numel = self.map.numel(name)
-                for pos, payload in src.chunks(name):  # positions are sorted (checked by the decoder)
-                    if pos.numel() and (int(pos[0]) < 0 or int(pos[-1]) >= numel):
-                        raise PatchError(f"{name}: positions out of range [0, {numel})")
-                    if t.mode == "values" and not _finite_bits(payload):
-                        raise PatchError(f"{name}: values contain NaN or Inf")
-            names.append(name)
+        names = self._check_header(src, info.path)
+        if scan:  # no plan: every chunk is checked here, inside the pause
+            for name in names:
+                t = src.tensors[name]
+                if t.mode == "context":
+                    continue
+                for pos, payload in src.chunks(name):
+                    self._check_chunk(name, t.mode, pos, payload)
         return names
 
-    def prepare(self, path: str) -> dict[str, Any]:
-        """Decode the base-context tensors of a prepared file against the current weights (between engine steps,
-        before the pause), so the pause only writes. Rejections here change nothing."""
+    def _check_chunk(self, name: str, mode: str, pos: torch.Tensor, payload: torch.Tensor,
+                     after: int = -1) -> int:
+        """Positions inside the tensor, strictly increasing (also across chunks: ``after`` is the previous chunk's
+        last); values finite. Returns the chunk's last position."""
+        if not pos.numel():
+            return after
+        numel = self.map.numel(name)
+        if int(pos[0]) <= after or int(pos[0]) < 0 or int(pos[-1]) >= numel:
+            raise PatchError(f"{name}: positions out of range [0, {numel}) or out of order")
+        if pos.numel() > 1 and bool((pos[1:] <= pos[:-1]).any()):
+            raise PatchError(f"{name}: positions are not sorted and unique")
+        if mode == "values" and not _finite_bits(payload):
+            raise PatchError(f"{name}: values contain NaN or Inf")
+        return int(pos[-1])
+
+    # ---- before the pause: a prepared file becomes a plan ------------------------------------------------------
+    def prepare(self, path: str, budget: int | None = None) -> dict[str, Any]:
+        """Make (or continue making) the plan of prepared file ``path``, about ``budget`` changed elements per call
+        (None: all). Runs between engine steps, before the pause. A rejection here changes no weight and leaves no
+        plan: the apply of that file then fails the same checks before writing anything."""
         t0 = time.perf_counter()
-        src = PreparedReader(path)
-        out = {}
-        for name, t in sorted(src.tensors.items()):
-            if t.mode == "context":
-                out[name] = self._decode_context(src, name)
-        # Keyed by the file's identity too: the gateway reuses prepared-file names across syncs, and a decode made
-        # for an earlier file (whose apply then failed) must never be written for a later one.
-        self._resolved[path] = (self._identity(path), self.version, out)
-        return {"tensors": len(out), "ms": round((time.perf_counter() - t0) * 1e3, 3)}
+        if self._preparing is not None and self._preparing[0].path != path:
+            self._preparing[1].close()  # another file now: the unfinished plan is dropped
+            self._preparing[0].discard()
+            self._preparing = None
+        if self._preparing is None:
+            old = self._plans.pop(path, None)
+            if old is not None:
+                old.discard()
+            try:
+                src = PreparedReader(path)
+            except FormatError as exc:
+                raise PatchError(str(exc)) from None
+            plan = _Plan(path, src.identity, self.generation, self.version, src.version, src.base,
+                         f"{path}.rank{self.map.tp_rank}.plan")
+            self._preparing = (plan, self._plan_steps(src, plan))
+        plan, steps = self._preparing
+        done, spent = True, 0
+        try:
+            for n in steps:
+                spent += n
+                if budget is not None and spent >= budget:
+                    done = False
+                    break
+        except BaseException:
+            plan.discard()
+            self._preparing = None
+            raise
+        plan.ms += (time.perf_counter() - t0) * 1e3
+        if done:
+            self._preparing = None
+            self._plans[path] = plan
+        return {"done": done, "tensors": plan.context, "changed": plan.changed, "segments": len(plan.segments),
+                "ms": round(plan.ms, 3)}
 
-    @staticmethod
-    def _identity(path: str) -> tuple[int, int, int]:
-        st = os.stat(path)
-        return st.st_ino, st.st_size, st.st_mtime_ns
+    def _plan_steps(self, src: PreparedReader, plan: _Plan):
+        """Generator: validate ``src`` chunk by chunk and write its plan; yields the elements of each chunk."""
+        if not self.consistent:
+            raise PatchError("weights are inconsistent after a failed update; apply an anchor first")
+        if self.version is not None and src.base != self.version:
+            raise PatchError(f"delta base {src.base} != served version {self.version}")
+        names = self._check_header(src, src.path)
+        fd = os.open(plan.plan_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        at = 0
+        try:
+            with torch.no_grad():
+                for name in names:
+                    t = src.tensors[name]
+                    if t.mode == "context":
+                        pos, vals = self._decode_context(src, name)
+                        plan.context += 1
+                        chunks = ((pos[lo:lo + CHUNK_ELEMENTS], vals[lo:lo + CHUNK_ELEMENTS])
+                                  for lo in range(0, pos.numel(), CHUNK_ELEMENTS))
+                        mode = "values"
+                    else:
+                        chunks, mode = src.chunks(name), t.mode
+                    last = -1
+                    for pos, payload in chunks:
+                        last = self._check_chunk(name, mode, pos, payload, last)
+                        dev = self.map.placements[name][0].target.device
+                        payload = payload.to(dev)
+                        for pl, mask, dst in self.map.locations(name, pos.to(dev)):
+                            p = payload if mask is None else payload[mask]
+                            if mode == "residual":
+                                # new = base + residual (mod 2**16), resolved now against the served base: int16
+                                # addition wraps exactly like the encoder's uint16 one
+                                p = pl.target.index_select(0, dst).view(torch.int16) + p
+                                if not _finite_bits(p):
+                                    raise PatchError(f"{name}: resolved values contain NaN or Inf")
+                            idx = dst.to("cpu").numpy()
+                            if pl.target.numel() < 2**31:
+                                idx = idx.astype(np.int32)
+                            vals = p.to("cpu").contiguous().numpy()
+                            seg = _Segment(pl, int(idx.size), idx.dtype, at, at + idx.nbytes)
+                            for arr in (idx, vals):
+                                os.write(fd, memoryview(np.ascontiguousarray(arr)).cast("B"))
+                            at += idx.nbytes + vals.nbytes
+                            plan.segments.append(seg)
+                        plan.changed += int(pos.numel())
+                        yield int(pos.numel())
+        finally:
+            os.close(fd)
+            src.close()
 
-    def _take_resolved(self, path: str, base: int | None) -> dict:
-        """Base-context decodes made by prepare() for exactly this file, against the version it applies onto (the
-        other parts of that version write other rows), else nothing: the pause then decodes them itself."""
-        entry = self._resolved.pop(path, None)
-        if entry is None:
-            return {}
-        identity, version, out = entry
-        if identity != self._identity(path) or version is None or version != base:
-            return {}
-        return out
+    def _usable_plan(self, info: DwsUpdateInfo, chain_ok: bool) -> _Plan | None:
+        """The plan made for exactly this file (same inode, size, mtime), at the current generation (no weight
+        written since), for the version and base this update says; else None (the pause does the work)."""
+        plan = self._plans.get(info.path)
+        if plan is None or info.kind != "delta" or not chain_ok or not self.consistent:
+            return None
+        try:
+            st = os.stat(info.path)
+        except OSError:
+            return None
+        if ((st.st_ino, st.st_size, st.st_mtime_ns) != plan.identity or plan.generation != self.generation
+                or plan.served != self.version or (info.base is not None and info.base != plan.base)
+                or (info.version is not None and info.version != plan.version)):
+            return None
+        return plan
+
+    def _drop_plans(self) -> None:
+        for plan in self._plans.values():
+            plan.discard()
+        self._plans.clear()
+
+    def _write_plan(self, plan: _Plan) -> tuple[int, int]:
+        """Inside the pause: read the plan chunk by chunk into reused buffers, scatter, read back. On CPU the
+        segments (disjoint storage: positions are unique per tensor, tensors do not overlap) are shared among
+        threads, one per core this worker may use: the compiled loop and pread both release the GIL."""
+        segments = plan.segments
+        workers = min(len(segments), _cores()) if self._scatter is not None else 1
+        if workers <= 1:
+            return self._write_segments(plan.plan_path, segments)
+        jobs: list[list[_Segment]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for seg in sorted(segments, key=lambda g: -g.count):  # largest first onto the least loaded thread
+            k = loads.index(min(loads))
+            jobs[k].append(seg)
+            loads[k] += seg.count
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(_cores(), thread_name_prefix="dws-write")
+        results = list(self._pool.map(lambda job: self._write_segments(plan.plan_path, job), jobs))
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    def _write_segments(self, plan_path: str, segments: list[_Segment]) -> tuple[int, int]:
+        n_values = bad = 0
+        most = max((s.count for s in segments), default=0)
+        bufs: dict[np.dtype, np.ndarray] = {}
+        vals_buf = np.empty(most, np.int16)
+        fd = os.open(plan_path, os.O_RDONLY)
+        try:
+            with torch.no_grad():
+                for seg in segments:
+                    dt = np.dtype(seg.idx_dtype)
+                    if dt not in bufs:
+                        bufs[dt] = np.empty(most, dt)
+                    idx = _pread_into(fd, bufs[dt][:seg.count], seg.idx_at)
+                    vals = _pread_into(fd, vals_buf[:seg.count], seg.vals_at)
+                    bad += self._scatter_values(seg.placement, idx, vals)
+                    n_values += seg.count
+        finally:
+            os.close(fd)
+        return n_values, bad
+
+    def _scatter_values(self, pl: Placement, idx: np.ndarray, vals: np.ndarray) -> int:
+        """Write int16 bf16 bits ``vals`` at storage offsets ``idx`` of ``pl.target``; read them back; mismatches."""
+        if self._scatter is not None and pl.target.device.type == "cpu":
+            if idx.size and (int(idx[0]) < 0 or int(idx.max()) >= pl.target.numel()):
+                raise PatchError("a plan offset is outside its live tensor")  # the compiled loop has no bounds check
+            return int(self._scatter(pl.target.detach().view(torch.int16).numpy(), idx, vals))
+        dev = pl.target.device
+        dst = torch.from_numpy(idx).to(dev, torch.int64)
+        new = torch.from_numpy(vals).to(dev).view(torch.bfloat16)
+        pl.target.index_copy_(0, dst, new)
+        back = pl.target.index_select(0, dst).view(torch.int16)
+        return int((back != new.view(torch.int16)).sum())
 
     def _decode_context(self, src, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         from shared.codec import bf16_bits, get_encoding
@@ -307,13 +568,15 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             raise PatchError(f"{name}: values contain NaN or Inf")
         return torch.from_numpy(np.asarray(dec.positions, dtype=np.int64) + offset), vals
 
-    def _write_delta(self, src, names: list[str], path: str, resolved: dict) -> tuple[int, int]:
+    def _write_delta(self, src, names: list[str]) -> tuple[int, int]:
+        """Without a plan (a later version of a multi-version sync, or the /update_weights route): everything in
+        the pause -- base-context decode, residual resolution, locating -- then the same writes."""
         n_values = mismatched = 0
         with torch.no_grad():
             for name in names:
                 t = src.tensors[name]
                 if t.mode == "context":
-                    pos, vals = resolved.get(name) or self._decode_context(src, name)  # unprepared: in the pause
+                    pos, vals = self._decode_context(src, name)
                     chunks, mode = [(pos, vals)], "values"
                 else:
                     chunks, mode = src.chunks(name), t.mode

@@ -7,7 +7,9 @@ JSON where structured). Why its own RPCs rather than vLLM's start/update/finish 
 (``dws_digest_start`` / ``dws_digest_step``) that vLLM executes between engine steps, so inference continues.
 
 * ``dws_apply(steps_json)`` -- apply files in order (see rollout_space/updates.py ``DwsUpdateInfo``);
-* ``dws_prepare(path)`` -- decode base-context tensors of a prepared file before the pause;
+* ``dws_prepare(path[, budget])`` -- before the pause, in budgeted steps: validate a prepared file and turn it into
+  this rank's plan (storage offsets + new bits; base-context tensors decoded, residuals resolved), so that the
+  pause only writes;
 * ``dws_digest()`` / ``dws_digest_start()`` / ``dws_digest_step(budget_bytes)`` -- the served weights digest;
 * ``dws_status()``, ``dws_names()``, ``dws_gather(name, positions_json)`` -- read-back for tests and tools.
 """
@@ -35,8 +37,10 @@ class DwsWorkerExtension:
             raise ValueError("dws_apply takes a JSON list of update descriptions")
         return self._dws_engine().apply(parsed)
 
-    def dws_prepare(self, path: str) -> dict[str, Any]:
-        return self._dws_engine().prepare(path)
+    def dws_prepare(self, path: str, budget: str | int | None = None) -> dict[str, Any]:
+        """Validate a prepared file and make this rank's plan for it (between engine steps, before the pause);
+        ``budget``: about that many changed elements per call -- call again until ``done``."""
+        return self._dws_engine().prepare(path, None if budget in (None, "") else int(budget))
 
     def dws_digest(self) -> dict[str, Any]:
         t = time.perf_counter()

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from shared.wire import MODEL_VERSION_FIELD, MODEL_VERSION_HEADER, MODEL_VERSIONS_FIELD
 
-from rollout_space.sync import Syncer
+from rollout_space.sync import Syncer, warm_decoders
 from rollout_space.vllm_proc import VllmServer
 
 log = logging.getLogger("dws.rollout.gateway")
@@ -92,6 +92,7 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
             await syncer.control.aclose()
 
     async def _boot_and_sync():
+        warm = asyncio.create_task(asyncio.to_thread(warm_decoders))  # while vLLM loads
         if server is not None and info.vllm_state == "starting":
             try:
                 await asyncio.to_thread(server.wait_healthy)
@@ -100,6 +101,7 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
                 info.vllm_state = "failed"
                 log.error("vLLM failed to start: %s", exc)
                 return
+        await warm
         await syncer.identify()
         await syncer.run()
 

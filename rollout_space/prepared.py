@@ -1,12 +1,17 @@
 """A delta decoded once, outside the pause, in the form the vLLM worker writes directly.
 
 Owns the hand-off file between the gateway (which downloads, sha256-checks, decodes and validates every delta while
-vLLM keeps serving) and the worker (which, inside the pause, only writes). Before this file the worker re-read and
-re-decoded the original delta inside the pause -- the Rice/zstd decode of a 0.6B delta is seconds.
+vLLM keeps serving) and the worker (which prepares it against its weights between engine steps, ``dws_prepare``,
+and inside the pause only writes). Before this file the worker re-read and re-decoded the original delta inside the
+pause -- the Rice/zstd decode of a 0.6B delta is seconds.
 
-Layout: an ordinary safetensors file (memory-mapped by the reader, read one tensor -- or one chunk of one tensor --
-at a time, so the worker's extra memory is bounded by a chunk, never by the model). For each changed checkpoint
-tensor ``NAME``:
+Memory is bounded on both sides, never by the model or the file: the gateway writes the file *streaming*, one
+decoded tensor at a time (:class:`PreparedWriter`, fed by ``shared.formats.DeltaReader``), and the worker reads it
+with ``pread`` into buffers of one chunk (:class:`PreparedReader`) -- no memory map, so pages of the file never
+count as the replica's resident memory and are not kept in it.
+
+Layout: an ordinary safetensors file (``safe_open`` reads it; its header is padded with spaces, which the format
+allows, because the header is written after the data). For each changed checkpoint tensor ``NAME``:
 
 * ``NAME.positions`` -- flat row-major positions in checkpoint coordinates, sorted, unique (int32 when the tensor
   has fewer than 2**31 elements, else int64);
@@ -15,15 +20,17 @@ tensor ``NAME``:
   the whole base tensor (``Encoding.needs_base_context``), the encoded arrays ``NAME.enc.<suffix>`` to be decoded
   by the worker against its weights between engine steps (``dws_prepare``) before the pause.
 
-Header metadata: ``dws_prepared="1"``, ``version``, ``base``, ``source`` (the bucket path), and ``tensors`` (JSON:
-name -> {"shape", "mode", "count", and for context tensors "encoding", "params"}).
+Header metadata: ``dws_prepared="2"``, ``version``, ``base``, ``source`` (the bucket path), and ``tensors`` (JSON:
+name -> {"shape", "mode", "count", and for context tensors "encoding", "params", "numel", "offset"}).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +40,16 @@ import numpy as np
 from shared.errors import FormatError
 
 MARK = "dws_prepared"
+MARK_VALUE = "2"  # 2: streamed, read with pread (1 was written whole and memory-mapped)
 MODES = ("values", "residual", "context")
-CHUNK_ELEMENTS = 1 << 21  # changed elements the worker handles at once (~ 2M x (8 + 2 + 8) bytes of temporaries)
+CHUNK_ELEMENTS = 1 << 21  # changed elements handled at once (~ 2M x (8 + 2 + 8) bytes of temporaries)
+MAX_HEADER_BYTES = 64 << 20  # a broken length prefix must not make the worker allocate gigabytes
+# numpy dtype <-> safetensors dtype name, for the arrays a prepared file holds
+_ST_DTYPES = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16",
+              np.dtype(np.uint16): "U16", np.dtype(np.int32): "I32", np.dtype(np.uint32): "U32",
+              np.dtype(np.int64): "I64", np.dtype(np.uint64): "U64", np.dtype(np.float32): "F32",
+              np.dtype(np.float64): "F64", np.dtype(np.bool_): "BOOL"}
+_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,109 @@ class PreparedTensor:
     offset: int = 0  # context tensors of a part: where the slice starts in the full tensor (flat elements)
 
 
+def _check_finite(name: str, bits: np.ndarray) -> None:
+    # bf16 NaN/Inf: exponent field all ones.
+    if bits.size and bool(((bits & 0x7F80) == 0x7F80).any()):
+        raise FormatError(f"{name}: values contain NaN or Inf")
+
+
+class PreparedWriter:
+    """Writes a prepared file tensor by tensor: each :meth:`add` writes that tensor's arrays at once (in chunks of
+    :data:`CHUNK_ELEMENTS`) and forgets them, so the writer's memory is bounded by what the caller holds -- one
+    decoded tensor. The header is written last, into space reserved before the data (``header_budget`` bytes,
+    padded with spaces); a header that outgrows it is placed by copying the data once (never expected: the budget
+    counts every tensor's name and parameters)."""
+
+    def __init__(self, dest: str | Path, *, version: int, base: int, source: str = "",
+                 names: Iterable[str] = (), params_chars: int = 0) -> None:
+        self.dest = Path(dest)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        names = list(names)
+        self._budget = 4096 + params_chars * 2 + sum(1024 + 8 * len(n) for n in names)
+        self._meta = {MARK: MARK_VALUE, "version": str(version), "base": str(base), "source": str(source or "")}
+        self._entries: dict[str, dict] = {}
+        self._info: dict[str, dict] = {}
+        self._pos = 0  # bytes of data written
+        self.changed = 0
+        self._f = open(self.dest, "wb")
+        self._f.seek(8 + self._budget)
+
+    # ---- arrays ----------------------------------------------------------------------------------------------
+    def _array(self, key: str, arr: np.ndarray, *, convert: Any = None) -> None:
+        """Append ``arr`` (any shape, stored row-major; ``convert`` applied chunk by chunk, e.g. adding a row offset
+        and narrowing)."""
+        shape = [int(s) for s in arr.shape]
+        flat = np.ascontiguousarray(arr).reshape(-1)
+        n = int(flat.size)
+        out_dtype = None
+        for lo in range(0, max(n, 1), CHUNK_ELEMENTS):
+            part = flat[lo:lo + CHUNK_ELEMENTS]
+            if convert is not None:
+                part = convert(part)
+            out_dtype = part.dtype
+            if part.size:
+                self._f.write(memoryview(part).cast("B"))
+        out_dtype = np.dtype(out_dtype if out_dtype is not None else arr.dtype)
+        if out_dtype not in _ST_DTYPES:
+            raise FormatError(f"{key}: cannot store dtype {out_dtype}")
+        nbytes = n * out_dtype.itemsize if n else 0
+        self._entries[key] = {"dtype": _ST_DTYPES[out_dtype], "shape": shape,
+                              "data_offsets": [self._pos, self._pos + nbytes]}
+        self._pos += nbytes
+
+    def add(self, name: str, t: Any, *, shape: tuple[int, ...], offset: int = 0) -> None:
+        """One decoded delta tensor (``shared.codec.DecodedTensor`` or ``ContextTensor``) of full ``shape``;
+        ``offset``: flat position in the full tensor where this file's slice starts (a part of a version in
+        parts), added to every position. Values must be finite: a NaN/Inf is refused here, before the pause."""
+        if name in self._info:
+            raise FormatError(f"{name}: tensor given twice")
+        numel = math.prod(shape) if shape else 1
+        if getattr(t, "needs_base_context", False):
+            for suffix, arr in t.arrays.items():
+                self._array(f"{name}.enc.{suffix or '_'}", np.asarray(arr))
+            self._info[name] = {"shape": list(shape), "mode": "context", "count": int(t.count),
+                                "encoding": t.encoding, "params": t.params, "numel": int(t.numel), "offset": offset}
+            self.changed += int(t.count)
+            return
+        pos = np.asarray(t.positions)
+        idx_dtype = np.int32 if numel < 2**31 else np.int64
+        self._array(f"{name}.positions", pos.reshape(-1),
+                    convert=lambda p: (p.astype(np.int64) + offset if offset else p).astype(idx_dtype, copy=False))
+        if t.values is not None:
+            vals = np.asarray(t.values).view(np.uint16).reshape(-1)
+            _check_finite(name, vals)
+            self._array(f"{name}.values", vals.view(np.int16))
+            mode = "values"
+        else:
+            self._array(f"{name}.residual", np.asarray(t.residual).view(np.int16).reshape(-1))
+            mode = "residual"
+        self._info[name] = {"shape": list(shape), "mode": mode, "count": int(pos.size)}
+        self.changed += int(pos.size)
+
+    # ---- finishing ---------------------------------------------------------------------------------------------
+    def close(self) -> dict:
+        meta = dict(self._meta, changed=str(self.changed), tensors=json.dumps(self._info, separators=(",", ":")))
+        header = json.dumps({"__metadata__": meta, **self._entries}, separators=(",", ":")).encode()
+        if len(header) <= self._budget:
+            self._f.seek(0)
+            self._f.write(struct.pack("<Q", self._budget) + header + b" " * (self._budget - len(header)))
+            self._f.close()
+        else:  # the data sits after the reserved space: move it behind a header of the right size (one copy)
+            self._f.close()
+            tmp = self.dest.with_name(self.dest.name + ".tmp")
+            with open(self.dest, "rb") as src, open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(header)) + header)
+                src.seek(8 + self._budget)
+                while block := src.read(64 << 20):
+                    out.write(block)
+            tmp.replace(self.dest)
+        return {"tensors": len(self._info), "changed": self.changed, "bytes": self.dest.stat().st_size}
+
+    def abort(self) -> None:
+        self._f.close()
+        self.dest.unlink(missing_ok=True)
+
+
 def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "",
                    rows: Mapping[str, tuple[int, int]] | None = None,
                    full_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict:
@@ -56,121 +174,175 @@ def write_prepared(patch_file: Any, dest: str | Path, *, source: str = "",
     ``rows`` (with ``full_shapes``): the file is one part of a version in parts (shared/parts.py) whose positions
     are inside row slices; they are written here in full-tensor coordinates (element p of the slice starting at row
     r0 is r0 * row + p). Values must be finite: a NaN/Inf in a delta is refused here, before the pause."""
-    import torch
-    from safetensors.torch import save_file
-
     if patch_file.kind != "delta":
         raise FormatError("only deltas are prepared; anchors are streamed from their own file")
-    arrays: dict[str, torch.Tensor] = {}
-    info: dict[str, dict] = {}
-    changed = 0
-    for name in sorted(patch_file.tensors):
-        t = patch_file.tensors[name]
-        shape = tuple(int(s) for s in patch_file.shapes.get(name, ()))
-        offset = 0
-        if rows is not None:
-            full = tuple(int(s) for s in full_shapes[name])
-            offset = int(rows[name][0]) * (math.prod(full[1:]) if len(full) > 1 else 1)
-            shape = full
-        numel = math.prod(shape) if shape else None
-        if getattr(t, "needs_base_context", False):
-            u16 = []
-            for suffix, arr in t.arrays.items():
-                a = np.ascontiguousarray(arr)
-                if a.dtype == np.uint16:  # torch has no uint16 tensors to store: int16 bits, marked to undo
-                    u16.append(suffix)
-                    a = a.view(np.int16)
-                arrays[f"{name}.enc.{suffix or '_'}"] = torch.from_numpy(a)
-            info[name] = {"shape": list(shape), "mode": "context", "count": int(t.count), "encoding": t.encoding,
-                          "params": t.params, "numel": int(t.numel), "u16": u16, "offset": offset}
-            changed += int(t.count)
-            continue
-        pos = np.asarray(t.positions, dtype=np.int64) + offset
-        idx_dtype = np.int32 if (numel if numel is not None else 2**62) < 2**31 else np.int64
-        arrays[f"{name}.positions"] = torch.from_numpy(pos.astype(idx_dtype))
-        if t.values is not None:
-            vals = np.asarray(t.values).view(np.uint16)
-            _check_finite(name, vals)
-            arrays[f"{name}.values"] = torch.from_numpy(np.ascontiguousarray(vals).view(np.int16))
-            mode = "values"
-        else:
-            arrays[f"{name}.residual"] = torch.from_numpy(np.ascontiguousarray(t.residual).view(np.int16))
-            mode = "residual"
-        info[name] = {"shape": list(shape), "mode": mode, "count": int(pos.size)}
-        changed += int(pos.size)
-    meta = {MARK: "1", "version": str(patch_file.version), "base": str(patch_file.base), "source": str(source or ""),
-            "changed": str(changed), "tensors": json.dumps(info, separators=(",", ":"))}
-    Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(dest), metadata=meta)
-    return {"tensors": len(info), "changed": changed, "bytes": Path(dest).stat().st_size}
+    params_chars = sum(len(json.dumps(getattr(t, "params", None), separators=(",", ":")))
+                       for t in patch_file.tensors.values())
+    return write_stream(((n, patch_file.tensors[n]) for n in sorted(patch_file.tensors)), dest,
+                        version=patch_file.version, base=patch_file.base, shapes=patch_file.shapes, source=source,
+                        rows=rows, full_shapes=full_shapes, params_chars=params_chars)
 
 
-def _check_finite(name: str, bits: np.ndarray) -> None:
-    # bf16 NaN/Inf: exponent field all ones.
-    if bits.size and bool(((bits & 0x7F80) == 0x7F80).any()):
-        raise FormatError(f"{name}: values contain NaN or Inf")
+def write_stream(tensors: Iterable[tuple[str, Any]], dest: str | Path, *, version: int, base: int,
+                 shapes: Mapping[str, tuple[int, ...]], source: str = "",
+                 rows: Mapping[str, tuple[int, int]] | None = None,
+                 full_shapes: Mapping[str, tuple[int, ...]] | None = None, params_chars: int = 0) -> dict:
+    """Write decoded delta tensors as they come (an iterator: e.g. ``shared.formats.DeltaReader``) -- at most one
+    of them in memory at a time. ``shapes``: every tensor's shape (known from the delta's header);
+    ``params_chars``: the length of the tensors' parameters as JSON (sizes the header's reserved space)."""
+    names = list(shapes)
+    w = PreparedWriter(dest, version=version, base=base, source=source, names=names, params_chars=params_chars)
+    try:
+        for name, t in tensors:
+            shape = tuple(int(s) for s in shapes.get(name, ()))
+            offset = 0
+            if rows is not None:
+                full = tuple(int(s) for s in full_shapes[name])
+                offset = int(rows[name][0]) * (math.prod(full[1:]) if len(full) > 1 else 1)
+                shape = full
+            w.add(name, t, shape=shape, offset=offset)
+            del t
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _read_header(fd: int, name: str) -> tuple[dict, int]:
+    raw = os.pread(fd, 8, 0)
+    if len(raw) < 8:
+        raise FormatError(f"{name}: not a dws prepared file (truncated)")
+    n = struct.unpack("<Q", raw)[0]
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{name}: not a dws prepared file (header of {n} bytes)")
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except (ValueError, UnicodeDecodeError):
+        raise FormatError(f"{name}: not a dws prepared file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{name}: not a dws prepared file")
+    return header, 8 + n
 
 
 class PreparedReader:
-    """Reads a prepared file lazily (memory-mapped): ``tensors`` from the header, arrays chunk by chunk."""
+    """Reads a prepared file with ``pread``: ``tensors`` from the header, arrays chunk by chunk into fresh buffers
+    of one chunk (the file is never memory-mapped: its pages are not the reader's resident memory).
+    ``identity``: (inode, size, mtime) of the file as opened -- what a preparation made from it is keyed by."""
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
-        self._f = safe_open(str(self.path), framework="pt")
-        meta = self._f.metadata() or {}
-        if meta.get(MARK) != "1":
-            raise FormatError(f"{self.path.name}: not a dws prepared file")
         try:
+            self._fd = os.open(str(self.path), os.O_RDONLY)
+        except OSError as exc:
+            raise FormatError(f"{self.path.name}: cannot open ({exc.strerror})") from None
+        try:
+            st = os.fstat(self._fd)
+            self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            header, data_start = _read_header(self._fd, self.path.name)
+            meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict) or meta.get(MARK) != MARK_VALUE:
+                raise FormatError(f"{self.path.name}: not a dws prepared file")
+            self._arrays = {}
+            for key, e in header.items():
+                dtype = _NP_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
+                lo, hi = (e.get("data_offsets") or (None, None)) if isinstance(e, dict) else (None, None)
+                shape = e.get("shape") if isinstance(e, dict) else None
+                if dtype is None or not isinstance(lo, int) or not isinstance(hi, int) or not isinstance(shape, list) \
+                        or hi - lo != math.prod(shape) * dtype.itemsize or data_start + hi > st.st_size:
+                    raise FormatError(f"{self.path.name}: bad array entry {key!r}")
+                self._arrays[key] = (dtype, math.prod(shape), data_start + lo, tuple(shape))
             self.version = int(meta["version"])
             self.base = int(meta["base"])
             raw = json.loads(meta["tensors"])
             self.tensors = {n: PreparedTensor(n, tuple(e["shape"]), e["mode"], int(e["count"]), e.get("encoding"),
                                               e.get("params"), int(e.get("offset", 0))) for n, e in raw.items()}
-        except (KeyError, ValueError, TypeError) as exc:
+        except FormatError:
+            self.close()
+            raise
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            self.close()
             raise FormatError(f"{self.path.name}: bad prepared header ({exc})") from None
         if any(t.mode not in MODES for t in self.tensors.values()):
+            self.close()
             raise FormatError(f"{self.path.name}: unknown tensor mode")
         self.source = meta.get("source", "")
         self._numel = {n: e.get("numel") for n, e in raw.items()}
-        self._u16 = {n: set(e.get("u16") or ()) for n, e in raw.items()}
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> "PreparedReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def length(self, key: str) -> int:
+        if key not in self._arrays:
+            raise FormatError(f"{self.path.name}: lacks array {key!r}")
+        return self._arrays[key][1]
+
+    def read(self, key: str, lo: int = 0, hi: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements [lo, hi) of array ``key`` (into ``out`` when given: a reused buffer of at least hi - lo)."""
+        if key not in self._arrays:
+            raise FormatError(f"{self.path.name}: lacks array {key!r}")
+        dtype, n, start, _ = self._arrays[key]
+        hi = n if hi is None else min(hi, n)
+        count = max(0, hi - lo)
+        buf = np.empty(count, dtype) if out is None else out[:count]
+        if buf.dtype != dtype:
+            buf = buf.view(dtype)
+        view, off = memoryview(buf).cast("B"), start + lo * dtype.itemsize
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], off + done)
+            if got <= 0:
+                raise FormatError(f"{self.path.name}: truncated inside {key!r}")
+            done += got
+        return buf
 
     def chunks(self, name: str, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[Any, Any]]:
-        """(positions int64, int16 payload) for ``values``/``residual`` tensors, ``chunk`` elements at a time."""
+        """(positions int64, int16 payload) torch tensors for ``values``/``residual`` tensors, ``chunk`` at a time."""
         import torch
 
         t = self.tensors[name]
-        pos_s = self._f.get_slice(f"{name}.positions")
-        pay_s = self._f.get_slice(f"{name}.{t.mode}")
-        n = pos_s.get_shape()[0]
-        if pay_s.get_shape()[0] != n:
-            raise FormatError(f"{name}: positions and {t.mode} differ in length")
+        pkey, vkey = f"{name}.positions", f"{name}.{t.mode}"
+        n = self.length(pkey)
+        if self.length(vkey) != n or n != t.count:
+            raise FormatError(f"{name}: positions, {t.mode} and count differ in length")
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            yield pos_s[lo:hi].to(torch.int64), pay_s[lo:hi]
+            yield (torch.from_numpy(self.read(pkey, lo, hi).astype(np.int64, copy=False)),
+                   torch.from_numpy(self.read(vkey, lo, hi).view(np.int16)))
 
     def context_arrays(self, name: str) -> tuple[dict[str, np.ndarray], dict, int]:
         t = self.tensors[name]
         arrays = {}
         prefix = f"{name}.enc."
-        for key in self._f.keys():
+        for key in self._arrays:
             if key.startswith(prefix) and "." not in key[len(prefix):]:
                 suffix = key[len(prefix):]
-                arr = self._f.get_tensor(key).numpy()
-                suffix = "" if suffix == "_" else suffix
-                arrays[suffix] = arr.view(np.uint16) if suffix in self._u16.get(name, ()) else arr
+                arrays["" if suffix == "_" else suffix] = self.read(key).reshape(self._arrays[key][3])
         return arrays, dict(t.params or {}), int(self._numel.get(name) or math.prod(t.shape))
 
 
 def is_prepared(path: str | Path) -> bool:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get(MARK) == "1"
-    except Exception:  # noqa: BLE001 -- not a safetensors file at all: the caller's reader says why
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
         return False
+    try:
+        header, _ = _read_header(fd, str(path))
+        return (header.get("__metadata__") or {}).get(MARK) == MARK_VALUE
+    except (FormatError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def summarize(mapping: Mapping[str, PreparedTensor]) -> int:

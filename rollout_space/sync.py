@@ -5,11 +5,13 @@ Owns the order of a sync and what the replica claims. A version is an ordered li
 1. read the manifest (cheap etag check) and plan the shortest verified path from the served version;
 2. download every file and check its sha256 (shared/follower.py), then, file by file, decode and validate it
    against the model identity and write it as a *prepared* file (rollout_space/prepared.py): the form the worker
-   writes directly -- all while vLLM keeps serving, with memory bounded by one file;
-3. tensors whose encoding needs the whole base (``needs_base_context``) are decoded by the worker against its
-   weights between engine steps (``dws_prepare``), still before the pause;
+   writes directly -- all while vLLM keeps serving; a delta is decoded and written one tensor at a time, so the
+   gateway's memory is bounded by one tensor;
+3. every file of the first version is turned by the worker into its *plan* (``dws_prepare``, in budgeted RPCs that
+   vLLM runs between engine steps): every position and value checked, base-context tensors decoded and residuals
+   resolved against the served weights, storage offsets computed -- still before the pause;
 4. pause vLLM (requests held, not dropped), one ``dws_apply`` RPC writes every file in place and reads the written
-   positions back (O(changed)), resume;
+   positions back (O(changed); with a plan that is all the pause does), resume;
 5. after resume, the full served-weights digest runs in chunks between engine steps; its result decides whether
    the replica claims the version (``verified_versions``, ``digest_match``). On a mismatch the replica stops
    claiming any version (``served_version`` null), says so in ``last_sync.error`` and resyncs from the newest
@@ -30,17 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import DwsError, FormatError
-from shared.follower import Follower, SyncPlan
+from shared.follower import Follower, SyncPlan, validate_patch
+from shared.formats import DeltaReader
 from shared.manifest import Manifest
 from shared.wire import SyncRecord
 
-from rollout_space.prepared import write_prepared
+from rollout_space.prepared import write_prepared, write_stream
 from rollout_space.vllm_proc import VllmControl, VllmError
 
 log = logging.getLogger("dws.rollout.sync")
 
 VERIFY_MODES = ("every", "anchors")
 DIGEST_CHUNK_BYTES = 64 << 20  # weights hashed per RPC after resume: bounds how long one engine step waits
+PREPARE_BUDGET = 1 << 22  # changed elements the worker prepares per RPC before the pause: same reason
 
 
 @dataclass
@@ -110,9 +114,40 @@ def check_anchor(path: Path, entry, shapes: dict | None) -> None:
         raise FormatError(f"{entry.path}: unreadable safetensors file ({exc})") from None
 
 
+def warm_decoders() -> None:
+    """Encode and decode a tiny delta with every encoding once, when the replica starts (while vLLM loads): the
+    decoders' one-time costs -- compiled kernels and the libraries behind them load on first use, ~100 MB resident
+    -- land in the replica's baseline instead of in its first sync (its latency and its memory rise)."""
+    import tempfile
+
+    import numpy as np
+
+    from shared.codec import ENCODINGS
+    from shared.formats import TensorChange, encode_delta
+
+    base = (np.arange(4096, dtype=np.uint16) % 64) + 0x3C00
+    new = base.copy()
+    new[::7] += 1
+    pos = np.flatnonzero(base != new).astype(np.int64)
+    with tempfile.TemporaryDirectory(prefix="dws-warm-") as tmp:
+        for name in sorted(ENCODINGS):
+            try:
+                blob = encode_delta({"w": TensorChange((4096,), pos, new[pos], base[pos], base=base)}, version=1,
+                                    base=0, total=4096, encoding=name)
+                path = Path(tmp) / f"{name}.safetensors"
+                path.write_bytes(blob)
+                with DeltaReader(path) as r:
+                    for _, t in r:
+                        if getattr(t, "needs_base_context", False):
+                            t.decode(base)
+            except Exception as exc:  # noqa: BLE001 -- a warm-up only: the real decode reports real errors
+                log.debug("warming the %s decoder: %s", name, exc)
+
+
 class Syncer:
     def __init__(self, follower: Follower, control: VllmControl, *, verify: str = "every",
-                 poll_interval: float = 3.0, digest_chunk_bytes: int = DIGEST_CHUNK_BYTES):
+                 poll_interval: float = 3.0, digest_chunk_bytes: int = DIGEST_CHUNK_BYTES,
+                 prepare_budget: int = PREPARE_BUDGET):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
         self.follower = follower
@@ -120,6 +155,7 @@ class Syncer:
         self.verify = verify
         self.poll_interval = poll_interval
         self.digest_chunk_bytes = digest_chunk_bytes
+        self.prepare_budget = prepare_budget
         self.state = SyncState()
         self.paused = False
         self.syncing = False
@@ -218,18 +254,16 @@ class Syncer:
                 steps.append(await asyncio.to_thread(self._prepare_file, vf, m, prepared_dir / f"{i:03d}.safetensors",
                                                      rec))
             rec.decode_s = time.perf_counter() - t1
-            # Base-context tensors of the first version decode against the served base now, between engine steps
-            # (every part of that version: each part's rows of the base are the served ones). Later versions' bases
-            # exist only inside the pause, where the worker decodes them itself.
+            # The worker turns every file of the first version into its plan between engine steps, in budgeted
+            # RPCs (no engine step waits long): positions checked, base-context tensors decoded and residuals
+            # resolved against the served base, storage offsets computed -- so the pause only writes. Later versions'
+            # bases exist only inside the pause, where the worker does that work itself.
             t2 = time.perf_counter()
             for s in steps:
                 if s["kind"] != "delta" or s["version"] != steps[0]["version"]:
                     break
-                if s.pop("context", 0):
-                    await self.control.prepare(s["path"])
+                await self._prepare_in_worker(s["path"])
             rec.prepare_s = time.perf_counter() - t2
-            for s in steps:
-                s.pop("context", None)
             rec.download_s = time.perf_counter() - t0
             await self._apply(steps, plan, rec, m)
             rec.ok = True
@@ -247,7 +281,7 @@ class Syncer:
             st.history.append(rec)
             keep = {s.path for s in plan.steps}
             await asyncio.to_thread(self.follower.prune_cache, keep if not rec.ok else set())
-            for p in prepared_dir.glob("*.safetensors"):
+            for p in prepared_dir.glob("*"):  # prepared files and the workers' plans beside them
                 p.unlink(missing_ok=True)
         if rec.ok and rec.verified is False:
             self.nudge()  # resync from the anchor now, not at the next poll
@@ -265,13 +299,33 @@ class Syncer:
                 check_anchor(vf.path, e, None)
             return {"path": str(vf.path), "kind": "anchor", "version": e.version, "base": None, "verify": False,
                     "check_values": False, "rows": rows}
-        pf = self.follower.decode(vf, manifest=m)
-        summary = write_prepared(pf, dest, source=vf.path.name, rows=rows, full_shapes=m.model.shapes if rows else None)
-        context = sum(1 for t in pf.tensors.values() if getattr(t, "needs_base_context", False))
-        del pf
+        if part is not None:  # a part is a slice of the version: decoded whole (bounded by the part)
+            pf = self.follower.decode(vf, manifest=m)
+            summary = write_prepared(pf, dest, source=vf.path.name, rows=rows, full_shapes=m.model.shapes)
+            del pf
+        else:
+            summary = self._stream_delta(vf, m, dest)
         rec.changed += summary["changed"]
-        return {"path": str(dest), "kind": "delta", "version": e.version, "base": e.base, "verify": False,
-                "context": context}
+        return {"path": str(dest), "kind": "delta", "version": e.version, "base": e.base, "verify": False}
+
+    @staticmethod
+    def _stream_delta(vf, m: Manifest, dest: Path) -> dict:
+        """Decode one tensor at a time into the prepared file: the gateway's memory is bounded by one tensor's
+        decode, not by the file. The header is checked against the manifest entry and model identity first."""
+        shapes = m.model.shapes if m.model else None
+        with DeltaReader(vf.path, shapes=shapes, base=vf.entry.base) as r:
+            validate_patch(r.header, vf.entry, shapes)
+            return write_stream(r, dest, version=r.header.version, base=r.header.base, shapes=r.header.shapes,
+                                source=vf.path.name, params_chars=len(r.header.metadata.get("tensors", "")))
+
+    async def _prepare_in_worker(self, path: str) -> None:
+        while True:
+            results = await self.control.rpc("dws_prepare", path, str(self.prepare_budget))
+            first = results[0] if results else {}
+            if not isinstance(first, dict):
+                raise VllmError(f"dws_prepare answered {first!r}")
+            if first.get("done"):
+                return
 
     def _no_plan(self, exc: BaseException) -> SyncRecord:
         """The bucket is unreachable, or its manifest is hostile, broken or leads nowhere: nothing was fetched or

@@ -218,18 +218,15 @@ def read_patch_file(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] |
     `allow_unknown_shapes` lets a caller that range-checks positions itself (the vLLM plugin) read them without.
 
     Raises FormatError for anything malformed; nothing is applied here, so a bad file can never be half-applied.
+    A delta is decoded whole here; `DeltaReader` decodes one tensor at a time (memory bounded by one tensor).
     """
     path = Path(path)
     meta = header_metadata(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            kind = meta.get("dws_kind")
-            if kind is None and "sparse" in meta:  # TRL's layout
-                kind = "delta" if meta["sparse"].lower() == "true" else "anchor"
-            if kind is None:
-                kind = "anchor"  # an ordinary checkpoint: every tensor in full
+            kind = _kind_of(meta)
             if kind == "anchor":
+                keys = list(f.keys())
                 version = int(meta.get("version", meta.get("model_version", "0")))
                 tensors = {k: f.get_tensor(k) for k in keys}
                 bad = [k for k, t in tensors.items() if t.dtype != torch.bfloat16]
@@ -237,16 +234,97 @@ def read_patch_file(path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] |
                     raise FormatError(f"{path.name}: anchor tensors must be bf16; {bad[:3]} are not")
                 return PatchFile("anchor", version, None, None, {k: tuple(t.shape) for k, t in tensors.items()},
                                  tensors, meta)
-            if kind != "delta":
-                raise FormatError(f"{path.name}: unknown dws_kind {kind!r}")
-            if meta.get("format") == DELTA_FORMAT:
-                return _read_dws_delta(f, keys, meta, path)
-            return _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes)
     except SafetensorError as exc:
         raise FormatError(f"{path.name}: unreadable safetensors file ({exc})") from None
+    with DeltaReader(path, shapes=shapes, base=base, allow_unknown_shapes=allow_unknown_shapes, meta=meta) as r:
+        pf = r.header
+        pf.tensors = dict(r)
+        return pf
 
 
-def _read_dws_delta(f, keys, meta, path) -> PatchFile:
+def _kind_of(meta: Mapping[str, str]) -> str:
+    kind = meta.get("dws_kind")
+    if kind is None and "sparse" in meta:  # TRL's layout
+        kind = "delta" if meta["sparse"].lower() == "true" else "anchor"
+    if kind is None:
+        kind = "anchor"  # an ordinary checkpoint: every tensor in full
+    return kind
+
+
+class DeltaReader:
+    """A delta file (dws or TRL layout) decoded one tensor at a time: ``header`` (a PatchFile with the version,
+    base, encoding and every tensor's shape, and no tensors) is read and checked on opening; iterating yields
+    ``(name, DecodedTensor | ContextTensor)`` in the file's order, each decoded only when reached -- a replica's
+    memory for decoding is bounded by one tensor, not by the file. Raises FormatError for anything malformed (an
+    error in a later tensor surfaces during iteration: consumers must not treat earlier tensors as applied)."""
+
+    def __init__(self, path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 base: int | None = None, allow_unknown_shapes: bool = False,
+                 meta: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        meta = dict(meta) if meta is not None else header_metadata(self.path)
+        kind = _kind_of(meta)
+        if kind != "delta":
+            raise FormatError(f"{self.path.name}: unknown dws_kind {kind!r}" if kind != "anchor" else
+                              f"{self.path.name}: an anchor, not a delta")
+        try:
+            self._f = safe_open(str(self.path), framework="pt")
+            self._keys = list(self._f.keys())
+        except SafetensorError as exc:
+            raise FormatError(f"{self.path.name}: unreadable safetensors file ({exc})") from None
+        if meta.get("format") == DELTA_FORMAT:
+            self.header, self._plan = _dws_delta_header(meta, self.path)
+            self._decode = self._decode_dws
+        else:
+            self.header, self._plan = _trl_delta_header(self._keys, meta, self.path, shapes, base,
+                                                        allow_unknown_shapes)
+            self._decode = self._decode_trl
+
+    def __enter__(self) -> "DeltaReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        f, self._f = getattr(self, "_f", None), None
+        if f is not None and hasattr(f, "__exit__"):
+            f.__exit__(None, None, None)
+
+    def __iter__(self):
+        try:
+            for name, spec in self._plan.items():
+                yield name, self._decode(name, spec)
+        except SafetensorError as exc:
+            raise FormatError(f"{self.path.name}: unreadable safetensors file ({exc})") from None
+
+    def _decode_dws(self, name: str, spec):
+        shape, params, enc = spec
+        arrays = {}
+        for key in self._keys:
+            if key == name or (key.startswith(name + ".") and "." not in key[len(name) + 1:]):
+                suffix = key[len(name) + 1:] if key != name else ""
+                t = self._f.get_tensor(key)
+                arrays[suffix] = bits(t) if t.dtype == torch.bfloat16 else t.numpy()
+        numel = int(np.prod(shape))
+        # A tensor coded against its base's context decodes once the caller supplies that base (resolve_context).
+        return ContextTensor(enc.name, arrays, params, numel) if enc.needs_base_context else \
+            enc.decode(arrays, params, numel)
+
+    def _decode_trl(self, name: str, shape):
+        idx = self._f.get_tensor(f"{name}.indices")
+        val = self._f.get_tensor(f"{name}.values")
+        if val.dtype != torch.bfloat16:
+            raise FormatError(f"{self.path.name}: {name}.values must be bf16, got {val.dtype}")
+        numel = int(np.prod(shape))
+        arrays = {"indices": idx.reshape(-1).numpy(), "values": bits(val).reshape(-1)}
+        dec = get_encoding("raw").decode(arrays, {}, numel)
+        # TRL writes positions in the order torch.nonzero returns them (sorted); re-check anyway.
+        check_positions(dec.positions, numel)
+        return dec
+
+
+def _dws_delta_header(meta, path) -> tuple[PatchFile, dict]:
     version, base = _int(meta, "version", path), _int(meta, "base", path)
     if base >= version:
         raise FormatError(f"{path.name}: base {base} is not older than version {version}")
@@ -256,9 +334,7 @@ def _read_dws_delta(f, keys, meta, path) -> PatchFile:
         assert isinstance(info, dict)
     except (KeyError, ValueError, AssertionError):
         raise FormatError(f"{path.name}: header metadata 'tensors' is missing or not a JSON object") from None
-    keyset = set(keys)
-    out: dict[str, DecodedTensor | ContextTensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
+    plan, shapes = {}, {}
     for name, entry in info.items():
         try:
             shape = tuple(int(s) for s in entry["shape"])
@@ -268,18 +344,9 @@ def _read_dws_delta(f, keys, meta, path) -> PatchFile:
             raise FormatError(f"{path.name}: bad entry for tensor {name!r}") from None
         if any(s < 0 for s in shape):
             raise FormatError(f"{path.name}: negative dimension in {name!r}")
-        arrays = {}
-        for key in keyset:
-            if key == name or (key.startswith(name + ".") and "." not in key[len(name) + 1:]):
-                suffix = key[len(name) + 1:] if key != name else ""
-                t = f.get_tensor(key)
-                arrays[suffix] = bits(t) if t.dtype == torch.bfloat16 else t.numpy()
-        numel = int(np.prod(shape))
-        # A tensor coded against its base's context decodes once the caller supplies that base (resolve_context).
-        out[name] = ContextTensor(enc.name, arrays, params, numel) if enc.needs_base_context else \
-            enc.decode(arrays, params, numel)
+        plan[name] = (shape, params, enc)
         shapes[name] = shape
-    return PatchFile("delta", version, base, file_enc, shapes, out, meta)
+    return PatchFile("delta", version, base, file_enc, shapes, {}, dict(meta)), plan
 
 
 def resolve_context(pf: PatchFile, bases: Mapping[str, Any], *, workers: int | None = None) -> PatchFile:
@@ -304,7 +371,7 @@ def resolve_context(pf: PatchFile, bases: Mapping[str, Any], *, workers: int | N
     return pf
 
 
-def _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes) -> PatchFile:
+def _trl_delta_header(keys, meta, path, shapes, base, allow_unknown_shapes) -> tuple[PatchFile, dict]:
     version = _int(meta, "model_version", path)
     try:
         names = json.loads(meta.get("changed_params", "null"))
@@ -314,8 +381,7 @@ def _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes) -> 
         names = sorted({k[: -len(".indices")] for k in keys if k.endswith(".indices")})
     if shapes is None and not allow_unknown_shapes:
         raise FormatError(f"{path.name}: a TRL-layout delta does not store shapes; pass the model's shapes")
-    enc = get_encoding("raw")
-    out, out_shapes = {}, {}
+    plan, out_shapes = {}, {}
     for name in names:
         if shapes is None:
             # The caller (the vLLM plugin) range-checks against the served model, which knows every shape.
@@ -326,19 +392,11 @@ def _read_trl_delta(f, keys, meta, path, shapes, base, allow_unknown_shapes) -> 
             shape = tuple(shapes[name])
         if f"{name}.indices" not in keys or f"{name}.values" not in keys:
             raise FormatError(f"{path.name}: tensor {name!r} lacks .indices or .values")
-        idx = f.get_tensor(f"{name}.indices")
-        val = f.get_tensor(f"{name}.values")
-        if val.dtype != torch.bfloat16:
-            raise FormatError(f"{path.name}: {name}.values must be bf16, got {val.dtype}")
-        numel = int(np.prod(shape))
-        arrays = {"indices": idx.reshape(-1).numpy(), "values": bits(val).reshape(-1)}
-        dec = enc.decode(arrays, {}, numel)
-        # TRL writes positions in the order torch.nonzero returns them (sorted); re-check anyway.
-        check_positions(dec.positions, numel)
-        out[name] = dec
+        plan[name] = shape
         if shapes is not None:
             out_shapes[name] = shape
-    return PatchFile("delta", version, base if base is not None else version - 1, "trl-raw", out_shapes, out, meta)
+    return PatchFile("delta", version, base if base is not None else version - 1, "trl-raw", out_shapes, {},
+                     dict(meta)), plan
 
 
 def file_kind_summary(pf: PatchFile, nbytes: int) -> dict:

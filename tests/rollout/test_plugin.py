@@ -410,3 +410,125 @@ def test_versions_in_parts_through_the_gateways_sync(server, state, tmp_path, mo
     assert rec.ok and rec.verified is True and "anchor" in rec.plan, rec
     assert server.digest() == digest_of(states[3])
     state.sd, state.version = states[3], state.version + 3
+
+
+# ---- plans: what dws_prepare makes before the pause, and when the pause may use it --------------------------------
+def _prepared_compact(tmp_path, old_sd, new_sd, names, *, version, base, fname):
+    """A compact delta old -> new (residuals against the base where compact stores them), decoded by the gateway's
+    path into a prepared file. Returns (prepared path, source delta path)."""
+    import numpy as np
+    from shared.formats import TensorChange, bits, encode_delta, read_patch_file
+    from rollout_space.prepared import write_prepared
+
+    changes = {}
+    for name in names:
+        old_b, new_b = bits(old_sd[name]).reshape(-1), bits(new_sd[name]).reshape(-1)
+        pos = np.flatnonzero(old_b != new_b).astype(np.int64)
+        changes[name] = TensorChange(tuple(new_sd[name].shape), pos, new_b[pos], old_b[pos])
+    src = tmp_path / f"{fname}.delta.safetensors"
+    src.write_bytes(encode_delta(changes, version=version, base=base,
+                                 total=sum(t.numel() for t in new_sd.values()), encoding="compact"))
+    prepared = tmp_path / fname
+    write_prepared(read_patch_file(src), prepared)
+    return prepared, src
+
+
+def _prepare(server, path, budget=None) -> list[dict]:
+    calls = []
+    while True:
+        args = [str(path)] + ([str(budget)] if budget else [])
+        calls.append(server.rpc("dws_prepare", *args))
+        if calls[-1]["done"]:
+            return calls
+
+
+def test_a_plan_made_before_the_pause_is_all_the_pause_does(server, state, tmp_path):
+    """dws_prepare (in budgeted steps) checks the file and turns it into storage offsets + resolved bits in a plan
+    file beside it; the pause then only writes and reads back -- bit-exact, and the plan is gone afterwards."""
+    from rollout_space.prepared import PreparedReader
+
+    _, new = make_delta(state.sd, DELTA_TENSORS, seed=80, frac=0.05, scale=0.02)
+    v = state.version + 1
+    prepared, _ = _prepared_compact(tmp_path, state.sd, new, DELTA_TENSORS, version=v, base=state.version,
+                                    fname="p80.safetensors")
+    assert "residual" in {t.mode for t in PreparedReader(prepared).tensors.values()}  # resolved in the plan
+    calls = _prepare(server, prepared, budget=2000)
+    assert len(calls) > 1 and calls[-1]["changed"] == sum(t.count for t in PreparedReader(prepared).tensors.values())
+    plan_file = tmp_path / "p80.safetensors.rank0.plan"
+    assert plan_file.exists()
+    server.update({"path": str(prepared), "kind": "delta", "version": v, "base": state.version})
+    last = server.rpc("dws_status")["last"]
+    assert last["planned"] is True, last
+    assert server.digest() == digest_of(new)
+    assert not plan_file.exists()
+    state.sd, state.version = new, v
+
+
+def test_a_plan_is_never_used_for_another_file_or_other_weights(server, state, tmp_path):
+    """A plan is keyed by the file it was made from (inode, size, mtime) and by the weights it was made against
+    (no write since). A stale plan here would write wrong bits: the pause redoes the work instead."""
+    import copy
+
+    from shared.follower import apply_to_state
+    from shared.formats import read_patch_file
+
+    base_sd, v = state.sd, state.version
+    # 1. the same path now holds another file (the gateway reuses prepared-file names across syncs)
+    _, first = make_delta(base_sd, DELTA_TENSORS, seed=81, frac=0.05, scale=0.02)
+    _, second = make_delta(base_sd, DELTA_TENSORS, seed=82, frac=0.05, scale=0.02)
+    path, _ = _prepared_compact(tmp_path, base_sd, first, DELTA_TENSORS, version=v + 1, base=v, fname="same.st")
+    _prepare(server, path)
+    time.sleep(0.01)  # a distinct mtime even on coarse clocks
+    _prepared_compact(tmp_path, base_sd, second, DELTA_TENSORS, version=v + 1, base=v, fname="same.st")
+    server.update({"path": str(path), "kind": "delta", "version": v + 1, "base": v})
+    assert server.rpc("dws_status")["last"]["planned"] is False
+    assert server.digest() == digest_of(second) != digest_of(first)
+    # 2. the weights change after the plan was made, under the same version number (an anchor labelled v + 1)
+    _, target = make_delta(second, DELTA_TENSORS, seed=83, frac=0.05, scale=0.02)
+    path2, src2 = _prepared_compact(tmp_path, second, target, DELTA_TENSORS, version=v + 2, base=v + 1,
+                                    fname="stale.st")
+    _prepare(server, path2)
+    _, other = make_delta(second, DELTA_TENSORS, seed=84, frac=0.3, scale=0.05)
+    server.update({"path": write(tmp_path, "relabel.safetensors", other), "kind": "anchor", "version": v + 1,
+                   "expected_digest": digest_of(other)})
+    server.update({"path": str(path2), "kind": "delta", "version": v + 2, "base": v + 1})
+    assert server.rpc("dws_status")["last"]["planned"] is False
+    want = {k: t.clone() for k, t in other.items()}
+    apply_to_state(want, read_patch_file(src2))  # residuals resolve against the weights actually served
+    assert server.digest() == digest_of(want) != digest_of(target)
+    state.sd, state.version = copy.copy(want), v + 2
+
+
+@pytest.mark.parametrize("case", ["position out of range", "residual resolves to NaN"])
+def test_a_file_refused_by_dws_prepare_changes_nothing(server, state, tmp_path, case):
+    """The worker's own checks before the pause: a prepared file that passed the gateway (which cannot know the
+    served values a residual resolves against) but fails here is refused with a message, leaves no plan and no
+    changed weight; applying it anyway is refused too."""
+    import numpy as np
+    from shared.codec import DecodedTensor
+    from shared.formats import PatchFile, bits
+    from rollout_space.prepared import write_prepared
+
+    name = "model.norm.weight"
+    numel = state.sd[name].numel()
+    if case == "position out of range":
+        t = DecodedTensor(np.array([1, numel + 5], dtype=np.int64), values=np.array([0x3F80, 0x3F80], np.uint16))
+        shape = tuple(state.sd[name].shape)
+    else:
+        base_bits = int(bits(state.sd[name]).reshape(-1)[3])
+        t = DecodedTensor(np.array([3], dtype=np.int64),
+                          residual=np.array([(0x7FC0 - base_bits) & 0xFFFF], np.uint16).view(np.int16))
+        shape = tuple(state.sd[name].shape)
+    v = state.version + 1
+    path = tmp_path / "bad.prepared"
+    write_prepared(PatchFile("delta", v, state.version, "raw", {name: shape}, {name: t}, {}), path)
+    before = server.digest()
+    r = server.post("/collective_rpc", ok=False, json={"method": "dws_prepare", "args": [str(path)]})
+    assert r.status_code >= 400 and ("out of range" in r.text or "NaN" in r.text), r.text[:500]
+    assert not (tmp_path / "bad.prepared.rank0.plan").exists()
+    assert server.digest() == before == digest_of(state.sd)
+    if case == "position out of range":  # the pause's own scan (no plan) refuses it before writing
+        assert "out of range" in server.update_expect_failure({"path": str(path), "kind": "delta", "version": v,
+                                                               "base": state.version})
+        assert server.digest() == before
+    assert server.rpc("dws_status")["consistent"] is True
