@@ -11,6 +11,13 @@ step). Memory: the peak resident set (VmHWM, reset through /proc/self/clear_refs
 resident set before the publisher existed -- i.e. what the sync adds to a trainer that already holds its weights,
 including the previous version's bf16 rows it keeps. Time: the publisher's own per-version phases (snapshot, encode,
 digest, upload) on each rank. Results: bench/sharded.json.
+
+`--restart` measures the other half, a restart (results: bench/sharded-restart.json): a history of an anchor and one
+delta is written once by the single-process Publisher and once by 2 ranks, then restored by fresh processes --
+`ShardedPublisher` at 2 ranks on the 2-part history (each rank reads its own part), at 2 ranks on the single-file
+history and at 1 rank on the 2-part history (both re-split: each rank reads the files that overlap its rows), and
+the alternative a re-split replaces: every rank rebuilding the whole model (`Follower.materialize`) and keeping its
+rows. Per rank: restore time, bytes read from the bucket, peak resident set added.
 """
 
 from __future__ import annotations
@@ -145,6 +152,115 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
+def restore_worker(args) -> None:
+    """One rank of a restart: rebuild this rank's rows of the bucket's latest version, measured."""
+    import gc
+
+    import torch
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(1)
+    from shared.bucket import open_bucket
+
+    bucket = open_bucket(args.bucket)
+    read = [0]
+    original = bucket.download
+
+    def download(path, local):  # count what this rank reads from the bucket
+        out = original(path, local)
+        read[0] += Path(local).stat().st_size
+        return out
+
+    bucket.download = download
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    import shared.follower  # noqa: F401 -- imported before the baseline: module code is not the restore's memory
+    import shared.sharded  # noqa: F401
+
+    gc.collect()
+    base_kb = _status_kb("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    if args.how == "publisher":
+        from shared.sharded import ShardedPublisher
+
+        pub = ShardedPublisher(bucket, run_id="bench", take_over=True, lease_settle_s=0.0,
+                               spool_dir=Path(args.spool) / f"restore-r{rank}")
+        rows = pub.restored_rows()
+        restored = rows is not None
+    else:
+        from shared.follower import Follower
+        from shared.parts import rows_of
+
+        _, full = Follower(bucket, cache_dir=Path(args.spool) / f"mat-r{rank}", download_workers=1).materialize()
+        rows = {}
+        for n, t in full.items():
+            r0, r1 = rows_of(tuple(t.shape), rank, world)
+            rows[n] = t[r0:r1].clone()
+        del full
+        restored = True
+    elapsed = time.perf_counter() - t0
+    peak_kb = _status_kb("VmHWM")
+    out = {"how": args.how, "rank": rank, "world": world, "restored": restored, "restore_s": round(elapsed, 2),
+           "bytes_read": read[0], "rows_mb": round(sum(t.numel() * 2 for t in (rows or {}).values()) / 2**20),
+           "peak_added_mb": round((peak_kb - base_kb) / 1024)}
+    print(f"[restore {args.how} rank {rank}/{world}] " + ", ".join(f"{k}={v}" for k, v in out.items()), flush=True)
+    if args.how == "publisher":
+        pub.close()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"restore-{args.how}-{world}-r{rank}.json").write_text(json.dumps(out))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _launch(script_args: list[str], n: int, sharded: bool) -> None:
+    py = sys.executable
+    if sharded:
+        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29500 + os.getpid() % 1000), __file__, *script_args]
+    else:
+        cmd = [py, __file__, *script_args]
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def restart_bench(args) -> dict:
+    """Histories written by one process and by 2 ranks, restored by fresh processes (see the module docstring)."""
+    results = {"model": "tiny" if args.quick else "Qwen3-0.6B-shaped", "density": args.density, "versions": 2,
+               "host": f"{os.cpu_count()} CPUs", "histories": {}, "restores": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="dws-bench-restart-"))
+    quick = ["--quick"] if args.quick else []
+    try:
+        for hist, mode, n in (("single-process", "single", 1), ("2 ranks", "sharded", 2)):
+            b = tmp / mode
+            _launch(["--worker", mode, "--bucket", str(b), "--spool", str(tmp / "spool"), "--out", str(tmp / "pub"),
+                     "--versions", "2", "--density", str(args.density), *quick], n, mode == "sharded")
+            results["histories"][hist] = {"bytes": sum(p.stat().st_size for p in b.rglob("*.safetensors"))}
+        scenarios = [("2 ranks, own part (same partition)", "sharded", "publisher", 2),
+                     ("2 ranks, re-split of the single-process history", "single", "publisher", 2),
+                     ("1 rank, re-split of the 2-part history", "sharded", "publisher", 1),
+                     ("2 ranks, whole-model rebuild then slice (no re-split)", "sharded", "materialize", 2)]
+        for name, hist, how, n in scenarios:
+            out = tmp / "restore" / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+            print(f"== restart: {name}", flush=True)
+            _launch(["--restore", how, "--bucket", str(tmp / hist), "--spool", str(tmp / "spool"), "--out",
+                     str(out), *quick], n, n > 1)
+            runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+            results["restores"][name] = {
+                "restored": all(r["restored"] for r in runs), "ranks": n,
+                "restore_s_per_rank_max": max(r["restore_s"] for r in runs),
+                "bytes_read_per_rank_max": max(r["bytes_read"] for r in runs),
+                "peak_added_mb_per_rank_max": max(r["peak_added_mb"] for r in runs),
+                "rows_mb_per_rank": max(r["rows_mb"] for r in runs), "runs": runs}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
 def _summary(runs: list[dict]) -> dict:
     deltas = [v for r in runs for v in r["versions"] if v["kind"] == "delta"]
     anchors = [v for r in runs for v in r["versions"] if v["kind"] == "anchor"]
@@ -175,13 +291,27 @@ def main() -> int:
     ap.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the single-process Publisher")
     ap.add_argument("--output", default=str(REPO / "bench" / "sharded.json"))
+    ap.add_argument("--restart", action="store_true",
+                    help="measure restarts instead (rebuilding each rank's rows; bench/sharded-restart.json)")
     ap.add_argument("--worker", choices=["single", "sharded"], dest="mode", help=argparse.SUPPRESS)
+    ap.add_argument("--restore", choices=["publisher", "materialize"], dest="how", help=argparse.SUPPRESS)
     ap.add_argument("--bucket", help=argparse.SUPPRESS)
     ap.add_argument("--spool", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
         worker(args)
+        return 0
+    if args.how:
+        restore_worker(args)
+        return 0
+    if args.restart:
+        res = restart_bench(args)
+        out = Path(args.output) if args.output != str(REPO / "bench" / "sharded.json") \
+            else REPO / "bench" / "sharded-restart.json"
+        out.write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: {x: y for x, y in v.items() if x != "runs"} for k, v in res["restores"].items()},
+                         indent=1))
         return 0
     py = sys.executable
     configs = ([("single", 1)] if args.single else []) + [("sharded", n) for n in args.ranks]

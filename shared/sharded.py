@@ -320,8 +320,12 @@ class ShardedPublisher(BackgroundPublishing):
                 vf = follower._fetch_one(e, path, size, sha, self.rank, m)
                 pf, _ = read_part(vf.path, shapes=shapes, index=self.rank, count=self.world_size,
                                   version=e.version, base=e.base)
-                apply_to_state(state, pf)  # a part's tensors are this rank's rows: local coordinates throughout
+                if pf.kind == "anchor":
+                    state.update(pf.tensors)  # fresh tensors read from the file: taken as they are, not copied again
+                else:
+                    apply_to_state(state, pf)  # a part's tensors are this rank's rows: local coordinates throughout
                 vf.path.unlink(missing_ok=True)
+                del pf
             else:
                 resplit += 1
                 self._apply_resplit(state, e, m, follower)

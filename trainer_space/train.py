@@ -6,6 +6,8 @@ publisher (owner lease), build the dataset from the env Spaces' prompts, build t
 the bucket's latest version into the model on a restart, train, flush. TRL owns the loss, batching, staleness drops
 and metrics; nothing here reaches into its private state. The one attribute set on the trainer is its public
 `model_version` (TRL restores it itself when resuming a checkpoint), so that TRL's versions are the bucket's.
+Under torchrun (WORLD_SIZE > 1) the same function runs on every rank, sharded with FSDP2; what differs -- and the one
+TRL method overridden there, the weight-sync iterator -- is in trainer_space/sharded.py.
 
 Also owns `StepRecorder` (TRL's logged figures -> one dashboard row per optimizer step) and `FaultInjection`, a test
 hook driven by the environment variable `DWS_TEST_FAULT_NAN_AT_STEP`, not by a flag.

@@ -101,7 +101,9 @@ def test_rank_killed_mid_upload_leaves_the_version_uncommitted(sharded):
     assert s["rc1"] != 0 and "FAULT INJECTION: rank 1 stored half" in s["log1"], s["log1"][-4000:]
     # The two ranks continued run1's single-process history: re-split into each rank's rows and proven.
     assert "re-split" in s["log1"] and f"rebuilt its rows of v{s['start']}" in s["log1"], s["log1"][-4000:]
-    assert s["after_kill"] == s["killed"] - 1, s["log1"][-4000:]
+    # Rank 0 may or may not have committed the version before it (its commit races torchrun stopping it); the
+    # killed version it can never have committed.
+    assert s["after_kill"] in (s["killed"] - 2, s["killed"] - 1), s["log1"][-4000:]
     assert s["verified_after_kill"].ok, s["verified_after_kill"].lines
 
 
@@ -110,8 +112,8 @@ def test_restart_continues_from_the_last_committed_version(sharded, services):
     assert s["status"] is not None and s["status"]["phase"] == "done", s["log2"][-4000:]
     assert "[rank 1/2]: done:" in s["log2"] and "[rank 0/2]: done:" in s["log2"]
     # Each rank read back only its own part of every version since the anchor, and the ranks proved the digest.
-    assert f"rebuilt its rows of v{s['killed'] - 1}" in s["log2"] and "re-split" not in s["log2"]
-    assert s["final"] == s["killed"] + 1
+    assert f"rebuilt its rows of v{s['after_kill']}" in s["log2"] and "re-split" not in s["log2"]
+    assert s["final"] == s["after_kill"] + 2
     res = verify_bucket(str(services["bucket"]))
     assert res.ok, res.lines
 
@@ -162,7 +164,7 @@ def test_rank_0_serves_the_dashboard_with_whole_versions(sharded):
     not rank 0's half."""
     st, s = sharded["status"], sharded
     hist = st["sync"]["history"]
-    assert [h["version"] for h in hist] == [s["killed"], s["killed"] + 1]
+    assert [h["version"] for h in hist] == [s["after_kill"] + 1, s["after_kill"] + 2]
     for h in hist:
         whole = sum(t.numel() for t in reference(s["tmp"] / "rows", h["version"]).values())
         assert h["total"] == whole and 0 < h["changed"] <= whole
