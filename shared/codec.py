@@ -55,6 +55,7 @@ helper that views bf16 weights as uint16 bit patterns.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,6 +118,21 @@ class BaseBits:
         return self.bits.reshape(*shape)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, ...]:
+    """This thread's chunk-sized output buffers for `diff_bits` (positions, new, old, class, rank), reused: a chunk
+    writes only its few changed elements, and fresh model-sized buffers would fault in (and zero) a whole huge page
+    per chunk and array for them -- measured up to seconds per 0.6B model when memory is fragmented."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].size < n:
+        bufs = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.uint8),
+                np.empty(n, np.int64))
+        _SCRATCH.bufs = bufs
+    return bufs
+
+
 def diff_bits(new: np.ndarray, old: np.ndarray, *,
               context: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, BaseBits | np.ndarray]:
     """Change detection in one parallel read of both tensors (flat uint16 bits, same length): the positions (int64,
@@ -129,37 +145,33 @@ def diff_bits(new: np.ndarray, old: np.ndarray, *,
         raise ValueError(f"cannot diff {new.size} elements against {old.size}")
     chunk = _BaseClasses.chunk
     bounds = [(s, min(s + chunk, new.size)) for s in range(0, new.size, chunk)]
-    # Model-sized only in address space: each chunk writes a prefix of its slice (O(changed) pages touched).
-    pos, new_at, old_at = np.empty(new.size, np.int64), np.empty(new.size, np.uint16), np.empty(new.size, np.uint16)
     if context:
         hist = np.zeros((len(bounds), _N_CLASSES), np.int64)
         K.run_chunks(lambda i: K.exponent_histogram(old[slice(*bounds[i])], hist[i]), len(bounds))
         classes = _BaseClasses(BaseBits(old, hist, chunk), new.size)
         lo, hi = classes.pooling_bounds(new.size)
         classes.pool(lo, hi)
-        cls, rank = np.empty(new.size, np.uint8), np.empty(new.size, np.int64)
 
-        def one(i: int) -> int:
-            s, e = bounds[i]
-            return K.diff_ranks(new[s:e], old[s:e], s, classes._table, classes._before[i], pos[s:e], new_at[s:e],
-                                old_at[s:e], cls[s:e], rank[s:e])
-    else:
-        def one(i: int) -> int:
-            s, e = bounds[i]
-            return K.diff_bits(new[s:e], old[s:e], s, pos[s:e], new_at[s:e], old_at[s:e])
+    def one(i: int) -> tuple[np.ndarray, ...]:
+        s, e = bounds[i]
+        pos, new_at, old_at, cls, rank = (a[: e - s] for a in _scratch(chunk))
+        if context:
+            k = K.diff_ranks(new[s:e], old[s:e], s, classes._table, classes._before[i], pos, new_at, old_at, cls,
+                             rank)
+            return pos[:k].copy(), new_at[:k].copy(), old_at[:k].copy(), cls[:k].copy(), rank[:k].copy()
+        k = K.diff_bits(new[s:e], old[s:e], s, pos, new_at, old_at)
+        return pos[:k].copy(), new_at[:k].copy(), old_at[:k].copy()
 
-    counts = K.run_chunks(one, len(bounds))
-    parts = [slice(s, s + k) for (s, _), k in zip(bounds, counts)]
-    if len(parts) <= 1:
-        # A view of the written prefix: the rest of the buffer was never touched, so it holds no memory.
-        take = lambda a: a[parts[0] if parts else slice(0, 0)]  # noqa: E731
-    else:
-        take = lambda a: np.concatenate([a[p] for p in parts])  # noqa: E731
-    positions = take(pos)
+    parts = K.run_chunks(one, len(bounds))
+    if not parts:
+        parts = [(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16), np.zeros(0, np.uint8),
+                  np.zeros(0, np.int64))]
+    fields = [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts)]
+    positions, new_at, old_at = fields[:3]
     if not context:
-        return positions, take(new_at), take(old_at), old
-    ranks = ClassRanks(positions, take(cls), take(rank), lo, hi)
-    return positions, take(new_at), take(old_at), BaseBits(old, hist, chunk, ranks)
+        return positions, new_at, old_at, old
+    ranks = ClassRanks(positions, fields[3], fields[4], lo, hi)
+    return positions, new_at, old_at, BaseBits(old, hist, chunk, ranks)
 
 
 def warm_up() -> float:
