@@ -41,7 +41,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.follower import apply_to_state  # noqa: E402
-from shared.formats import TensorChange, bits, encode_delta, read_patch_file, resolve_context  # noqa: E402
+from shared.formats import TensorChange, bits, diff_state, encode_delta, read_patch_file, resolve_context  # noqa: E402
 
 # --mid: the 4-layer, hidden-1024 transformer of issue 16's first measurements (~86 M parameters), for scenarios the
 # 0.6B run cannot fit on a shared machine in time.
@@ -209,11 +209,7 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
         def run():
             # The publisher's detection (TensorChange.between: one parallel read of both versions; for ctx it also
             # ranks each changed element in its exponent class), then its encode.
-            ch = {}
-            for name, c in cur.items():
-                change = TensorChange.between(tuple(c.shape), c, prev[name], encoding=encoding)
-                if change is not None:
-                    ch[name] = change
+            ch = diff_state(cur, prev, encoding=encoding)
             encode_delta(ch, version=version, base=version - 1, total=total, encoding=encoding)
         return run
 

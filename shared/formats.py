@@ -106,6 +106,24 @@ def _workers(workers: int | None) -> int:
     return max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
 
 
+def diff_state(new: Mapping[str, Any], old: Mapping[str, Any], *, encoding: str = "compact",
+               workers: int | None = None) -> dict[str, TensorChange]:
+    """`TensorChange.between` for every tensor of `new` (bf16 tensors or their bits; `old` holds the same names),
+    on `workers` threads: a model's matrices are a few chunks each, so only diffing several at once keeps every
+    core busy (the kernels release the GIL). Tensors without a change are left out."""
+    names = list(new)
+
+    def one(name: str) -> TensorChange | None:
+        return TensorChange.between(tuple(new[name].shape), new[name], old[name], encoding=encoding)
+
+    if len(names) > 1 and _workers(workers) > 1:
+        with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-diff") as pool:
+            found = list(pool.map(one, names))
+    else:
+        found = [one(n) for n in names]
+    return {n: ch for n, ch in zip(names, found) if ch is not None}
+
+
 @dataclass
 class PatchFile:
     """A decoded anchor or delta. For deltas, `tensors` maps name -> DecodedTensor; for anchors -> dense bf16."""

@@ -39,7 +39,7 @@ from shared.errors import (
     OwnerConflictError,
     PublishError,
 )
-from shared.formats import TensorChange, bits, encode_delta, write_anchor
+from shared.formats import TensorChange, bits, diff_state, encode_delta, write_anchor
 from shared.lease import BucketLease, default_run_id
 from shared.manifest import (
     FileEntry,
@@ -311,13 +311,9 @@ class Publisher(BackgroundPublishing):
         changed = total
         changes: dict[str, TensorChange] = {}
         if self._prev is not None:
-            changed = 0
-            for name, cur in snap.items():
-                # One parallel read of both versions finds the changes (and counts what the ctx encoder needs).
-                ch = TensorChange.between(tuple(cur.shape), bits(cur), bits(self._prev[name]), encoding=self.encoding)
-                if ch is not None:
-                    changes[name] = ch
-                    changed += int(ch.positions.size)
+            # One parallel read of both versions finds the changes (and what the ctx encoder needs on the way).
+            changes = diff_state(snap, self._prev, encoding=self.encoding)
+            changed = sum(int(ch.positions.size) for ch in changes.values())
             delta_bytes_blob = encode_delta(changes, version=version, base=self._prev_version, total=total,
                                             encoding=self.encoding)
         encode_s = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from shared.codec import ContextTensor, bf16_bits, get_encoding
 from shared.digest import weights_digest
 from shared.errors import DigestMismatch, FormatError
 from shared.follower import Follower, apply_to_state
-from shared.formats import TensorChange, encode_delta, read_patch_file, resolve_context
+from shared.formats import TensorChange, diff_state, encode_delta, read_patch_file, resolve_context
 from shared.manifest import read_manifest
 from shared.bucket import open_bucket
 from shared.publisher import Publisher
@@ -351,3 +351,15 @@ def test_warm_up_round_trips_every_position_coding_encoding():
     from shared import codec
 
     assert codec.warm_up() >= 0.0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_diff_state_diffs_every_tensor_and_leaves_out_the_unchanged(workers):
+    old = {"a": _weights(5_000, 71), "b": _weights(300, 72), "same": _weights(10, 73)}
+    new = {"a": _step(old["a"], 1e-5, 74), "b": _step(old["b"], 1e-5, 75), "same": old["same"].copy()}
+    got = diff_state(new, old, encoding="ctx", workers=workers)
+    assert sorted(got) == ["a", "b"]
+    for name, ch in got.items():
+        want = np.flatnonzero(old[name] != new[name])
+        assert np.array_equal(ch.positions, want) and np.array_equal(ch.new_bits, new[name][want])
+        assert ch.base.ranks is not None  # ctx: ranked on the way
