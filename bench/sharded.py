@@ -177,8 +177,8 @@ def restore_worker(args) -> None:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-    import shared.follower  # noqa: F401 -- imported before the baseline: module code is not the restore's memory
-    import shared.sharded  # noqa: F401
+    import shared.follower  # imported before the baseline: module code is not the restore's memory
+    import shared.sharded  # noqa: F401 -- likewise
 
     gc.collect()
     base_kb = _status_kb("VmRSS")

@@ -229,7 +229,7 @@ def test_a_history_in_two_parts_is_re_split_for_another_rank_count(sharded_run, 
     rows = pub.restored_rows()
     assert rows is not None and same(rows, want)
     step = {k: v.clone() for k, v in want.items()}
-    name = sorted(step)[0]
+    name = min(step)
     step[name].view(-1)[:7] += 1.0
     rep = pub.publish(step, 6).result(timeout=120)
     pub.close()
@@ -247,9 +247,8 @@ def test_a_history_in_two_parts_is_re_split_for_another_rank_count(sharded_run, 
 def test_a_history_coded_against_its_whole_base_is_not_re_split(tmp_path):
     """ctx deltas decode only against the whole base tensor: another partition cannot apply them to its rows, so the
     restart says so and falls back to an anchor (rows unknown) instead of guessing."""
-    from shared.sharded import ShardedPublisher
-
     from shared.formats import read_patch_file
+    from shared.sharded import ShardedPublisher
 
     b = tmp_path / "b"
     w = {"a.weight": torch.randn(512, 512, generator=torch.Generator().manual_seed(3))}

@@ -3,7 +3,8 @@
 One env_space server and one rollout gateway (a real CPU vLLM) serve the whole suite: a vLLM start costs ~45 s and
 ~2-3 GB, so every module shares them. The gateway follows the bucket on a 1 s poll (and every publish nudges it), as
 a deployed replica does. They follow one bucket; each training run in the suite restarts on it and
-continues its version numbering (the restart path is itself under test). `run1` is the first run (from an empty
+continues its version numbering (the restart path is itself under test) -- test_sharded_trainer.py's 2-rank torchrun
+runs included, so the later single-process runs continue a history stored in parts. `run1` is the first run (from an empty
 bucket) with its dashboard server, which keeps serving after training, as the Space does.
 """
 
