@@ -11,7 +11,9 @@ Owns what differs from a single-process run, and nothing else (train.py keeps th
   `Shard(0)`, which is the bucket's "dim0-chunks" part layout, so rank k's local shard *is* part k. accelerate
   shards with FSDP2 only on GPUs (on CPU its `MULTI_CPU` mode would wrap the model in DDP, which refuses DTensor
   parameters), so the model is sharded here, after TRL built it, and marked with accelerate's own
-  `_is_accelerate_prepared` flag: `prepare` then registers it as it is.
+  `_is_accelerate_prepared` flag: `prepare` then registers it as it is. Launch with torchrun (or, on GPUs,
+  `accelerate launch --multi_gpu`, which starts torchrun's launcher); `accelerate launch --cpu` starts MPI processes
+  without WORLD_SIZE/RANK and is refused.
 - `sharded_trainer_class`: AsyncGRPOTrainer with one method overridden, `_streaming_iter`. That is the narrowest
   hook: TRL's weight sync (`_sync_weight_merged`) streams `param.full_tensor()` -- an all-gather of every parameter
   -- to rank 0's `weight_transfer.send_weights`, while the other ranks walk the same iterator only to take part in
@@ -49,6 +51,10 @@ DUMP_ROWS_VAR = "DWS_TEST_DUMP_ROWS"
 KILL_VAR = "DWS_TEST_FAULT_KILL_RANK_AT"
 
 
+#: Set by MPI launchers (what `accelerate launch --cpu --num_processes N` uses); torchrun sets WORLD_SIZE instead.
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int
@@ -84,6 +90,12 @@ class Ranks:
 def refusal(*, world: int, batch_size: int, trainable: str | None) -> str | None:
     """Why this configuration cannot run on `world` ranks (None: it can). One line, for `dws train` to exit 2."""
     if world <= 1:
+        mpi = max((int(v) for k in MPI_SIZE_VARS if (v := os.environ.get(k, "").strip()).isdigit()), default=1)
+        if mpi > 1:
+            # Each MPI process would otherwise run as a whole single-process trainer on the same bucket.
+            return (f"started as one of {mpi} MPI processes (e.g. `accelerate launch --cpu --num_processes {mpi}`) "
+                    "without torchrun's WORLD_SIZE/RANK: start the ranks with `torchrun --nproc_per_node N -m "
+                    "trainer_space`")
         return None
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return ("accelerate's own FSDP (--use_fsdp / ACCELERATE_USE_FSDP) is not used here: the trainer shards the "

@@ -89,6 +89,7 @@ def test_a_missing_model_folder_is_one_line_before_anything_starts(model, tmp_pa
     (["--trainable", "mlp"], {}, "single-process trainer only"),
     ([], {"ACCELERATE_USE_FSDP": "true"}, "accelerate's own FSDP"),
     ([], {"RANK": "2"}, "not a valid place in a job"),
+    ([], {"WORLD_SIZE": "", "RANK": "", "PMI_SIZE": "2"}, "without torchrun's WORLD_SIZE/RANK"),
 ])
 def test_a_configuration_two_ranks_cannot_run_is_one_line(extra, env, says, tmp_path):
     """Under torchrun (WORLD_SIZE=2 here, as torchrun sets it) what cannot work is refused by each rank at parse
