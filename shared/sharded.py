@@ -30,9 +30,9 @@ Hooking it into a training loop: build it on every rank after `init_process_grou
 `publish(model.named_parameters(), step)` on every rank at the same steps (it is a collective). Hook in at the
 narrowest point: TRL's async trainer streams gathered full tensors to rank 0's `send_weights`, the opposite of what
 is needed here -- call `publish` from every rank where the sharded parameters are, after the optimizer step, instead
-of handing gathered tensors to rank 0. trainer_space/sharded.py does exactly that for TRL's AsyncGRPOTrainer
-(`torchrun -m trainer_space`); tests/shared/sharded_worker.py is a plain FSDP2 loop on the tiny Qwen3 under
-`torchrun --nproc_per_node 2`.
+of handing gathered tensors to rank 0. The trainer Space does exactly that for TRL's AsyncGRPOTrainer when it is
+started under torchrun (its own package documents how); tests/shared/sharded_worker.py is a plain FSDP2 loop on the
+tiny Qwen3 under `torchrun --nproc_per_node 2`.
 """
 
 from __future__ import annotations
