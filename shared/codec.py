@@ -339,7 +339,9 @@ def _kernels():
 
 def _rice_k(gaps: np.ndarray) -> int:
     """The Rice parameter that minimises n*(k+1) + sum(g >> k), searched around log2 of the mean gap."""
-    mean = float(gaps.mean()) if gaps.size else 0.0
+    # The exact integer sum over n: the same float as gaps.mean() (every partial sum is an integer below 2**53, so
+    # numpy's float summation is exact too), without its float pass.
+    mean = float(int(gaps.sum())) / gaps.size if gaps.size else 0.0
     k0 = max(0, int(np.floor(np.log2(mean + 1.0))))
     k_lo, k_hi = max(0, k0 - 2), min(_MAX_K, k0 + 2)
     if k_lo > k_hi:
@@ -385,15 +387,14 @@ class CompactEncoding:
     def size_lower_bound(self, positions: np.ndarray, numel: int) -> int:
         """Bytes this encoding needs at least for these positions (exact Rice streams + one sign bit each): a writer
         choosing the smallest encoding skips compact when another one already fits under this."""
-        positions = np.asarray(positions, dtype=np.int64)
-        gaps = np.diff(positions, prepend=-1) - 1
+        gaps = _kernels().rank_gaps(np.ascontiguousarray(positions, dtype=np.int64))
         k = _rice_k(gaps)
         unary_bits = positions.size + int((gaps >> k).sum())
         return (unary_bits + 7) // 8 + (positions.size * k + 7) // 8 + (positions.size + 7) // 8
 
     def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
-        positions = positions.astype(np.int64)
-        gaps = np.diff(positions, prepend=-1) - 1
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        gaps = _kernels().rank_gaps(positions)
         k = _rice_k(gaps)
         unary, rem = rice_encode(gaps, k)
         residual = (new_bits.astype(np.uint16) - base_bits.astype(np.uint16)).view(np.int16).astype(np.int32)
@@ -548,9 +549,9 @@ class _BaseClasses:
 
     def ranks(self, positions: np.ndarray, base_at: np.ndarray, residual: np.ndarray):
         """For sorted, unique, in-range `positions` (base values `base_at` there, int16 `residual`): the changed
-        elements in class-major order (ranks ascending inside each class) as ``(starts, rank, sym, width, low,
-        hist)`` -- class c's are ``starts[c]:starts[c+1]``; sym/width/low/hist as `codec_kernels.class_ranks` says.
-        `starts` is None when a residual is 0."""
+        elements in class-major order (ranks ascending inside each class) as ``(starts, rank, sym, low, hist)`` --
+        class c's are ``starts[c]:starts[c+1]``; sym/low/hist as `codec_kernels.residual_symbols` says. `starts` is
+        None when a residual is 0."""
         K = _kernels()
         n = positions.size
         rank, res = np.empty(n, np.int64), np.empty(n, np.int16)
@@ -562,9 +563,7 @@ class _BaseClasses:
         elif self.known is not None and self.known.lo == self.lo and self.known.hi == self.hi and (
                 self.known.positions is positions or np.array_equal(self.known.positions, positions)):
             # Ranked by diff_bits while it read the base: only the O(changed) reordering is left.
-            counts = np.bincount(self.known.cls, minlength=_N_CLASSES)
-            starts = np.concatenate([[0], np.cumsum(counts)])
-            K.to_class_major(self.known.cls, self.known.rank, residual, starts[:-1].copy(), rank, res)
+            starts = K.to_class_major(self.known.cls, self.known.rank, residual, _N_CLASSES, rank, res)
         else:
             edges = [s for s, _ in self._bounds] + [self._bounds[-1][1] if self._bounds else 0]
             cuts = np.searchsorted(positions, edges)
@@ -582,10 +581,10 @@ class _BaseClasses:
                                   slots[i], rank, res)
 
             K.run_chunks(one, len(self._bounds))
-        sym, width, low = np.empty(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        sym, low = np.empty(n, np.int32), np.empty(n, np.int64)
         hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
-        bad = K.residual_symbols(starts, res, sym, width, low, hist)
-        return (None if bad else starts), rank, sym, width, low, hist
+        nlow = K.residual_symbols(starts, res, sym, low, hist)
+        return (None if nlow < 0 else starts), rank, sym, low[:max(nlow, 0)], hist
 
     def positions(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
                   values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -707,11 +706,11 @@ class ContextEncoding:
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        starts, ranks, sym, width, low, hist = classes.ranks(positions, base_bits,
-                                                             (new_bits - base_bits).view(np.int16))  # wraps
+        starts, ranks, sym, low, hist = classes.ranks(positions, base_bits,
+                                                      (new_bits - base_bits).view(np.int16))  # uint16 wraps
         if starts is None:
             raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
-        extra = K.pack_varwidth(low, width)
+        extra = K.pack_low_bits(sym, low)
         rows, pos_streams, tables, words = [], [], [], []
         for c in np.flatnonzero(np.diff(starts)):
             a, b = int(starts[c]), int(starts[c + 1])

@@ -28,6 +28,14 @@ from numba import njit
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has none of the parent's threads: an inherited pool would never run a task
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def run_chunks(fn: Callable[[int], object], n: int) -> list:
     """`fn(i)` for i in range(n), on a shared pool of one thread per core (a single chunk runs inline). The kernels
     release the GIL, so chunks of one big tensor run in parallel even when called from inside another pool."""
@@ -71,11 +79,13 @@ def class_counts(old_at, table, out):
 
 
 @njit(nogil=True, cache=True)
-def residual_symbols(starts, residual, sym, width, low, hist):
+def residual_symbols(starts, residual, sym, low, hist):
     """Every residual, given in class-major order (class c's are ``residual[starts[c]:starts[c+1]]``), as its ctx
-    symbol ``2 * (bucket - 1) + negative`` -- buckets 1, 2, 3, then w + 2 for |r| in [2**w, 2**(w+1)), whose w low
-    bits go to width/low -- and hist[c] counts class c's symbols. Returns 1 when a residual is 0, else 0."""
+    symbol ``2 * (bucket - 1) + negative`` -- buckets 1, 2, 3, then w + 2 for |r| in [2**w, 2**(w+1)) -- with
+    hist[c] counting class c's symbols and `low` receiving, in order, the w raw low bits of each bucketed one.
+    Returns how many went to `low`, or -1 when a residual is 0 (not a change)."""
     h = np.zeros((4, hist.shape[1]), np.int64)  # interleaved: runs of one symbol would wait on one counter
+    nlow = 0
     for c in range(starts.size - 1):
         a, b = starts[c], starts[c + 1]
         if a == b:
@@ -87,20 +97,20 @@ def residual_symbols(starts, residual, sym, width, low, hist):
             m = (r ^ -neg) + neg
             if m < 4:
                 if m == 0:
-                    return 1
+                    return -1
                 v = 2 * (m - 1) + neg
             else:
                 w = 2
                 while (m >> (w + 1)) != 0:
                     w += 1
-                width[i] = w
-                low[i] = m - (np.int64(1) << w)
+                low[nlow] = m - (np.int64(1) << w)
+                nlow += 1
                 v = 2 * (w + 1) + neg
             sym[i] = v
             h[i & 3, v] += 1
         for v in range(hist.shape[1]):
             hist[c, v] = h[0, v] + h[1, v] + h[2, v] + h[3, v]
-    return 0
+    return nlow
 
 
 @njit(nogil=True, cache=True)
@@ -227,15 +237,22 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
 
 
 @njit(nogil=True, cache=True)
-def to_class_major(cls, rank, residual, slot, rank_out, res_out):
-    """Scatter changed elements (position order) into class-major order: class c's next free index is ``slot[c]``
-    (advanced here); ranks stay ascending inside each class."""
+def to_class_major(cls, rank, residual, n_classes, rank_out, res_out):
+    """Scatter changed elements (position order) into class-major order, ranks staying ascending inside each class
+    (a stable counting sort). Returns `starts`: class c's elements are ``starts[c]:starts[c+1]``."""
+    starts = np.zeros(n_classes + 1, np.int64)
+    for i in range(cls.size):
+        starts[cls[i] + 1] += 1
+    for c in range(n_classes):
+        starts[c + 1] += starts[c]
+    slot = starts[:n_classes].copy()
     for i in range(cls.size):
         c = cls[i]
         o = slot[c]
         slot[c] = o + 1
         rank_out[o] = rank[i]
         res_out[o] = residual[i]
+    return starts
 
 
 @njit(nogil=True, cache=True)
@@ -413,23 +430,29 @@ def complement(sorted_ranks, n):
 
 
 @njit(nogil=True, cache=True)
-def pack_varwidth(values, width):
-    """Each value's `width` low bits (width <= 16 here), MSB first, concatenated and zero-padded to whole bytes."""
+def pack_low_bits(sym, low):
+    """The extra-bit stream: for each symbol of bucket b >= 4 (in order), its next entry of `low` as b - 2 bits, MSB
+    first, concatenated and zero-padded to whole bytes."""
     total = 0
-    for i in range(width.size):
-        total += width[i]
+    for i in range(sym.size):
+        b = sym[i] // 2 + 1
+        if b >= 4:
+            total += b - 2
     out = np.zeros((total + 7) // 8, np.uint8)
     o, acc, nacc = 0, 0, 0
-    for i in range(width.size):
-        if width[i]:
-            o, acc, nacc = _put(out, o, acc, nacc, values[i], width[i])
+    j = 0
+    for i in range(sym.size):
+        b = sym[i] // 2 + 1
+        if b >= 4:
+            o, acc, nacc = _put(out, o, acc, nacc, low[j], b - 2)
+            j += 1
     _flush(out, o, acc, nacc)
     return out
 
 
 @njit(nogil=True, cache=True)
 def symbols_to_residuals(sym, packed):
-    """Inverse of `residual_symbols` + `pack_varwidth`: int16 residuals, or an empty array when `packed` does not
+    """Inverse of `residual_symbols` + `pack_low_bits`: int16 residuals, or an empty array when `packed` does not
     hold exactly the extra bits the symbols need (fewer, or a whole spare byte)."""
     n = sym.size
     total = 0
