@@ -11,8 +11,8 @@ Encodings (a registry, like vLLM's weight-transfer backends; the name is stored 
 * ``compact`` (default) -- about 1.1-1.3 bytes per changed element at RL densities (0.5-5 %):
     - positions: sorted gaps ``g_i = p_i - p_{i-1} - 1`` Rice-coded with one parameter ``k`` per tensor chosen to
       minimise the size, written as two separate bit streams -- the unary quotients (``g >> k`` zeros, then a one)
-      and the fixed-width ``k``-bit remainders -- so both encode *and* decode are vectorised numpy (the unary stream
-      decodes with one ``flatnonzero``). For geometric gaps Rice coding is within a few percent of the entropy floor.
+      and the fixed-width ``k``-bit remainders (packed and unpacked by compiled loops, `codec_kernels`). For
+      geometric gaps Rice coding is within a few percent of the entropy floor.
     - values: the residual against the base in bit-pattern space, ``(new_bits - base_bits) mod 2**16`` read as int16
       (never 0: only changed elements are stored). An RL step moves most changed weights by exactly one ulp, so the
       residual is stored as three parts: the signs as raw packed bits (they are coin flips), a packed bitmap of
@@ -32,7 +32,11 @@ Encodings (a registry, like vLLM's weight-transfer backends; the name is stored 
     - residuals: per class, a symbol ``(magnitude bucket, sign)`` -- buckets 1, 2, 3, then ``[2**b, 2**(b+1))`` with
       ``b`` raw low bits -- range-coded (``constriction``) with that class's quantized frequency table (stored in
       the payload); large weights move by one ulp, tiny ones by many.
-  Encoding and decoding read the *whole* base tensor (its exponents), O(numel) per changed tensor.
+  Encoding and decoding read the *whole* base tensor (its exponents), O(numel) per changed tensor: compiled passes
+  (`codec_kernels`) that count every element's class, chunk by chunk on every core. The encoder's pass can be the
+  change detection itself: `diff_bits(new, old, context=True)` ranks each changed element while it finds it and
+  hands the encoder a `BaseBits` (base bits + exponent histogram + ranks), so encoding reads nothing model-sized.
+  ``warm_up()`` loads the compiled code (numba's on-disk cache) before a process's first publish or sync.
 
 Base-context decode API (what a replica calls):
 
@@ -44,7 +48,8 @@ Base-context decode API (what a replica calls):
     new_bits = dec.resolve(base_bits_at(dec.positions) if dec.needs_base else None)
 
 ``base`` is the full base tensor: a bf16 torch tensor on any device (CUDA keeps the O(numel) exponent sort on the
-GPU; only sparse ranks/positions reach the host) or its uint16/int16 bit patterns as numpy/torch, ``numel`` long.
+GPU; only sparse ranks/positions reach the host), its uint16/int16 bit patterns as numpy/torch, or a `BaseBits`,
+``numel`` long.
 `formats.read_patch_file` does not have the base, so it returns a `ContextTensor` for such tensors (``.count`` is
 known from the header); call ``ctx.decode(base)`` -> `DecodedTensor` (validated, positions sorted) before applying,
 or ``formats.resolve_context(pf, {name: base})`` to decode all of a file's on a thread pool. A base that is not the
