@@ -11,8 +11,8 @@ the parallelism is plain Python threads (safe to call from any number of threads
 threading layers are not all re-entrant -- and it adds nothing to how many threads a process starts).
 
 ``cache=True`` keeps the compiled code on disk (next to this file, or numba's per-user cache directory where that is
-not writable): the first process on a machine compiles once (about 10 s for all kernels on a 2-core machine), later
-ones load it in well under a second. Nothing imports this module before an encoding needs it, so `dws --help` and the
+not writable): the first process on a machine compiles once (3-4 s on this 2-core machine, bench/results.json
+``numba_first_use_s``), later ones load it in about half a second, numba's import included. Nothing imports this module before an encoding needs it, so `dws --help` and the
 env Space never pay for numba.
 """
 
