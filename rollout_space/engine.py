@@ -389,8 +389,8 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         (None: all). Runs between engine steps, before the pause. A rejection here changes no weight and leaves no
         plan: the apply of that file then fails the same checks before writing anything."""
         t0 = time.perf_counter()
-        if self._preparing is not None and self._preparing[0].path != path:
-            self._preparing[1].close()  # another file now: the unfinished plan is dropped
+        if self._preparing is not None and not self._continues(self._preparing[0], path):
+            self._preparing[1].close()  # another file (or the weights changed): the unfinished plan is dropped
             self._preparing[0].discard()
             self._preparing = None
         if self._preparing is None:
@@ -422,6 +422,16 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             self._plans[path] = plan
         return {"done": done, "tensors": plan.context, "changed": plan.changed, "segments": len(plan.segments),
                 "ms": round(plan.ms, 3)}
+
+    def _continues(self, plan: _Plan, path: str) -> bool:
+        """An unfinished plan may be continued only for the same file (a sync that failed half-way through its
+        preparation leaves one behind, and the next sync reuses the file name) and the same weights."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (plan.path == path and plan.identity == (st.st_ino, st.st_size, st.st_mtime_ns)
+                and plan.generation == self.generation)
 
     def _plan_steps(self, src: PreparedReader, plan: _Plan):
         """Generator: validate ``src`` chunk by chunk and write its plan; yields the elements of each chunk."""

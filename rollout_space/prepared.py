@@ -42,7 +42,8 @@ from shared.errors import FormatError
 MARK = "dws_prepared"
 MARK_VALUE = "2"  # 2: streamed, read with pread (1 was written whole and memory-mapped)
 MODES = ("values", "residual", "context")
-CHUNK_ELEMENTS = 1 << 21  # changed elements handled at once (~ 2M x (8 + 2 + 8) bytes of temporaries)
+CHUNK_ELEMENTS = 1 << 19  # changed elements handled at once: temporaries of a few MB (measured: 2M-element
+# chunks made the worker's plan step alone raise its peak RSS by ~90 MB at 0.6B)
 MAX_HEADER_BYTES = 64 << 20  # a broken length prefix must not make the worker allocate gigabytes
 # numpy dtype <-> safetensors dtype name, for the arrays a prepared file holds
 _ST_DTYPES = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16",
@@ -72,9 +73,9 @@ def _check_finite(name: str, bits: np.ndarray) -> None:
 class PreparedWriter:
     """Writes a prepared file tensor by tensor: each :meth:`add` writes that tensor's arrays at once (in chunks of
     :data:`CHUNK_ELEMENTS`) and forgets them, so the writer's memory is bounded by what the caller holds -- one
-    decoded tensor. The header is written last, into space reserved before the data (``header_budget`` bytes,
-    padded with spaces); a header that outgrows it is placed by copying the data once (never expected: the budget
-    counts every tensor's name and parameters)."""
+    decoded tensor. The header is written last, into space reserved before the data (sized from every tensor's
+    name and the parameters' JSON length, padded with spaces); a header that outgrows it is placed by copying the
+    data once (not expected)."""
 
     def __init__(self, dest: str | Path, *, version: int, base: int, source: str = "",
                  names: Iterable[str] = (), params_chars: int = 0) -> None:

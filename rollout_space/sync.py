@@ -44,7 +44,7 @@ log = logging.getLogger("dws.rollout.sync")
 
 VERIFY_MODES = ("every", "anchors")
 DIGEST_CHUNK_BYTES = 64 << 20  # weights hashed per RPC after resume: bounds how long one engine step waits
-PREPARE_BUDGET = 1 << 22  # changed elements the worker prepares per RPC before the pause: same reason
+PREPARE_BUDGET = 1 << 20  # changed elements the worker prepares per RPC before the pause: same reason (~50-200 ms)
 
 
 @dataclass

@@ -433,6 +433,14 @@ def _prepared_compact(tmp_path, old_sd, new_sd, names, *, version, base, fname):
     return prepared, src
 
 
+def _at_served_version(server, state) -> None:
+    """Earlier tests may leave the engine at a version number other than `state.version` (the parts test serves
+    its bucket's v3); plans are made against the version the engine says it serves."""
+    served = server.rpc("dws_status")["version"]
+    if served is not None:
+        state.version = served
+
+
 def _prepare(server, path, budget=None) -> list[dict]:
     calls = []
     while True:
@@ -445,6 +453,7 @@ def _prepare(server, path, budget=None) -> list[dict]:
 def test_a_plan_made_before_the_pause_is_all_the_pause_does(server, state, tmp_path):
     """dws_prepare (in budgeted steps) checks the file and turns it into storage offsets + resolved bits in a plan
     file beside it; the pause then only writes and reads back -- bit-exact, and the plan is gone afterwards."""
+    _at_served_version(server, state)
     from rollout_space.prepared import PreparedReader
 
     _, new = make_delta(state.sd, DELTA_TENSORS, seed=80, frac=0.05, scale=0.02)
@@ -467,6 +476,7 @@ def test_a_plan_made_before_the_pause_is_all_the_pause_does(server, state, tmp_p
 def test_a_plan_is_never_used_for_another_file_or_other_weights(server, state, tmp_path):
     """A plan is keyed by the file it was made from (inode, size, mtime) and by the weights it was made against
     (no write since). A stale plan here would write wrong bits: the pause redoes the work instead."""
+    _at_served_version(server, state)
     import copy
 
     from shared.follower import apply_to_state
@@ -504,6 +514,7 @@ def test_a_file_refused_by_dws_prepare_changes_nothing(server, state, tmp_path, 
     """The worker's own checks before the pause: a prepared file that passed the gateway (which cannot know the
     served values a residual resolves against) but fails here is refused with a message, leaves no plan and no
     changed weight; applying it anyway is refused too."""
+    _at_served_version(server, state)
     import numpy as np
     from shared.codec import DecodedTensor
     from shared.formats import PatchFile, bits
@@ -532,3 +543,21 @@ def test_a_file_refused_by_dws_prepare_changes_nothing(server, state, tmp_path, 
                                                                "base": state.version})
         assert server.digest() == before
     assert server.rpc("dws_status")["consistent"] is True
+
+
+def test_an_unfinished_plan_is_not_continued_for_a_new_file_of_the_same_name(server, state, tmp_path):
+    """A sync that fails half-way through dws_prepare leaves an unfinished plan; the next sync reuses the prepared
+    file's name. Its preparation starts over from the new file: planned, and bit-exact with the new file."""
+    _at_served_version(server, state)
+    v = state.version
+    _, first = make_delta(state.sd, DELTA_TENSORS, seed=85, frac=0.05, scale=0.02)
+    _, second = make_delta(state.sd, DELTA_TENSORS, seed=86, frac=0.05, scale=0.02)
+    path, _ = _prepared_compact(tmp_path, state.sd, first, DELTA_TENSORS, version=v + 1, base=v, fname="000.st")
+    assert server.rpc("dws_prepare", str(path), "1000")["done"] is False  # abandoned half-way
+    time.sleep(0.01)
+    _prepared_compact(tmp_path, state.sd, second, DELTA_TENSORS, version=v + 1, base=v, fname="000.st")
+    _prepare(server, path, budget=1000)
+    server.update({"path": str(path), "kind": "delta", "version": v + 1, "base": v})
+    assert server.rpc("dws_status")["last"]["planned"] is True
+    assert server.digest() == digest_of(second)
+    state.sd, state.version = second, v + 1
