@@ -40,7 +40,7 @@ class SyncRecord(_Open):
     bytes: int = 0
     download_s: float = 0.0  # download + sha256 + decode + prepare, all before the pause
     decode_s: float = 0.0
-    prepare_s: float = 0.0  # worker-side base-context decode between engine steps (0 without such tensors)
+    prepare_s: float = 0.0  # the worker's plan (dws_prepare calls): checks, ctx decodes, residuals, offsets
     pause_s: float = 0.0  # pause -> resume, as the gateway sees it
     apply_s: float = 0.0  # the apply round trip inside the pause
     worker_apply_s: float = 0.0  # of which the worker's own validate + write + read-back
