@@ -5,8 +5,9 @@ vLLM keeps serving) and the worker (which prepares it against its weights betwee
 and inside the pause only writes). Before this file the worker re-read and re-decoded the original delta inside the
 pause -- the Rice/zstd decode of a 0.6B delta is seconds.
 
-Memory is bounded on both sides, never by the model or the file: the gateway writes the file *streaming*, one
-decoded tensor at a time (:class:`PreparedWriter`, fed by ``shared.formats.DeltaReader``), and the worker reads it
+Memory is bounded on both sides, never by the model or the file: the gateway writes the file *streaming*, each
+tensor decoded slice by slice straight into its place (:class:`PreparedWriter`, fed by
+``shared.formats.DeltaReader.streamed``: :data:`DECODE_SLICE` changed elements at a time), and the worker reads it
 with ``pread`` into buffers of one chunk (:class:`PreparedReader`) -- no memory map, so pages of the file never
 count as the replica's resident memory and are not kept in it.
 
@@ -44,6 +45,8 @@ MARK_VALUE = "2"  # 2: streamed, read with pread (1 was written whole and memory
 MODES = ("values", "residual", "context")
 CHUNK_ELEMENTS = 1 << 19  # changed elements handled at once: temporaries of a few MB (measured: 2M-element
 # chunks made the worker's plan step alone raise its peak RSS by ~90 MB at 0.6B)
+DECODE_SLICE = 1 << 16  # changed elements the gateway decodes at once into the file (<1 MB of temporaries;
+# measured on the 0.6B embedding's 7 M changed elements: peak +20 MB with 512 K-element slices, +7 MB with 64 K)
 MAX_HEADER_BYTES = 64 << 20  # a broken length prefix must not make the worker allocate gigabytes
 # numpy dtype <-> safetensors dtype name, for the arrays a prepared file holds
 _ST_DTYPES = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16",
@@ -73,9 +76,9 @@ def _check_finite(name: str, bits: np.ndarray) -> None:
 class PreparedWriter:
     """Writes a prepared file tensor by tensor: each :meth:`add` writes that tensor's arrays at once (in chunks of
     :data:`CHUNK_ELEMENTS`) and forgets them, so the writer's memory is bounded by what the caller holds -- one
-    decoded tensor. The header is written last, into space reserved before the data (sized from every tensor's
-    name and the parameters' JSON length, padded with spaces); a header that outgrows it is placed by copying the
-    data once (not expected)."""
+    decoded tensor, or for a `codec.StreamedTensor` one slice of :data:`DECODE_SLICE`. The header is written last,
+    into space reserved before the data (sized from every tensor's name and the parameters' JSON length, padded with
+    spaces); a header that outgrows it is placed by copying the data once (not expected)."""
 
     def __init__(self, dest: str | Path, *, version: int, base: int, source: str = "",
                  names: Iterable[str] = (), params_chars: int = 0) -> None:
@@ -128,8 +131,11 @@ class PreparedWriter:
                                 "encoding": t.encoding, "params": t.params, "numel": int(t.numel), "offset": offset}
             self.changed += int(t.count)
             return
-        pos = np.asarray(t.positions)
         idx_dtype = np.int32 if numel < 2**31 else np.int64
+        if hasattr(t, "chunks"):  # a codec.StreamedTensor: decoded here, one slice at a time
+            self._add_streamed(name, t, shape=shape, offset=offset, idx_dtype=np.dtype(idx_dtype))
+            return
+        pos = np.asarray(t.positions)
         self._array(f"{name}.positions", pos.reshape(-1),
                     convert=lambda p: (p.astype(np.int64) + offset if offset else p).astype(idx_dtype, copy=False))
         if t.values is not None:
@@ -142,6 +148,48 @@ class PreparedWriter:
             mode = "residual"
         self._info[name] = {"shape": list(shape), "mode": mode, "count": int(pos.size)}
         self.changed += int(pos.size)
+
+    def _add_streamed(self, name: str, t: Any, *, shape: tuple[int, ...], offset: int, idx_dtype: np.dtype) -> None:
+        """Decode `t` slice by slice (``t.chunks``) straight into its two arrays: both regions are reserved up front
+        from the count the header gives (positions first, then the payload), and each slice is written at its place
+        -- the writer never holds more than one slice (the whole decode of the 0.6B embedding held ~7 M int64
+        positions plus the decoder's temporaries: most of a sync's peak RSS in the gateway)."""
+        self._f.flush()  # the slices go to the file with pwrite: nothing may stay buffered behind them
+        n = int(t.count)
+        pos_at = self._pos
+        pay_at = pos_at + n * idx_dtype.itemsize
+        data0 = 8 + self._budget
+        mode, done = None, 0
+        for part in t.chunks(DECODE_SLICE):
+            k = part.count
+            if done + k > n:
+                raise FormatError(f"{name}: decodes to more than the {n} changed elements its header says")
+            pos = np.asarray(part.positions)
+            pos = (pos.astype(np.int64) + offset if offset else pos).astype(idx_dtype, copy=False)
+            part_mode = "values" if part.values is not None else "residual"
+            if mode is not None and part_mode != mode:
+                raise FormatError(f"{name}: mixes values and residuals")  # an encoding bug, never data
+            mode = part_mode
+            if mode == "values":
+                payload = np.asarray(part.values).view(np.uint16).reshape(-1)
+                _check_finite(name, payload)
+            else:
+                payload = np.asarray(part.residual).reshape(-1)
+            os.pwrite(self._f.fileno(), memoryview(np.ascontiguousarray(pos)).cast("B"),
+                      data0 + pos_at + done * idx_dtype.itemsize)
+            os.pwrite(self._f.fileno(), memoryview(np.ascontiguousarray(payload.view(np.int16))).cast("B"),
+                      data0 + pay_at + done * 2)
+            done += k
+        if done != n:
+            raise FormatError(f"{name}: decodes to {done} changed elements, its header says {n}")
+        mode = mode or "residual"
+        self._entries[f"{name}.positions"] = {"dtype": _ST_DTYPES[idx_dtype], "shape": [n],
+                                              "data_offsets": [pos_at, pay_at]}
+        self._entries[f"{name}.{mode}"] = {"dtype": "I16", "shape": [n], "data_offsets": [pay_at, pay_at + 2 * n]}
+        self._pos = pay_at + 2 * n
+        self._f.seek(data0 + self._pos)  # the next array is appended after this one's regions
+        self._info[name] = {"shape": list(shape), "mode": mode, "count": n}
+        self.changed += n
 
     # ---- finishing ---------------------------------------------------------------------------------------------
     def close(self) -> dict:
@@ -188,10 +236,14 @@ def write_stream(tensors: Iterable[tuple[str, Any]], dest: str | Path, *, versio
                  shapes: Mapping[str, tuple[int, ...]], source: str = "",
                  rows: Mapping[str, tuple[int, int]] | None = None,
                  full_shapes: Mapping[str, tuple[int, ...]] | None = None, params_chars: int = 0) -> dict:
-    """Write decoded delta tensors as they come (an iterator: e.g. ``shared.formats.DeltaReader``) -- at most one
-    of them in memory at a time. ``shapes``: every tensor's shape (known from the delta's header);
-    ``params_chars``: the length of the tensors' parameters as JSON (sizes the header's reserved space)."""
+    """Write delta tensors as they come (an iterator of decoded or `codec.StreamedTensor` tensors; a
+    ``shared.formats.DeltaReader`` is read through its ``streamed()``, so each tensor is decoded slice by slice into
+    the file) -- at most one tensor's encoded arrays and one slice in memory at a time. ``shapes``: every tensor's
+    shape (known from the delta's header); ``params_chars``: the length of the tensors' parameters as JSON (sizes
+    the header's reserved space)."""
     names = list(shapes)
+    if hasattr(tensors, "streamed"):  # a shared.formats.DeltaReader: decode each tensor slice by slice, in the writer
+        tensors = tensors.streamed()
     w = PreparedWriter(dest, version=version, base=base, source=source, names=names, params_chars=params_chars)
     try:
         for name, t in tensors:

@@ -54,8 +54,10 @@ GPU; only sparse ranks/positions reach the host), its uint16/int16 bit patterns 
 known from the header); call ``ctx.decode(base)`` -> `DecodedTensor` (validated, positions sorted) before applying,
 or ``formats.resolve_context(pf, {name: base})`` to decode all of a file's on a thread pool. A base that is not the
 delta's base is usually refused (FormatError: class sizes differ); when it is not, the weights digest after applying
-catches it. Decoding never writes: the caller applies, as for every other encoding. ``bf16_bits`` below is the one
-helper that views bf16 weights as uint16 bit patterns.
+catches it. Decoding never writes: the caller applies, as for every other encoding.
+Encodings that need no base decode in slices too (``decode_chunks``; `StreamedTensor`, what
+``formats.DeltaReader.streamed`` yields): a replica's gateway holds one slice of a tensor, never all of its positions.
+``bf16_bits`` below is the one helper that views bf16 weights as uint16 bit patterns.
 """
 
 from __future__ import annotations
@@ -199,6 +201,10 @@ def warm_up() -> float:
         dec = enc.decode(out.arrays, out.params, base.size, base_context=base)
         if not (np.array_equal(dec.positions, positions) and np.array_equal(dec.resolve(old_at), new_at)):
             raise AssertionError(f"{name} does not round-trip its warm-up tensor")  # a codec bug, never data
+        if name == "compact":  # the chunked decode's kernels too (a replica's gateway decodes compact slice by slice)
+            parts = list(StreamedTensor(name, out.arrays, out.params, base.size, positions.size).chunks(1000))
+            if not np.array_equal(np.concatenate([p.positions for p in parts]), positions):
+                raise AssertionError(f"{name}'s chunked decode differs from its warm-up tensor")
     return time.perf_counter() - t0
 
 
@@ -279,6 +285,54 @@ class ContextTensor:
         return get_encoding(self.encoding).decode(self.arrays, self.params, self.numel, base_context=base)
 
 
+DECODE_CHUNK = 1 << 19  # changed elements per slice of a chunked decode: int64 positions + residuals of ~5 MB
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor read but not yet decoded, decoded slice by slice: ``chunks()`` yields `DecodedTensor` slices of at
+    most `chunk` changed elements (positions ascending across slices, each slice either ``values`` or ``residual``)
+    whose concatenation is bit for bit what the encoding's whole ``decode`` returns. Memory is the encoded arrays
+    plus one slice, never int64 positions of the whole tensor: what lets a replica's gateway decode the largest
+    tensor of a model (the 0.6B tied embedding: ~7 M changed positions) without a tensor-sized peak. Encodings
+    without a ``decode_chunks`` are decoded whole and sliced. Errors (FormatError) may surface at any slice: a
+    consumer must not treat earlier slices as applied."""
+
+    encoding: str
+    arrays: dict[str, np.ndarray]
+    params: dict
+    numel: int
+    count: int  # changed elements, known before decoding; the slices hold exactly this many (checked)
+
+    needs_base_context = False
+
+    def chunks(self, chunk: int = DECODE_CHUNK):
+        enc = get_encoding(self.encoding)
+        if hasattr(enc, "decode_chunks"):
+            parts = enc.decode_chunks(self.arrays, self.params, self.numel, chunk=chunk)
+        else:
+            parts = _slices(enc.decode(self.arrays, self.params, self.numel), chunk)
+        got = 0
+        for part in parts:
+            got += part.count
+            if got > self.count:
+                break
+            yield part
+        if got != self.count:
+            raise FormatError(f"{self.encoding} delta tensor decodes to {got} elements, its header says {self.count}")
+
+    def decode(self) -> DecodedTensor:
+        """The whole tensor at once (what ``Encoding.decode`` returns)."""
+        return get_encoding(self.encoding).decode(self.arrays, self.params, self.numel)
+
+
+def _slices(dec: DecodedTensor, chunk: int):
+    for lo in range(0, dec.count, chunk):
+        yield DecodedTensor(positions=dec.positions[lo:lo + chunk],
+                            values=None if dec.values is None else dec.values[lo:lo + chunk],
+                            residual=None if dec.residual is None else dec.residual[lo:lo + chunk])
+
+
 ENCODINGS: dict[str, Encoding] = {}
 
 
@@ -332,6 +386,21 @@ class RawEncoding:
         positions = idx.astype(np.int64)
         check_positions(positions, numel)
         return DecodedTensor(positions=positions, values=vals)
+
+    def decode_chunks(self, arrays, params, numel, *, chunk=DECODE_CHUNK, base_context=None):
+        """`decode` in slices of `chunk`: positions widened to int64 one slice at a time."""
+        idx, vals = arrays.get("indices"), arrays.get("values")
+        if idx is None or vals is None or idx.dtype not in (np.int32, np.int64) or vals.dtype != np.uint16 \
+                or idx.shape != vals.shape or idx.ndim != 1:
+            self.decode(arrays, params, numel)  # raises the whole decode's FormatError for the same input
+        prev = -1
+        for lo in range(0, idx.size, chunk):
+            positions = idx[lo:lo + chunk].astype(np.int64)
+            check_positions(positions, numel)
+            if int(positions[0]) <= prev:
+                raise FormatError("positions must be strictly increasing")
+            prev = int(positions[-1])
+            yield DecodedTensor(positions=positions, values=vals[lo:lo + chunk])
 
 
 def _kernels():
@@ -416,7 +485,9 @@ class CompactEncoding:
         return EncodedTensor({"": blob}, {"n": int(positions.size), "k": k, "u": int(unary.size), "r": int(rem.size),
                                           "w": width})
 
-    def decode(self, arrays, params, numel, *, base_context=None):
+    @staticmethod
+    def _layout(arrays, params, numel) -> tuple[np.ndarray, int, int, int, int, int]:
+        """(payload, n, k, unary bytes, remainder bytes, extra width), checked against the payload's size."""
         try:
             blob = arrays[""]
             n, k, ulen, rlen, width = (int(params[x]) for x in ("n", "k", "u", "r", "w"))
@@ -428,27 +499,62 @@ class CompactEncoding:
         if not (0 <= n <= numel and 0 <= k <= _MAX_K and width in (1, 2) and 0 <= ulen and 0 <= rlen
                 and ulen + rlen + nbytes <= blob.size):
             raise FormatError(f"compact delta parameters out of range: n={n} k={k} u={ulen} r={rlen} w={width}")
-        positions = rice_positions(blob[:ulen], blob[ulen: ulen + rlen], n, k, numel, what="positions")
-        negative = np.unpackbits(blob[ulen + rlen: ulen + rlen + nbytes])[:n].astype(bool)
+        return blob, n, k, ulen, rlen, width
+
+    def decode(self, arrays, params, numel, *, base_context=None):
+        """The whole tensor: `decode_chunks` in one slice (one int64 position array, no gap array or temporaries)."""
+        n = int(params.get("n", 0)) if isinstance(params, dict) and str(params.get("n", "")).isdigit() else 0
+        for part in self.decode_chunks(arrays, params, numel, chunk=max(n, 1)):
+            return part
+        return DecodedTensor(positions=np.zeros(0, np.int64), residual=np.zeros(0, np.int16))
+
+    def decode_chunks(self, arrays, params, numel, *, chunk=DECODE_CHUNK, base_context=None):
+        """`decode` in slices of `chunk` changed elements, bit for bit the same: the Rice gap stream and the residual
+        streams are sequential, so each slice resumes where the last one stopped (`codec_kernels`). Memory: the
+        decompressed residual tail (a bit per element + the few extra magnitudes) and one slice (10 bytes per
+        element) -- the numpy decode this replaced held int64 gaps + positions + int32 temporaries, ~40 bytes per
+        changed element of the whole tensor. The residual streams are checked whole before the first slice; a bad
+        position surfaces at its slice."""
+        blob, n, k, ulen, rlen, width = self._layout(arrays, params, numel)
+        K = _kernels()
+        nbytes = (n + 7) // 8
+        unary = np.ascontiguousarray(blob[:ulen])
+        rem = np.ascontiguousarray(blob[ulen: ulen + rlen])
+        signs = np.ascontiguousarray(blob[ulen + rlen: ulen + rlen + nbytes])
+        if k and rem.size * 8 < n * k:
+            raise FormatError(f"remainder stream too short: {rem.size * 8} bits for {n}x{k}")
         try:
-            # max_output_size bounds memory against a hostile frame that claims a huge size.
             tail = zstandard.ZstdDecompressor().decompress(blob[ulen + rlen + nbytes:].tobytes(),
                                                            max_output_size=nbytes + n * width)
         except zstandard.ZstdError as exc:
             raise FormatError(f"compact delta residuals do not decompress: {exc}") from None
         if len(tail) < nbytes:
             raise FormatError("compact delta residual stream is truncated")
-        big = np.unpackbits(np.frombuffer(tail[:nbytes], dtype=np.uint8))[:n].astype(bool)
-        n_big = int(big.sum())
-        extra_bytes = np.frombuffer(tail[nbytes:], dtype=np.uint8)
-        if extra_bytes.size != n_big * width:
-            raise FormatError(f"compact delta holds {extra_bytes.size} residual bytes, expected {n_big * width}")
-        extra = extra_bytes.astype(np.int32) if width == 1 else \
-            extra_bytes.reshape(2, n_big).T.copy().view(np.uint16).reshape(-1).astype(np.int32)
-        mag = np.ones(n, dtype=np.int32)
-        mag[big] = extra + 2
-        residual = np.where(negative, -mag, mag).astype(np.int16)
-        return DecodedTensor(positions=positions, residual=residual)
+        tail = np.frombuffer(tail, dtype=np.uint8)
+        big, extra = tail[:nbytes], tail[nbytes:]
+        # Bits past n in the bitmap's last byte are padding: the whole decode ignores them, so must the count.
+        n_big = int(np.bitwise_count(big[: n // 8]).sum())
+        if n % 8:
+            n_big += int(np.bitwise_count(big[n // 8] >> (8 - n % 8)))
+        if extra.size != n_big * width:
+            raise FormatError(f"compact delta holds {extra.size} residual bytes, expected {n_big * width}")
+        if n == 0:
+            return
+        ubit, prev, j = 0, -1, 0
+        for lo in range(0, n, chunk):
+            count = min(chunk, n - lo)
+            positions = np.empty(count, np.int64)
+            status, ubit, prev = K.rice_positions_chunk(unary, rem, k, K._CLZ8, lo, count, ubit, prev, numel,
+                                                        positions)
+            if status == -1:
+                raise FormatError(f"position stream holds fewer than the {n} entries the header says")
+            if status == -3:
+                raise FormatError("position stream holds a gap wider than 62 bits")
+            if status != 0:
+                raise FormatError(f"positions out of range for {numel} elements")
+            residual = np.empty(count, np.int16)
+            j = K.compact_residuals(signs, big, extra, n_big, width, lo, count, j, residual.view(np.uint16))
+            yield DecodedTensor(positions=positions, residual=residual)
 
 
 # ----------------------------------------------------------------------------------------------------------- ctx

@@ -477,3 +477,88 @@ def symbols_to_residuals(sym, packed):
             m = np.int64(b)
         out[i] = np.int16(-m if sym[i] & 1 else m)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- chunked decode
+@njit(nogil=True, cache=True)
+def rice_positions_chunk(unary, rem, k, clz8, i0, count, ubit, prev, limit, out):
+    """Entries i0 .. i0+count-1 of a Rice gap stream as positions, resumable: `ubit` is where entry i0's unary
+    quotient starts, `prev` the position before it (-1 at the start); entry i's k-bit remainder starts at bit i*k
+    (fixed width). Writes out[:count] and returns (status, next ubit, last position); status 0, or -1 when the
+    unary stream ends early, -3 when a gap would not fit 62 bits, -4 when a position reaches `limit` -- the same
+    checks, in the same order of entries, as `rice_decode` + `gaps_to_positions` (the caller checks the remainder
+    stream's length, -2, before the first chunk)."""
+    nbits = unary.size * 8
+    bit = ubit
+    for t in range(count):
+        q = 0
+        while True:
+            if bit >= nbits:
+                return -1, bit, prev
+            off = bit & 7
+            rest = (np.int64(unary[bit >> 3]) << off) & 0xFF
+            if rest == 0:
+                q += 8 - off
+                bit += 8 - off
+            else:
+                z = clz8[rest]
+                q += z
+                bit += z + 1
+                break
+        if k and q >= (np.int64(1) << (62 - k)):
+            return -3, bit, prev
+        out[t] = q << k
+    if k and count > 0:
+        rbit = i0 * k
+        if k <= 48:  # the accumulator holds at most 7 spare bits + k < 63
+            mask = (np.int64(1) << k) - 1
+            o = rbit >> 3
+            nacc = 8 - (rbit & 7)
+            acc = np.int64(rem[o]) & ((np.int64(1) << nacc) - 1)
+            o += 1
+            for t in range(count):
+                while nacc < k:
+                    acc = (acc << 8) | rem[o]
+                    o += 1
+                    nacc += 8
+                nacc -= k
+                out[t] |= (acc >> nacc) & mask
+                acc &= (np.int64(1) << nacc) - 1
+        else:
+            for t in range(count):
+                r = np.int64(0)
+                for _ in range(k):
+                    r = (r << 1) | ((rem[rbit >> 3] >> (7 - (rbit & 7))) & 1)
+                    rbit += 1
+                out[t] |= r
+    p = prev
+    for t in range(count):
+        g = out[t]
+        if g < 0 or g >= limit or p + g + 1 >= limit:
+            return -4, bit, p
+        p += g + 1
+        out[t] = p
+    return 0, bit, p
+
+
+@njit(nogil=True, cache=True)
+def compact_residuals(signs, big, extra, n_big, width, i0, count, j, out):
+    """Residuals i0 .. i0+count-1 of a compact tensor into `out` (uint16 view of the int16 residuals): sign bit i
+    of `signs`, "moved more than one ulp" bit i of `big` (both packed MSB first), and for those the next extra
+    magnitude ``|r| - 2`` -- entry j of `extra` (width 1), or low byte ``extra[j]`` and high byte
+    ``extra[n_big + j]`` (width 2: two byte planes). Returns the next j, or -1 when `extra` runs out."""
+    for t in range(count):
+        i = i0 + t
+        shift = 7 - (i & 7)
+        neg = (signs[i >> 3] >> shift) & 1
+        if (big[i >> 3] >> shift) & 1:
+            if j >= n_big:
+                return -1
+            m = np.int64(extra[j]) + 2
+            if width == 2:
+                m += np.int64(extra[n_big + j]) << 8
+            j += 1
+        else:
+            m = np.int64(1)
+        out[t] = ((m ^ -neg) + neg) & 0xFFFF  # -m when negative, wrapping to 16 bits as the encoder's int16 view
+    return j

@@ -35,8 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
-from shared.codec import ContextTensor, DecodedTensor, EncodedTensor, bf16_bits, bf16_from_bits, check_positions, \
-    diff_bits, get_encoding
+from shared.codec import ContextTensor, DecodedTensor, EncodedTensor, StreamedTensor, bf16_bits, bf16_from_bits, \
+    check_positions, diff_bits, get_encoding
 from shared.errors import FormatError
 
 DELTA_FORMAT = "dws-delta"
@@ -269,12 +269,64 @@ def _kind_of(meta: Mapping[str, str]) -> str:
     return kind
 
 
+_ST_NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "BOOL": np.bool_,
+             "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32,
+             "U64": np.uint64, "I64": np.int64}  # safetensors dtype -> numpy (bf16 as its uint16 bit patterns)
+
+
+class _PreadArrays:
+    """A safetensors file's arrays read with ``pread`` into fresh numpy buffers (bf16 as uint16 bit patterns). Not
+    ``safe_open(...).get_tensor``: that reads through a memory map, and every page read stays mapped -- counted in
+    the process's resident memory -- until the file is closed, so reading a delta tensor by tensor still left the
+    whole file resident (28 MB per 0.6B delta, most of what remained of the gateway's peak per sync). The header was
+    already checked by ``safe_open``."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(str(path), os.O_RDONLY)
+        try:
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            header = json.loads(os.pread(self._fd, n, 8))
+            header.pop("__metadata__", None)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            self.close()
+            raise FormatError(f"{path.name}: unreadable safetensors header") from None
+        self._start, self._entries, self._name = 8 + n, header, path.name
+
+    def dtype(self, key: str) -> str:
+        return str(self._entries[key].get("dtype"))
+
+    def get(self, key: str) -> np.ndarray:
+        e = self._entries[key]
+        dtype = _ST_NUMPY.get(e.get("dtype"))
+        if dtype is None:
+            raise FormatError(f"{self._name}: {key} has an unsupported dtype {e.get('dtype')!r}")
+        shape = tuple(int(s) for s in e["shape"])
+        lo, hi = (int(x) for x in e["data_offsets"])
+        out = np.empty(int(np.prod(shape)), dtype)
+        view = memoryview(out).cast("B")
+        if len(view) != hi - lo:
+            raise FormatError(f"{self._name}: {key} holds {hi - lo} bytes for shape {shape}")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self._start + lo + done)
+            if got <= 0:
+                raise FormatError(f"{self._name}: truncated inside {key!r}")
+            done += got
+        return out.reshape(shape)
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+
 class DeltaReader:
     """A delta file (dws or TRL layout) decoded one tensor at a time: ``header`` (a PatchFile with the version,
     base, encoding and every tensor's shape, and no tensors) is read and checked on opening; iterating yields
     ``(name, DecodedTensor | ContextTensor)`` in the file's order, each decoded only when reached -- a replica's
-    memory for decoding is bounded by one tensor, not by the file. Raises FormatError for anything malformed (an
-    error in a later tensor surfaces during iteration: consumers must not treat earlier tensors as applied)."""
+    memory for decoding is bounded by one tensor, not by the file; ``streamed()`` yields them undecoded, to be
+    decoded slice by slice (bounded by one slice). Raises FormatError for anything malformed (an error in a later
+    tensor surfaces during iteration: consumers must not treat earlier tensors as applied)."""
 
     def __init__(self, path: str | Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
                  base: int | None = None, allow_unknown_shapes: bool = False,
@@ -286,17 +338,18 @@ class DeltaReader:
             raise FormatError(f"{self.path.name}: unknown dws_kind {kind!r}" if kind != "anchor" else
                               f"{self.path.name}: an anchor, not a delta")
         try:
-            self._f = safe_open(str(self.path), framework="pt")
+            self._f = safe_open(str(self.path), framework="pt")  # checks the header; arrays are read by _arrays
             self._keys = list(self._f.keys())
         except SafetensorError as exc:
             raise FormatError(f"{self.path.name}: unreadable safetensors file ({exc})") from None
+        self._arrays = _PreadArrays(self.path)
         if meta.get("format") == DELTA_FORMAT:
             self.header, self._plan = _dws_delta_header(meta, self.path)
-            self._decode = self._decode_dws
+            self._decode, self._trl = self._decode_dws, False
         else:
             self.header, self._plan = _trl_delta_header(self._keys, meta, self.path, shapes, base,
                                                         allow_unknown_shapes)
-            self._decode = self._decode_trl
+            self._decode, self._trl = self._decode_trl, True
 
     def __enter__(self) -> "DeltaReader":
         return self
@@ -308,6 +361,9 @@ class DeltaReader:
         f, self._f = getattr(self, "_f", None), None
         if f is not None and hasattr(f, "__exit__"):
             f.__exit__(None, None, None)
+        arrays, self._arrays = getattr(self, "_arrays", None), None
+        if arrays is not None:
+            arrays.close()
 
     def __iter__(self):
         try:
@@ -316,26 +372,62 @@ class DeltaReader:
         except SafetensorError as exc:
             raise FormatError(f"{self.path.name}: unreadable safetensors file ({exc})") from None
 
-    def _decode_dws(self, name: str, spec):
+    def streamed(self):
+        """Like iterating, but each tensor that does not need its base comes as a `codec.StreamedTensor`: read, not
+        decoded, and decoded slice by slice by whoever consumes it (e.g. a replica writing its prepared file) -- so
+        a replica's memory for decoding is bounded by one slice plus one tensor's *encoded* arrays, not by one
+        tensor's decoded positions (int64: 8 bytes per changed element, before the decoder's temporaries)."""
+        try:
+            for name, spec in self._plan.items():
+                yield name, self._read(name, spec)
+        except SafetensorError as exc:
+            raise FormatError(f"{self.path.name}: unreadable safetensors file ({exc})") from None
+
+    def _read(self, name: str, spec):
+        if self._trl:
+            numel = int(np.prod(spec))
+            arrays = self._trl_arrays(name)
+            return StreamedTensor("raw", arrays, {}, numel, int(arrays["indices"].size))
         shape, params, enc = spec
+        arrays = self._dws_arrays(name)
+        numel = int(np.prod(shape))
+        if enc.needs_base_context:
+            return ContextTensor(enc.name, arrays, params, numel)
+        if enc.name == "raw":
+            count = int(arrays["indices"].size) if "indices" in arrays else 0
+        else:
+            try:
+                count = int(params["n"])
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{self.path.name}: {name} lacks its element count") from None
+        return StreamedTensor(enc.name, arrays, params, numel, count)
+
+    def _dws_arrays(self, name: str) -> dict[str, np.ndarray]:
         arrays = {}
         for key in self._keys:
             if key == name or (key.startswith(name + ".") and "." not in key[len(name) + 1:]):
                 suffix = key[len(name) + 1:] if key != name else ""
-                t = self._f.get_tensor(key)
-                arrays[suffix] = bits(t) if t.dtype == torch.bfloat16 else t.numpy()
+                arrays[suffix] = self._arrays.get(key)
+        return arrays
+
+    def _trl_arrays(self, name: str) -> dict[str, np.ndarray]:
+        got = self._arrays.dtype(f"{name}.values")
+        if got != "BF16":
+            raise FormatError(f"{self.path.name}: {name}.values must be bf16, got {got}")
+        return {"indices": self._arrays.get(f"{name}.indices").reshape(-1),
+                "values": self._arrays.get(f"{name}.values").reshape(-1)}
+
+    def _decode_dws(self, name: str, spec):
+        shape, params, enc = spec
+        arrays = self._dws_arrays(name)
         numel = int(np.prod(shape))
         # A tensor coded against its base's context decodes once the caller supplies that base (resolve_context).
         return ContextTensor(enc.name, arrays, params, numel) if enc.needs_base_context else \
             enc.decode(arrays, params, numel)
 
     def _decode_trl(self, name: str, shape):
-        idx = self._f.get_tensor(f"{name}.indices")
-        val = self._f.get_tensor(f"{name}.values")
-        if val.dtype != torch.bfloat16:
-            raise FormatError(f"{self.path.name}: {name}.values must be bf16, got {val.dtype}")
         numel = int(np.prod(shape))
-        arrays = {"indices": idx.reshape(-1).numpy(), "values": bits(val).reshape(-1)}
+        arrays = self._trl_arrays(name)
         dec = get_encoding("raw").decode(arrays, {}, numel)
         # TRL writes positions in the order torch.nonzero returns them (sorted); re-check anyway.
         check_positions(dec.positions, numel)

@@ -374,3 +374,73 @@ def test_killed_gateway_leaves_no_vllm_behind(world):
     while time.time() < deadline and group_members(vllm_pid):
         time.sleep(0.5)
     assert group_members(vllm_pid) == [], "vLLM's engine-core/worker processes outlived the gateway"
+
+
+# ------------------------------------------------------------------ the gateway's prepare step (no vLLM needed)
+def _prepared_contents(path: Path) -> tuple[dict, dict]:
+    from rollout_space.prepared import PreparedReader
+
+    with PreparedReader(path) as r:
+        arrays = {k: (r.read(k).dtype.str, r.read(k).tobytes()) for k in r._arrays}
+        return {n: (t.shape, t.mode, t.count, t.encoding, t.params, t.offset) for n, t in r.tensors.items()}, arrays
+
+
+@pytest.mark.parametrize("encoding", ["compact", "raw", "ctx", "trl"])
+def test_streamed_prepare_writes_what_the_whole_decode_writes(tmp_path, encoding):
+    """The gateway decodes each tensor slice by slice into the prepared file (`DeltaReader.streamed` ->
+    `write_stream`); the file must hold exactly what decoding the delta whole writes -- across the writer's slice
+    boundaries (1.3 M changed elements: 21 slices of 64 K) and for every encoding, TRL's layout included."""
+    import numpy as np
+
+    from rollout_space.prepared import write_prepared, write_stream
+    from shared.formats import DeltaReader, read_patch_file
+
+    rng = np.random.default_rng(5)
+    shapes = {"big.weight": (3000, 1000), "small.weight": (64, 8)}
+    changes, tensors, names = {}, {}, []
+    for name, shape in shapes.items():
+        numel = int(np.prod(shape))
+        base = rng.integers(0x3000, 0x3C00, numel, dtype=np.uint16)
+        pos = np.flatnonzero(rng.random(numel) < (0.45 if name == "big.weight" else 0.3)).astype(np.int64)
+        new_at = base[pos] + rng.choice(np.array([1, 65535, 3, 700], np.uint16), pos.size, p=[.5, .45, .04, .01])
+        changes[name] = TensorChange(shape, pos, new_at, base[pos], base=base)
+        tensors[f"{name}.indices"] = torch.from_numpy(pos.astype(np.int32))
+        tensors[f"{name}.values"] = torch.from_numpy(new_at.astype(np.uint16).view(np.int16)).view(torch.bfloat16)
+        names.append(name)
+    path = tmp_path / "d.safetensors"
+    if encoding == "trl":
+        path.write_bytes(save(tensors, metadata={"sparse": "True", "model_version": "8",
+                                                 "changed_params": json.dumps(names)}))
+    else:
+        path.write_bytes(encode_delta(changes, version=8, base=7, total=3_000_512, encoding=encoding))
+    whole = write_prepared(read_patch_file(path, shapes=shapes, base=7), tmp_path / "whole.safetensors")
+    with DeltaReader(path, shapes=shapes, base=7) as r:
+        streamed = write_stream(r, tmp_path / "streamed.safetensors", version=r.header.version,
+                                base=r.header.base, shapes=r.header.shapes,
+                                params_chars=len(r.header.metadata.get("tensors", "")))
+    assert whole["changed"] == streamed["changed"] == sum(c.positions.size for c in changes.values()) > 1 << 20
+    info_w, arrays_w = _prepared_contents(tmp_path / "whole.safetensors")
+    info_s, arrays_s = _prepared_contents(tmp_path / "streamed.safetensors")
+    assert info_s == info_w and arrays_s == arrays_w
+    if encoding != "ctx":
+        assert {m for _, m, *_ in info_s.values()} == {"values" if encoding in ("raw", "trl") else "residual"}
+
+
+def test_streamed_prepare_refuses_a_nan_and_leaves_no_file(tmp_path):
+    import numpy as np
+
+    from rollout_space.prepared import write_stream
+    from shared.errors import FormatError
+    from shared.formats import DeltaReader
+
+    numel = 2_000_000
+    pos = np.arange(0, numel, 2, dtype=np.int64)
+    new_at = np.full(pos.size, 0x3F80, np.uint16)
+    new_at[-3] = 0x7FC0  # a NaN in the last slice: earlier slices were already written
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(encode_delta({"w": TensorChange((numel,), pos, new_at, np.zeros(pos.size, np.uint16))},
+                                  version=2, base=1, total=numel, encoding="raw"))
+    dest = tmp_path / "p.safetensors"
+    with DeltaReader(path) as r, pytest.raises(FormatError, match="NaN"):
+        write_stream(r, dest, version=2, base=1, shapes=r.header.shapes)
+    assert not dest.exists()

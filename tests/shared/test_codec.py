@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.codec import ENCODINGS, get_encoding, rice_decode, rice_encode
+from shared.codec import ENCODINGS, StreamedTensor, get_encoding, rice_decode, rice_encode
 from shared.errors import FormatError
 from shared.formats import TensorChange, bits, encode_delta, read_patch_file
 
@@ -153,3 +153,64 @@ def test_compact_size_lower_bound_holds(case):
     enc = get_encoding("compact")
     out = enc.encode(positions, new[positions], base[positions], numel)
     assert enc.size_lower_bound(positions, numel) <= out.arrays[""].nbytes
+
+
+@pytest.mark.parametrize("encoding", ["compact", "raw"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=tensor_changes(), chunk=st.sampled_from([1, 2, 3, 7, 8, 9, 64, 1000, 1 << 19]))
+def test_chunked_decode_equals_whole_decode_bit_for_bit(encoding, case, chunk):
+    """A replica's gateway decodes slice by slice (StreamedTensor.chunks): every slice boundary -- inside a packed
+    byte of the sign/bitmap streams, inside a remainder, after a run of wide residuals -- must resume exactly."""
+    shape, base, new, positions = case
+    numel = int(np.prod(shape))
+    enc = get_encoding(encoding)
+    out = enc.encode(positions, new[positions], base[positions], numel)
+    whole = enc.decode(out.arrays, out.params, numel)
+    parts = list(StreamedTensor(encoding, out.arrays, out.params, numel, positions.size).chunks(chunk))
+    assert all(0 < p.count <= chunk for p in parts)
+    assert sum(p.count for p in parts) == positions.size
+    if not parts:
+        return
+    got_pos = np.concatenate([p.positions for p in parts])
+    assert got_pos.dtype == np.int64 and np.array_equal(got_pos, whole.positions)
+    assert np.array_equal(got_pos, positions)
+    field = "residual" if whole.needs_base else "values"
+    got = np.concatenate([getattr(p, field) for p in parts])
+    assert got.dtype == getattr(whole, field).dtype and np.array_equal(got, getattr(whole, field))
+    assert np.array_equal(parts[0].resolve(base[parts[0].positions]) if whole.needs_base else parts[0].values,
+                          new[parts[0].positions])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_compact_decode_with_wide_gaps(chunk):
+    # Rice parameters above 48 take the kernel's bit-by-bit remainder path; positions near 2**52 (numel is an int:
+    # nothing of that size is allocated).
+    numel = 1 << 53
+    positions = np.array([3, 1 << 50, (1 << 50) + 1, 1 << 51, (1 << 52) + 12345, numel - 1], np.int64)
+    enc = get_encoding("compact")
+    out = enc.encode(positions, np.full(6, 2, np.uint16), np.ones(6, np.uint16), numel)
+    assert out.params["k"] > 48
+    parts = list(StreamedTensor("compact", out.arrays, out.params, numel, 6).chunks(chunk))
+    assert np.array_equal(np.concatenate([p.positions for p in parts]), positions)
+    assert np.array_equal(enc.decode(out.arrays, out.params, numel).positions, positions)
+
+
+def test_chunked_decode_refuses_what_the_whole_decode_refuses():
+    enc = get_encoding("compact")
+    pos = np.arange(0, 5000, 3)
+    out = enc.encode(pos, np.ones(pos.size, np.uint16), np.zeros(pos.size, np.uint16), 5000)
+    bad = {"": out.arrays[""][:-5]}
+    with pytest.raises(FormatError):
+        list(StreamedTensor("compact", bad, out.params, 5000, pos.size).chunks(100))
+    with pytest.raises(FormatError, match="out of range"):  # the last slice's position no longer fits
+        list(StreamedTensor("compact", out.arrays, out.params, 4998, pos.size).chunks(100))
+    with pytest.raises(FormatError, match="header says"):  # a count that does not match the stream
+        list(StreamedTensor("compact", out.arrays, out.params, 5000, pos.size + 1).chunks(100))
+    raw = get_encoding("raw").encode(pos, np.ones(pos.size, np.uint16), None, 5000)
+    unsorted = dict(raw.arrays, indices=raw.arrays["indices"][::-1].copy())
+    with pytest.raises(FormatError, match="increasing"):
+        list(StreamedTensor("raw", unsorted, {}, 5000, pos.size).chunks(100))
+    swapped = dict(raw.arrays, indices=np.concatenate([raw.arrays["indices"][100:200], raw.arrays["indices"][:100]]),
+                   values=raw.arrays["values"][:200])
+    with pytest.raises(FormatError, match="increasing"):  # each slice sorted, the boundary not
+        list(StreamedTensor("raw", swapped, {}, 5000, 200).chunks(100))
