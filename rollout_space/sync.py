@@ -5,8 +5,8 @@ Owns the order of a sync and what the replica claims. A version is an ordered li
 1. read the manifest (cheap etag check) and plan the shortest verified path from the served version;
 2. download every file and check its sha256 (shared/follower.py), then, file by file, decode and validate it
    against the model identity and write it as a *prepared* file (rollout_space/prepared.py): the form the worker
-   writes directly -- all while vLLM keeps serving; a delta is decoded and written one tensor at a time, so the
-   gateway's memory is bounded by one tensor;
+   writes directly -- all while vLLM keeps serving; a delta is decoded and written tensor by tensor, slice by
+   slice, so the gateway's memory is bounded by one tensor's encoded bytes and one slice;
 3. every file of the first version is turned by the worker into its *plan* (``dws_prepare``, in budgeted RPCs that
    vLLM runs between engine steps): every position and value checked, base-context tensors decoded and residuals
    resolved against the served weights, storage offsets computed -- still before the pause;
@@ -310,8 +310,9 @@ class Syncer:
 
     @staticmethod
     def _stream_delta(vf, m: Manifest, dest: Path) -> dict:
-        """Decode one tensor at a time into the prepared file: the gateway's memory is bounded by one tensor's
-        decode, not by the file. The header is checked against the manifest entry and model identity first."""
+        """Decode into the prepared file tensor by tensor, slice by slice (`write_stream` reads the DeltaReader
+        through `streamed()`): the gateway's memory is bounded by one tensor's encoded bytes and one decoded slice,
+        not by the file. The header is checked against the manifest entry and model identity first."""
         shapes = m.model.shapes if m.model else None
         with DeltaReader(vf.path, shapes=shapes, base=vf.entry.base) as r:
             validate_patch(r.header, vf.entry, shapes)
