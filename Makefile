@@ -58,10 +58,13 @@ demo: venvs
 	@$(VENV)/trainer/bin/python -m dws_tools.demo --dir $(DEMO_DIR) $(if $(BUCKET),--bucket $(BUCKET)) $(if $(MODEL),--model $(MODEL)) $(DEMO_FLAGS)
 
 # Payload/encode/decode on a Qwen3-0.6B-shaped model (trainer venv), then the replica half: pause, apply, latency
-# and memory through a real gateway + vLLM (rollout venv), 41.6 M and 0.6B-shaped models side by side.
+# and memory through a real gateway + vLLM (rollout venv), 41.6 M and 0.6B-shaped models side by side; then the
+# sharded publisher at 1 vs 2 ranks and its restarts (bench/sharded*.json).
 bench: venv-trainer venv-rollout
 	@$(VENV)/trainer/bin/python bench/run.py $(BENCH_FLAGS)
 	@$(VENV)/rollout/bin/python bench/replica.py --sizes small,0.6b --out-dir bench
+	@$(VENV)/trainer/bin/python bench/sharded.py
+	@$(VENV)/trainer/bin/python bench/sharded.py --restart
 
 # The bucket and the three Hugging Face Spaces under a namespace (dws_tools/spaces.py); needs HF_TOKEN unless
 # SPACES_FLAGS holds --dry-run. Example: make spaces SPACES_FLAGS="--namespace me --replicas 2 --dry-run"
