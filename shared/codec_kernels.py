@@ -351,16 +351,15 @@ def rice_encode(gaps, k):
 
 
 @njit(nogil=True, cache=True)
-def rice_decode(unary, rem, n, k, clz8, gaps):
-    """Inverse of `rice_encode` into `gaps` (int64, n long). Returns 0, or -1 when the unary stream holds fewer than
-    n entries, -2 when the remainder stream is shorter than n*k bits, -3 when a gap would not fit 62 bits."""
+def _unary_quotients(unary, clz8, bit, k, count, out):
+    """Reads `count` unary quotients (q zeros then a one) from bit `bit` on, writing out[t] = q << k. Returns
+    (status, next bit): status 0, -1 when the stream ends early, -3 when a gap would not fit 62 bits."""
     nbits = unary.size * 8
-    bit = 0
-    for i in range(n):
+    for t in range(count):
         q = 0
         while True:
             if bit >= nbits:
-                return -1
+                return -1, bit
             off = bit & 7
             rest = (np.int64(unary[bit >> 3]) << off) & 0xFF
             if rest == 0:
@@ -372,30 +371,49 @@ def rice_decode(unary, rem, n, k, clz8, gaps):
                 bit += z + 1
                 break
         if k and q >= (np.int64(1) << (62 - k)):
-            return -3
-        gaps[i] = q << k
-    if k == 0:
-        return 0
-    if rem.size * 8 < n * k:
-        return -2
-    if k <= 56:  # at most 7 spare bits + k in the accumulator
+            return -3, bit
+        out[t] = q << k
+    return 0, bit
+
+
+@njit(nogil=True, cache=True)
+def _or_remainders(rem, rbit, k, count, out):
+    """ORs `count` fixed-width k-bit remainders (MSB first), the first at bit `rbit` of `rem`, into out[:count]."""
+    if k <= 48:  # the accumulator holds at most 7 spare bits + k < 63
         mask = (np.int64(1) << k) - 1
-        acc, nacc, o = np.int64(0), 0, 0
-        for i in range(n):
+        o = rbit >> 3
+        nacc = 8 - (rbit & 7)
+        acc = np.int64(rem[o]) & ((np.int64(1) << nacc) - 1)
+        o += 1
+        for t in range(count):
             while nacc < k:
-                acc = ((acc << 8) | rem[o]) & ((np.int64(1) << 62) - 1)
+                acc = (acc << 8) | rem[o]
                 o += 1
                 nacc += 8
             nacc -= k
-            gaps[i] |= (acc >> nacc) & mask
+            out[t] |= (acc >> nacc) & mask
+            acc &= (np.int64(1) << nacc) - 1
+    else:
+        for t in range(count):
+            r = np.int64(0)
+            for _ in range(k):
+                r = (r << 1) | ((rem[rbit >> 3] >> (7 - (rbit & 7))) & 1)
+                rbit += 1
+            out[t] |= r
+
+
+@njit(nogil=True, cache=True)
+def rice_decode(unary, rem, n, k, clz8, gaps):
+    """Inverse of `rice_encode` into `gaps` (int64, n long). Returns 0, or -1 when the unary stream holds fewer than
+    n entries, -2 when the remainder stream is shorter than n*k bits, -3 when a gap would not fit 62 bits."""
+    status, _ = _unary_quotients(unary, clz8, 0, k, n, gaps)
+    if status != 0:
+        return status
+    if k == 0 or n == 0:
         return 0
-    bit = 0
-    for i in range(n):
-        r = np.int64(0)
-        for _ in range(k):
-            r = (r << 1) | ((rem[bit >> 3] >> (7 - (bit & 7))) & 1)
-            bit += 1
-        gaps[i] |= r
+    if rem.size * 8 < n * k:
+        return -2
+    _or_remainders(rem, 0, k, n, gaps)
     return 0
 
 
@@ -488,49 +506,11 @@ def rice_positions_chunk(unary, rem, k, clz8, i0, count, ubit, prev, limit, out)
     unary stream ends early, -3 when a gap would not fit 62 bits, -4 when a position reaches `limit` -- the same
     checks, in the same order of entries, as `rice_decode` + `gaps_to_positions` (the caller checks the remainder
     stream's length, -2, before the first chunk)."""
-    nbits = unary.size * 8
-    bit = ubit
-    for t in range(count):
-        q = 0
-        while True:
-            if bit >= nbits:
-                return -1, bit, prev
-            off = bit & 7
-            rest = (np.int64(unary[bit >> 3]) << off) & 0xFF
-            if rest == 0:
-                q += 8 - off
-                bit += 8 - off
-            else:
-                z = clz8[rest]
-                q += z
-                bit += z + 1
-                break
-        if k and q >= (np.int64(1) << (62 - k)):
-            return -3, bit, prev
-        out[t] = q << k
+    status, bit = _unary_quotients(unary, clz8, ubit, k, count, out)
+    if status != 0:
+        return status, bit, prev
     if k and count > 0:
-        rbit = i0 * k
-        if k <= 48:  # the accumulator holds at most 7 spare bits + k < 63
-            mask = (np.int64(1) << k) - 1
-            o = rbit >> 3
-            nacc = 8 - (rbit & 7)
-            acc = np.int64(rem[o]) & ((np.int64(1) << nacc) - 1)
-            o += 1
-            for t in range(count):
-                while nacc < k:
-                    acc = (acc << 8) | rem[o]
-                    o += 1
-                    nacc += 8
-                nacc -= k
-                out[t] |= (acc >> nacc) & mask
-                acc &= (np.int64(1) << nacc) - 1
-        else:
-            for t in range(count):
-                r = np.int64(0)
-                for _ in range(k):
-                    r = (r << 1) | ((rem[rbit >> 3] >> (7 - (rbit & 7))) & 1)
-                    rbit += 1
-                out[t] |= r
+        _or_remainders(rem, i0 * k, k, count, out)
     p = prev
     for t in range(count):
         g = out[t]
