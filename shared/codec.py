@@ -129,13 +129,12 @@ _SCRATCH = threading.local()
 
 
 def _scratch(n: int) -> tuple[np.ndarray, ...]:
-    """This thread's chunk-sized output buffers for `diff_bits` (positions, new, old, class, rank), reused: a chunk
-    writes only its few changed elements, and fresh model-sized buffers would fault in (and zero) a whole huge page
-    per chunk and array for them -- measured up to seconds per 0.6B model when memory is fragmented."""
+    """This thread's chunk-sized output buffers for the compact path of `diff_bits` (positions, new, old), reused:
+    a chunk writes only its few changed elements, and fresh model-sized buffers would fault in (and zero) a whole
+    huge page per chunk and array for them -- measured up to seconds per 0.6B model when memory is fragmented."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None or bufs[0].size < n:
-        bufs = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.uint8),
-                np.empty(n, np.int64))
+        bufs = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16))
         _SCRATCH.bufs = bufs
     return bufs
 
@@ -153,32 +152,69 @@ def diff_bits(new: np.ndarray, old: np.ndarray, *,
     chunk = _BaseClasses.chunk
     bounds = [(s, min(s + chunk, new.size)) for s in range(0, new.size, chunk)]
     if context:
-        hist = np.zeros((len(bounds), _N_CLASSES), np.int64)
-        K.run_chunks(lambda i: K.exponent_histogram(old[slice(*bounds[i])], hist[i]), len(bounds))
-        classes = _BaseClasses(BaseBits(old, hist, chunk), new.size)
-        lo, hi = classes.pooling_bounds(new.size)
-        classes.pool(lo, hi)
+        return _diff_ranks(new, old, bounds)
 
     def one(i: int) -> tuple[np.ndarray, ...]:
         s, e = bounds[i]
-        pos, new_at, old_at, cls, rank = (a[: e - s] for a in _scratch(chunk))
-        if context:
-            k = K.diff_ranks(new[s:e], old[s:e], s, classes._table, classes._before[i], pos, new_at, old_at, cls,
-                             rank)
-            return pos[:k].copy(), new_at[:k].copy(), old_at[:k].copy(), cls[:k].copy(), rank[:k].copy()
+        pos, new_at, old_at = (a[: e - s] for a in _scratch(chunk))
         k = K.diff_bits(new[s:e], old[s:e], s, pos, new_at, old_at)
         return pos[:k].copy(), new_at[:k].copy(), old_at[:k].copy()
 
     parts = K.run_chunks(one, len(bounds))
     if not parts:
-        parts = [(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16), np.zeros(0, np.uint8),
-                  np.zeros(0, np.int64))]
-    fields = [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts)]
-    positions, new_at, old_at = fields[:3]
-    if not context:
-        return positions, new_at, old_at, old
-    ranks = ClassRanks(positions, fields[3], fields[4], lo, hi)
-    return positions, new_at, old_at, BaseBits(old, hist, chunk, ranks)
+        parts = [(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16))]
+    positions, new_at, old_at = [p[0] for p in zip(*parts)] if len(parts) == 1 else _gather_parts(parts)
+    return positions, new_at, old_at, old
+
+
+def _diff_ranks(new: np.ndarray, old: np.ndarray,
+                bounds: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, BaseBits]:
+    """`diff_bits(context=True)`: a first parallel pass counts the base's exponents and the changes of every chunk,
+    so the ranking pass writes each chunk's changes straight into its slice of the final arrays (no per-chunk
+    copies to concatenate: those moved every changed element's 21 bytes twice, ~0.3-0.5 s of thread time at
+    0.6B and 10 % density)."""
+    K = _kernels()
+    chunk = _BaseClasses.chunk
+    hist = np.zeros((len(bounds), _N_CLASSES), np.int64)
+    counts = np.zeros(len(bounds), np.int64)
+
+    def count(i: int) -> None:
+        s, e = bounds[i]
+        counts[i] = K.exponent_histogram_changes(new[s:e], old[s:e], hist[i])
+
+    K.run_chunks(count, len(bounds))
+    classes = _BaseClasses(BaseBits(old, hist, chunk), new.size)
+    lo, hi = classes.pooling_bounds(new.size)
+    classes.pool(lo, hi)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    m = int(offsets[-1])
+    pos, new_at, old_at = np.empty(m, np.int64), np.empty(m, np.uint16), np.empty(m, np.uint16)
+    cls, rank = np.empty(m, np.uint8), np.empty(m, np.int64)
+
+    def one(i: int) -> bool:
+        (s, e), a, b = bounds[i], offsets[i], offsets[i + 1]
+        got = K.diff_ranks(new[s:e], old[s:e], s, classes._table, classes._before[i], pos[a:b], new_at[a:b],
+                           old_at[a:b], cls[a:b], rank[a:b])
+        return got != b - a
+
+    if any(K.run_chunks(one, len(bounds))):
+        raise ValueError("the tensors changed while they were being compared")
+    return pos, new_at, old_at, BaseBits(old, hist, chunk, ClassRanks(pos, cls, rank, lo, hi))
+
+
+def _gather_parts(parts: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """Each field of the chunks' results, concatenated -- by the kernel pool's threads, chunk by chunk: one
+    np.concatenate per field is a single-threaded copy of every changed element's 21 bytes into fresh (faulting)
+    pages, measured ~0.3 s of a 0.6B detection at 10 % density while the other core idled."""
+    offsets = np.concatenate([[0], np.cumsum([p[0].size for p in parts])])
+    out = [np.empty(int(offsets[-1]), a.dtype) for a in parts[0]]
+
+    def one(i: int) -> None:
+        for dst, src in zip(out, parts[i]):
+            dst[offsets[i]: offsets[i + 1]] = src  # numpy's copy loop releases the GIL
+
+    _kernels().run_chunks(one, len(parts))
+    return out
 
 
 def warm_up() -> float:
@@ -411,21 +447,29 @@ def _kernels():
     return codec_kernels
 
 
-def _rice_k(gaps: np.ndarray) -> int:
-    """The Rice parameter that minimises n*(k+1) + sum(g >> k), searched around log2 of the mean gap."""
+def _rice_k(gaps: np.ndarray, *, from_sorted: bool = False) -> int:
+    """The Rice parameter that minimises n*(k+1) + sum(g >> k), searched around log2 of the mean gap. With
+    `from_sorted`, `gaps` holds sorted unique values coded as their gaps (`codec_kernels.rank_gaps`): no gap array."""
+    gaps = np.ascontiguousarray(gaps, dtype=np.int64)
     # The exact integer sum over n: the same float as gaps.mean() (every partial sum is an integer below 2**53, so
-    # numpy's float summation is exact too), without its float pass.
-    mean = float(int(gaps.sum())) / gaps.size if gaps.size else 0.0
+    # numpy's float summation is exact too), without its float pass. Gaps of sorted values telescope to
+    # last + 1 - n.
+    if from_sorted:
+        total = int(gaps[-1]) + 1 - gaps.size if gaps.size else 0
+    else:
+        total = int(gaps.sum())
+    mean = float(total) / gaps.size if gaps.size else 0.0
     k0 = max(0, int(np.floor(np.log2(mean + 1.0))))
     k_lo, k_hi = max(0, k0 - 2), min(_MAX_K, k0 + 2)
     if k_lo > k_hi:
         return 0
-    return int(_kernels().rice_cost(np.ascontiguousarray(gaps, dtype=np.int64), k_lo, k_hi))
+    return int(_kernels().rice_cost(gaps, k_lo, k_hi, from_sorted))
 
 
-def rice_encode(gaps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two packed bit streams: unary quotients (q zeros then a one) and k-bit remainders (MSB first)."""
-    return _kernels().rice_encode(np.ascontiguousarray(gaps, dtype=np.int64), int(k))
+def rice_encode(gaps: np.ndarray, k: int, *, from_sorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Two packed bit streams: unary quotients (q zeros then a one) and k-bit remainders (MSB first). With
+    `from_sorted`, `gaps` holds sorted unique values, coded as their gaps."""
+    return _kernels().rice_encode(np.ascontiguousarray(gaps, dtype=np.int64), int(k), from_sorted)
 
 
 def rice_decode(unary: np.ndarray, rem: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -444,11 +488,22 @@ def rice_decode(unary: np.ndarray, rem: np.ndarray, n: int, k: int) -> np.ndarra
 
 
 def rice_positions(unary: np.ndarray, rem: np.ndarray, n: int, k: int, limit: int, *, what: str) -> np.ndarray:
-    """Sorted, unique positions below `limit` from their Rice-coded gaps; FormatError for anything else."""
+    """Sorted, unique positions below `limit` from their Rice-coded gaps; FormatError for anything else. One
+    compiled pass writes the positions straight from the streams (no gap array): the checks and their order are
+    `rice_decode`'s, then the range check."""
     if n == 0:
         return np.zeros(0, np.int64)
-    out = _kernels().gaps_to_positions(rice_decode(unary, rem, n, k).view(np.int64), int(limit))
-    if out[0] < 0:
+    K = _kernels()
+    unary, rem = np.ascontiguousarray(unary, np.uint8), np.ascontiguousarray(rem, np.uint8)
+    out = np.empty(n, np.int64)
+    status, _, _ = K.rice_positions_chunk(unary, rem, int(k), K._CLZ8, 0, int(n), 0, -1, int(limit), out)
+    if status == -1:
+        raise FormatError(f"position stream holds fewer than the {n} entries the header says")
+    if status == -2:
+        raise FormatError(f"remainder stream too short: {rem.size * 8} bits for {n}x{k}")
+    if status == -3:
+        raise FormatError("position stream holds a gap wider than 62 bits")
+    if status != 0:
         raise FormatError(f"{what} out of range for {limit} elements")
     return out
 
@@ -461,16 +516,15 @@ class CompactEncoding:
     def size_lower_bound(self, positions: np.ndarray, numel: int) -> int:
         """Bytes this encoding needs at least for these positions (exact Rice streams + one sign bit each): a writer
         choosing the smallest encoding skips compact when another one already fits under this."""
-        gaps = _kernels().rank_gaps(np.ascontiguousarray(positions, dtype=np.int64))
-        k = _rice_k(gaps)
-        unary_bits = positions.size + int((gaps >> k).sum())
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        k = _rice_k(positions, from_sorted=True)
+        unary_bits = positions.size + int(_kernels().rice_quotient_bits(positions, k))
         return (unary_bits + 7) // 8 + (positions.size * k + 7) // 8 + (positions.size + 7) // 8
 
     def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
         positions = np.ascontiguousarray(positions, dtype=np.int64)
-        gaps = _kernels().rank_gaps(positions)
-        k = _rice_k(gaps)
-        unary, rem = rice_encode(gaps, k)
+        k = _rice_k(positions, from_sorted=True)
+        unary, rem = rice_encode(positions, k, from_sorted=True)
         residual = (new_bits.astype(np.uint16) - base_bits.astype(np.uint16)).view(np.int16).astype(np.int32)
         mag = np.abs(residual)
         if mag.size and int(mag.min()) == 0:
@@ -579,8 +633,14 @@ class _BaseClasses:
     # Host path: elements per kernel call, the unit of parallelism inside one tensor -- small enough that a model's
     # typical matrices (1-3 M elements at 0.6B) span several, large enough that a call (~1 ms) dwarfs its dispatch.
     chunk = 1 << 20
+    # Decoding a host tensor of at most this many elements walks it in one call that also counts its classes
+    # (`codec_kernels.walk_positions`) instead of a histogram pass then chunked walks: a decode spreads tensors over
+    # threads anyway (`formats.resolve_context`), and the histogram pass costs ~a quarter of the walk.
+    walk_max = 4 << 20
 
-    def __init__(self, base: Any, numel: int):
+    def __init__(self, base: Any, numel: int, *, count_now: bool = True):
+        """`count_now=False` (the decoder): a host tensor of at most `walk_max` elements is not counted here; its
+        `counts` stay None until `walk` returns them."""
         self._torch = None
         self.known = base.ranks if isinstance(base, BaseBits) else None
         device = getattr(getattr(base, "device", None), "type", None)
@@ -612,6 +672,9 @@ class _BaseClasses:
                 base = base.numpy()
             self._b = bf16_bits(np.asarray(base).reshape(-1))
             self._check_size(self._b.size, numel)
+            if not count_now and numel <= self.walk_max:
+                self._bounds, self._chunk_raw, self.counts = [(0, numel)], None, None
+                return
             self._bounds = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)]
             raw = np.zeros((len(self._bounds), _N_CLASSES), np.int64)
             hist = _kernels().exponent_histogram
@@ -631,6 +694,9 @@ class _BaseClasses:
         """Pool the exponents below `lo` into class `lo` and those above `hi` into `hi`: a class of a handful of
         elements costs more in header and frequency table than its context saves."""
         self.lo, self.hi = lo, hi
+        self._table = np.clip(np.arange(_N_CLASSES), lo, hi).astype(np.uint8)  # exponent -> class
+        if self._chunk_raw is None:
+            return  # not counted yet: `walk` counts
         raw, m = self._chunk_raw, self._chunk_raw.copy()
         m[:, lo] = raw[:, : lo + 1].sum(axis=1)
         m[:, :lo] = 0
@@ -639,7 +705,6 @@ class _BaseClasses:
         self._counts = m
         self._before = np.cumsum(m, axis=0) - m  # per chunk: the class's elements in earlier chunks
         self.counts = m.sum(axis=0)
-        self._table = np.clip(np.arange(_N_CLASSES), lo, hi).astype(np.uint8)  # exponent -> class
 
     def pooling_bounds(self, numel: int) -> tuple[int, int]:
         """The classes to keep apart: pool the tails that together hold at most max(64, numel / 2048) elements."""
@@ -728,6 +793,20 @@ class _BaseClasses:
         if any(K.run_chunks(one, nchunks)):
             raise FormatError("ctx delta ranks do not fit this base's exponent classes")
         return pos, out
+
+    def walk(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
+             values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`positions` for an uncounted tensor (``count_now=False``), in one walk that counts its classes too:
+        (positions, values, class sizes). Fewer positions than ranks when the ranks do not fit this base."""
+        starts = np.zeros(_N_CLASSES + 1, np.int64)
+        starts[np.array(cls_ids, np.int64) + 1] = sizes
+        starts = np.cumsum(starts)
+        pos = np.empty(rank.size, np.int64)
+        out = np.empty(rank.size, values.dtype)
+        counts = np.zeros(_N_CLASSES, np.int64)
+        k = _kernels().walk_positions(self._b, self._table, rank, starts[:-1], starts[1:], values, pos, out, counts)
+        self.counts = counts
+        return pos[:k], out[:k], counts
 
     # -- the device path (a CUDA base): sorts on the device, only sparse indices reach the host ------------------
     def _to_host(self, x) -> np.ndarray:
@@ -836,9 +915,8 @@ class ContextEncoding:
             if coded is None:
                 rk, unary, rem = 0, np.zeros(0, np.uint8), np.zeros(0, np.uint8)
             else:
-                gaps = K.rank_gaps(coded)
-                rk = _rice_k(gaps)
-                unary, rem = K.rice_encode(gaps, rk)
+                rk = _rice_k(coded, from_sorted=True)
+                unary, rem = K.rice_encode(coded, rk, True)
             counts = hist[c]
             freq = _quantize(counts[: 2 * (int(np.flatnonzero(counts)[-1]) // 2 + 1)])
             if np.count_nonzero(freq) > 1:
@@ -877,12 +955,17 @@ class ContextEncoding:
                 and sum(r[5] + r[6] + 2 * r[7] + r[8] for r in rows) + xlen == blob.size):
             raise FormatError(f"ctx delta parameters out of range or inconsistent with its {blob.size}-byte payload")
         K = _kernels()
-        classes = _BaseClasses(base_context, numel)
+        classes = _BaseClasses(base_context, numel, count_now=False)
         classes.pool(lo, hi)
-        for c, n_c, *_ in rows:
-            if int(classes.counts[c]) != n_c:
-                raise FormatError(f"ctx delta does not fit this base: exponent class {c} has {int(classes.counts[c])} "
-                                  f"elements here, {n_c} in the base it was encoded against")
+
+        def check_counts() -> None:
+            for c, n_c, *_ in rows:
+                if int(classes.counts[c]) != n_c:
+                    raise FormatError(f"ctx delta does not fit this base: exponent class {c} has "
+                                      f"{int(classes.counts[c])} elements here, {n_c} in the base it was encoded against")
+
+        if classes.counts is not None:
+            check_counts()  # before any stream is decoded
         off = 0
         rank_parts = []
         for c, n_c, k_c, mode, rk, ulen, rlen, _, _ in rows:
@@ -923,8 +1006,15 @@ class ContextEncoding:
         residual_cls = K.symbols_to_residuals(np.concatenate(sym_parts), np.ascontiguousarray(blob[off: off + xlen]))
         if residual_cls.size != n:
             raise FormatError(f"ctx delta extra-bit stream of {xlen} bytes does not match its residual symbols")
-        positions, residual = classes.positions(cls_ids, [row[2] for row in rows], np.concatenate(rank_parts),
-                                                residual_cls)
+        if classes.counts is None:  # a small host tensor: one walk finds the positions and counts the classes
+            positions, residual, _ = classes.walk(cls_ids, [row[2] for row in rows], np.concatenate(rank_parts),
+                                                  residual_cls)
+            check_counts()
+            if positions.size != n:
+                raise FormatError("ctx delta ranks do not fit this base's exponent classes")
+        else:
+            positions, residual = classes.positions(cls_ids, [row[2] for row in rows], np.concatenate(rank_parts),
+                                                    residual_cls)
         if positions.size != n:
             raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
         check_positions(positions, numel)

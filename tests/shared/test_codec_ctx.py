@@ -64,7 +64,12 @@ def test_base_context_as_torch_tensor_decodes_the_same():
         assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
 
 
-def test_ctx_refuses_to_decode_without_or_against_a_wrong_base():
+@pytest.mark.parametrize("walk_max", [1 << 30, 0])
+def test_ctx_refuses_to_decode_without_or_against_a_wrong_base(monkeypatch, walk_max):
+    """On both decode paths: the whole-tensor walk counts the classes as it goes, the chunked one beforehand."""
+    from shared import codec
+
+    monkeypatch.setattr(codec._BaseClasses, "walk_max", walk_max)
     base = _weights(20_000, 4)
     new = _step(base, 3e-6, 5)
     ch = _change(base, new, (20_000,))
@@ -77,6 +82,15 @@ def test_ctx_refuses_to_decode_without_or_against_a_wrong_base():
     other = _weights(20_000, 99)  # another model's weights: class sizes differ
     with pytest.raises(FormatError, match="does not fit this base"):
         enc.decode(out.arrays, out.params, base.size, base_context=other)
+    # A base with the same class sizes in another order (rolled by one): the size checks pass, and the decode
+    # must then not return the delta's positions (what it does return, the weights digest refuses after applying).
+    shifted = np.roll(base, 1)
+    try:
+        dec = enc.decode(out.arrays, out.params, base.size, base_context=shifted)
+    except FormatError as exc:
+        assert "fit" in str(exc)
+    else:
+        assert not np.array_equal(dec.positions, ch.positions)
 
 
 def test_ctx_rejects_inconsistent_parameters():
@@ -240,9 +254,12 @@ def test_ranks_do_not_depend_on_how_the_host_path_cuts_the_tensor(monkeypatch, c
     monkeypatch.setattr(codec._BaseClasses, "chunk", chunk)
     cut = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
     assert cut.params == whole.params and np.array_equal(cut.arrays[""], whole.arrays[""])
-    dec = enc.decode(whole.arrays, whole.params, base.size, base_context=base)
-    assert np.array_equal(dec.positions, ch.positions)
-    assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
+    # Both decode paths: one counting walk of the whole tensor (walk_max) and histogram + chunked walks (0).
+    for walk_max in (1 << 30, 0):
+        monkeypatch.setattr(codec._BaseClasses, "walk_max", walk_max)
+        dec = enc.decode(whole.arrays, whole.params, base.size, base_context=base)
+        assert np.array_equal(dec.positions, ch.positions)
+        assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
 
 
 def test_tensor_of_one_exponent_class():
