@@ -725,12 +725,14 @@ class _BaseClasses:
 
     def ranks(self, positions: np.ndarray, base_at: np.ndarray, residual: np.ndarray):
         """For sorted, unique, in-range `positions` (base values `base_at` there, int16 `residual`): the changed
-        elements in class-major order (ranks ascending inside each class) as ``(starts, rank, sym, low, hist)`` --
-        class c's are ``starts[c]:starts[c+1]``; sym/low/hist as `codec_kernels.residual_symbols` says. `starts` is
+        elements in class-major order (ranks ascending inside each class) as ``(starts, rank, res, sym, hist)`` --
+        class c's are ``starts[c]:starts[c+1]``; sym/hist as `codec_kernels.residual_symbols` says. `starts` is
         None when a residual is 0."""
         K = _kernels()
         n = positions.size
         rank, res = np.empty(n, np.int64), np.empty(n, np.int16)
+        sym = np.empty(n, np.int32)
+        hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
         if self._torch is not None:
             cls, rank_pos = self._ranks_device(positions)
             order = np.argsort(cls, kind="stable")
@@ -757,10 +759,8 @@ class _BaseClasses:
                                   slots[i], rank, res)
 
             K.run_chunks(one, len(self._bounds))
-        sym, low = np.empty(n, np.int32), np.empty(n, np.int64)
-        hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
-        nlow = K.residual_symbols(starts, res, sym, low, hist)
-        return (None if nlow < 0 else starts), rank, sym, low[:max(nlow, 0)], hist
+        ok = K.residual_symbols(starts, res, sym, hist)
+        return (None if ok < 0 else starts), rank, res, sym, hist
 
     def positions(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
                   values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -896,11 +896,11 @@ class ContextEncoding:
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        starts, ranks, sym, low, hist = classes.ranks(positions, base_bits,
+        starts, ranks, res, sym, hist = classes.ranks(positions, base_bits,
                                                       (new_bits - base_bits).view(np.int16))  # uint16 wraps
         if starts is None:
             raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
-        extra = K.pack_low_bits(sym, low)
+        extra = K.pack_low_bits(sym, res)
         rows, pos_streams, tables, words = [], [], [], []
         for c in np.flatnonzero(np.diff(starts)):
             a, b = int(starts[c]), int(starts[c + 1])

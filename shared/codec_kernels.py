@@ -74,25 +74,12 @@ def exponent_histogram(b, out):
 @njit(nogil=True, cache=True)
 def exponent_histogram_changes(new, old, out):
     """`exponent_histogram` of `old` that also returns how many elements of `new` differ from it: the exact count
-    lets the ranking pass write each chunk's changes straight into the final arrays."""
-    h = np.zeros((4, 256), np.int64)
-    n = old.size
+    lets the ranking pass write each chunk's changes straight into the final arrays. Two loops, not one: the count
+    alone vectorizes (0.08 ns per element; fused into the histogram's loop it cost 0.15-0.2)."""
+    exponent_histogram(old, out)
     k = 0
-    j = 0
-    while j + 4 <= n:
-        b0, b1, b2, b3 = old[j], old[j + 1], old[j + 2], old[j + 3]
-        h[0, (b0 >> 7) & 0xFF] += 1
-        h[1, (b1 >> 7) & 0xFF] += 1
-        h[2, (b2 >> 7) & 0xFF] += 1
-        h[3, (b3 >> 7) & 0xFF] += 1
-        k += (new[j] != b0) + (new[j + 1] != b1) + (new[j + 2] != b2) + (new[j + 3] != b3)
-        j += 4
-    while j < n:
-        h[0, (old[j] >> 7) & 0xFF] += 1
+    for j in range(new.size):
         k += new[j] != old[j]
-        j += 1
-    for e in range(256):
-        out[e] += h[0, e] + h[1, e] + h[2, e] + h[3, e]
     return k
 
 
@@ -103,39 +90,42 @@ def class_counts(old_at, table, out):
         out[table[(old_at[i] >> 7) & 0xFF]] += 1
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _symbol(r):
+    """A residual's ctx symbol ``2 * (bucket - 1) + negative`` -- buckets 1, 2, 3, then w + 2 for |r| in
+    [2**w, 2**(w+1)), whose w low bits go to the extra-bit stream (`pack_low_bits`) -- or -1 for 0."""
+    neg = (r >> 63) & 1  # branch-free: signs are coin flips, a branch would mispredict half the time
+    m = (r ^ -neg) + neg
+    if m < 4:
+        if m == 0:
+            return -1
+        return 2 * (m - 1) + neg
+    w = 2
+    while (m >> (w + 1)) != 0:
+        w += 1
+    return 2 * (w + 1) + neg
+
+
 @njit(nogil=True, cache=True)
-def residual_symbols(starts, residual, sym, low, hist):
+def residual_symbols(starts, residual, sym, hist):
     """Every residual, given in class-major order (class c's are ``residual[starts[c]:starts[c+1]]``), as its ctx
-    symbol ``2 * (bucket - 1) + negative`` -- buckets 1, 2, 3, then w + 2 for |r| in [2**w, 2**(w+1)) -- with
-    hist[c] counting class c's symbols and `low` receiving, in order, the w raw low bits of each bucketed one.
-    Returns how many went to `low`, or -1 when a residual is 0 (not a change)."""
+    symbol (`_symbol`), with hist[c] counting class c's symbols. Returns 0, or -1 when a residual is 0 (not a
+    change)."""
     h = np.zeros((4, hist.shape[1]), np.int64)  # interleaved: runs of one symbol would wait on one counter
-    nlow = 0
     for c in range(starts.size - 1):
         a, b = starts[c], starts[c + 1]
         if a == b:
             continue
         h[:] = 0
         for i in range(a, b):
-            r = np.int64(residual[i])
-            neg = (r >> 63) & 1  # branch-free: signs are coin flips, a branch would mispredict half the time
-            m = (r ^ -neg) + neg
-            if m < 4:
-                if m == 0:
-                    return -1
-                v = 2 * (m - 1) + neg
-            else:
-                w = 2
-                while (m >> (w + 1)) != 0:
-                    w += 1
-                low[nlow] = m - (np.int64(1) << w)
-                nlow += 1
-                v = 2 * (w + 1) + neg
+            v = _symbol(np.int64(residual[i]))
+            if v < 0:
+                return -1
             sym[i] = v
             h[i & 3, v] += 1
         for v in range(hist.shape[1]):
             hist[c, v] = h[0, v] + h[1, v] + h[2, v] + h[3, v]
-    return nlow
+    return 0
 
 
 @njit(nogil=True, cache=True)
@@ -309,7 +299,8 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
 @njit(nogil=True, cache=True)
 def to_class_major(cls, rank, residual, n_classes, rank_out, res_out):
     """Scatter changed elements (position order) into class-major order, ranks staying ascending inside each class
-    (a stable counting sort). Returns `starts`: class c's elements are ``starts[c]:starts[c+1]``."""
+    (a stable counting sort). Returns `starts`: class c's elements are ``starts[c]:starts[c+1]``. (Computing the
+    symbols here too was measured slower than `residual_symbols`' sequential pass: a third scattered stream.)"""
     starts = np.zeros(n_classes + 1, np.int64)
     for i in range(cls.size):
         starts[cls[i] + 1] += 1
@@ -535,9 +526,9 @@ def complement(sorted_ranks, n):
 
 
 @njit(nogil=True, cache=True)
-def pack_low_bits(sym, low):
-    """The extra-bit stream: for each symbol of bucket b >= 4 (in order), its next entry of `low` as b - 2 bits, MSB
-    first, concatenated and zero-padded to whole bytes."""
+def pack_low_bits(sym, residual):
+    """The extra-bit stream: for each symbol of bucket b >= 4 (in order), the low b - 2 bits of its residual's
+    magnitude, MSB first, concatenated and zero-padded to whole bytes."""
     total = 0
     for i in range(sym.size):
         b = sym[i] // 2 + 1
@@ -545,12 +536,12 @@ def pack_low_bits(sym, low):
             total += b - 2
     out = np.zeros((total + 7) // 8, np.uint8)
     o, acc, nacc = 0, 0, 0
-    j = 0
     for i in range(sym.size):
         b = sym[i] // 2 + 1
         if b >= 4:
-            o, acc, nacc = _put(out, o, acc, nacc, low[j], b - 2)
-            j += 1
+            r = np.int64(residual[i])
+            m = -r if r < 0 else r
+            o, acc, nacc = _put(out, o, acc, nacc, m - (np.int64(1) << (b - 2)), b - 2)
     _flush(out, o, acc, nacc)
     return out
 
