@@ -68,6 +68,8 @@ def test_view_matches_checkpoint(server, state):
     assert server.digest() == digest_of(state.sd)
     st = server.rpc("dws_status")
     assert st["backend"] == "dws" and st["architecture"] == "Qwen3ForCausalLM" and st["tp_size"] == 1
+    # the decoders were loaded when the engine started, not inside the first sync's plan or pause
+    assert st["warm"]["ok"] is True and st["warm"]["ms"] > 0, st["warm"]
 
 
 def test_sparse_delta_bit_exact(server, state, model_dir, tmp_path):
