@@ -3,7 +3,8 @@
 For each model size (default: the 41.6 M-parameter model and a Qwen3-0.6B-shaped one, random weights built locally,
 side by side in one run) one replica (`python -m rollout_space`, vLLM on CPU) starts from a base model that is
 *not* in the bucket while the bucket's latest version is an anchor: its first sync is a full-weight reload (the
-"full-reload pause"). Then every following version is a real AdamW step (fp32 master weights, lr 3e-6) published as
+"full-reload pause"; after the deltas, `--reloads` - 1 more anchors that no delta leads to give more samples, and the
+median is reported: one sample swung 0.29-1.39 s at 0.6B across runs). Then every following version is a real AdamW step (fp32 master weights, lr 3e-6) published as
 a sparse delta. Per sync, from the replica's own /status record:
 
 * control plane -- pause_s minus the worker's apply time (pause + one dws_apply RPC + resume round trips);
@@ -129,6 +130,29 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def encode_reloads(work: Path, *, first: int, count: int) -> list[tuple[Path, bytes]]:
+    """Extra full-reload samples (the full reload swung 0.29-1.39 s across runs at 0.6B, one sample each): versions
+    `first`, `first` + 1, ... each published alone, as an anchor, in its own staging bucket, with weights that
+    alternate between the two base models -- no delta leads to them, so the replica must reload everything."""
+    from safetensors.torch import load_file
+
+    from shared.manifest import MANIFEST_PATH
+
+    out = []
+    for k in range(count):
+        folder = work / ("other-base" if k % 2 == 0 else "model")
+        weights = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            weights.update(load_file(f))
+        staging = work / f"staging-reload-{k}"
+        with Publisher(staging, anchor_every=1000, anchor_fraction=1000.0) as pub:
+            pub.publish(weights, first + k)
+            pub.flush()
+        out.append((staging, (staging / MANIFEST_PATH).read_bytes()))
+        del weights
+    return out
+
+
 def train_and_encode(size: str, *, deltas: int, lr: float, work: Path) -> tuple[int, list[bytes]]:
     """Phase 1: the trainer's AdamW steps, published (encoded, committed) into a staging bucket; after each commit
     the manifest is kept. The trainer is then freed before vLLM starts, so the machine never holds the trainer's fp32
@@ -173,8 +197,9 @@ def commit(staging: Path, bucket: Path, manifest: bytes) -> None:
     tmp.replace(bucket / MANIFEST_PATH)
 
 
-def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
+def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3) -> dict:
     n_params, manifests = train_and_encode(size, deltas=deltas, lr=lr, work=work)
+    extra = encode_reloads(work, first=deltas + 1, count=max(0, reloads - 1))
     other = work / "other-base"
     bucket = work / "bucket"
     bucket.mkdir()
@@ -239,7 +264,16 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
             print(f"[replica bench] {size} v{v}: {r['changed']:,} changed, pause {r['pause_s'] * 1e3:.1f} ms "
                   f"(control {r['control_s'] * 1e3:.1f}, apply+read-back {r['apply_s'] * 1e3:.1f}), verify after "
                   f"resume {r['verify_after_resume_s'] * 1e3:.0f} ms, publish->serving "
-                  f"{r['publish_to_serving_s'] * 1e3:.0f} ms, peak RSS +{r['peak_rss_rise_mb']:.0f} MB", flush=True)
+                  f"{r['publish_to_serving_s'] * 1e3:.0f} ms, peak RSS +{r['peak_rss_rise_mb']:.0f} MB "
+                  f"{ {k: v for k, v in r['peak_rss_rise_by_process_mb'].items() if v} }", flush=True)
+        reload_pauses = [anchor["pause_s"]]
+        for k, (staging, manifest) in enumerate(extra):
+            commit(staging, bucket, manifest)
+            _, _, st = wait_for(deltas + 1 + k)
+            last = st["last_sync"]
+            assert last["ok"] and last["verified"] is True and ": anchor v" in last["plan"], last
+            reload_pauses.append(last["pause_s"])
+            print(f"[replica bench] {size}: full reload {k + 2}: pause {last['pause_s'] * 1e3:.1f} ms", flush=True)
     finally:
         proc.terminate()
         try:
@@ -251,11 +285,13 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path) -> dict:
     return {
         "size": size, "parameters": n_params, "model_mb": model_mb, "lr": lr, "verify": "every",
         "apply_mode": f"mapped, {size}",  # label of bench/run.py's pause plot
-        "anchor": {"pause_s": anchor["pause_s"]},  # the full reload, under the key bench/run.py plots
-        "full_reload": {"pause_s": anchor["pause_s"], "apply_s": anchor["worker_apply_s"], "bytes": anchor["bytes"],
-                        "verify_after_resume_s": anchor["verify_s"]},
+        "anchor": {"pause_s": statistics.median(reload_pauses)},  # the full reload, under the key bench/run.py plots
+        # the median of the full reloads: the first (from a base not in the bucket) and the extra anchors
+        "full_reload": {"pause_s": statistics.median(reload_pauses), "pause_samples_s": reload_pauses,
+                        "first_apply_s": anchor["worker_apply_s"], "bytes": anchor["bytes"],
+                        "first_verify_after_resume_s": anchor["verify_s"]},
         "delta_median": med,
-        "delta_pause_over_full_reload_pause": med["pause_s"] / anchor["pause_s"],
+        "delta_pause_over_full_reload_pause": med["pause_s"] / statistics.median(reload_pauses),
         "pause_us_per_1k_changed": med["pause_s"] * 1e6 / (med["changed"] / 1e3),
         "max_peak_rss_rise_over_model_bytes": max(r["peak_rss_rise_mb"] for r in rows) / model_mb,
         "deltas": rows,
@@ -280,7 +316,8 @@ def table(results: list[dict]) -> str:
     row("of which apply + in-pause read-back, ms", lambda r: ms(r['delta_median']['apply_s']))
     row("after-resume full digest (worker), ms", lambda r: ms(r['delta_median']['verify_after_resume_s']))
     row("wrong-weight window (resume -> verdict), ms", lambda r: ms(r['delta_median']['verify_window_s']))
-    row("full-reload pause, ms", lambda r: ms(r['full_reload']['pause_s']))
+    row("full-reload pause (median of the samples), ms", lambda r: f"{ms(r['full_reload']['pause_s'])} "
+        f"({len(r['full_reload']['pause_samples_s'])})")
     row("delta pause / full-reload pause", lambda r: f"{r['delta_pause_over_full_reload_pause']:.3f}")
     row("pause per 1 k changed elements, µs", lambda r: f"{r['pause_us_per_1k_changed']:.1f}")
     row("publish -> serving, ms", lambda r: ms(r['delta_median']['publish_to_serving_s']))
@@ -296,12 +333,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="small,0.6b", help="comma-separated: " + ", ".join(SIZES))
     ap.add_argument("--deltas", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-6)
+    ap.add_argument("--reloads", type=int, default=3, help="full-reload samples (median reported)")
     ap.add_argument("--out-dir", default="bench", help="writes replica-<size>.json there")
     args = ap.parse_args(argv)
     results = []
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory(prefix=f"dws-bench-replica-{size}-") as work:
-            results.append(run_size(size, deltas=args.deltas, lr=args.lr, work=Path(work)))
+            results.append(run_size(size, deltas=args.deltas, lr=args.lr, work=Path(work), reloads=args.reloads))
     side = {"sizes": [r["size"] for r in results], "table": table(results)}
     if len(results) == 2:
         side["pause_per_changed_ratio"] = results[1]["pause_us_per_1k_changed"] / results[0]["pause_us_per_1k_changed"]
