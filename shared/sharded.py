@@ -64,7 +64,7 @@ from shared.errors import (
     OwnerConflictError,
     PublishError,
 )
-from shared.formats import TensorChange, bits, encode_delta
+from shared.formats import TensorChange, diff_state, encode_delta
 from shared.lease import BucketLease
 from shared.manifest import (
     LAYOUT_DIM0_CHUNKS,
@@ -544,15 +544,10 @@ class ShardedPublisher(BackgroundPublishing):
             delta_blob = None
             changed = total
             if self._prev is not None:
-                changed = 0
-                for name, cur in snap.items():
-                    cur_bits, prev_bits = bits(cur).reshape(-1), bits(self._prev[name]).reshape(-1)
-                    pos = torch.from_numpy(cur_bits.view("int16")).ne(torch.from_numpy(prev_bits.view("int16")))
-                    positions = pos.nonzero().squeeze(1).numpy()
-                    if positions.size:
-                        changes[name] = TensorChange(tuple(cur.shape), positions, cur_bits[positions],
-                                                     prev_bits[positions], base=prev_bits)
-                        changed += int(positions.size)
+                # The codec's detection, as the single-process publisher does it: one parallel read of both rows
+                # (positions local to this rank's rows), plus what the encoding needs from the base.
+                changes = diff_state(snap, {name: self._prev[name] for name in snap}, encoding=self.encoding)
+                changed = sum(int(ch.positions.size) for ch in changes.values())
                 # Positions are local to this rank's rows; the header says where the rows sit in the full tensor.
                 delta_blob = add_metadata(
                     encode_delta(changes, version=version, base=self._prev_version, total=total,
