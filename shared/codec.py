@@ -633,10 +633,10 @@ class _BaseClasses:
     # Host path: elements per kernel call, the unit of parallelism inside one tensor -- small enough that a model's
     # typical matrices (1-3 M elements at 0.6B) span several, large enough that a call (~1 ms) dwarfs its dispatch.
     chunk = 1 << 20
-    # Decoding a host tensor of at most this many elements walks it in one call that also counts its classes
-    # (`codec_kernels.walk_positions`) instead of a histogram pass then chunked walks: a decode spreads tensors over
-    # threads anyway (`formats.resolve_context`), and the histogram pass costs ~a quarter of the walk.
+    # Decoding a host tensor of at most this many elements counts only its first half beforehand, the second half's
+    # classes are counted by its walk (`walk`): the histogram pass costs ~a fifth of a walk.
     walk_max = 4 << 20
+    walk_split_min = 1 << 16  # below this, one thread walks the whole tensor
 
     def __init__(self, base: Any, numel: int, *, count_now: bool = True):
         """`count_now=False` (the decoder): a host tensor of at most `walk_max` elements is not counted here; its
@@ -796,17 +796,40 @@ class _BaseClasses:
 
     def walk(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
              values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`positions` for an uncounted tensor (``count_now=False``), in one walk that counts its classes too:
-        (positions, values, class sizes). Fewer positions than ranks when the ranks do not fit this base."""
+        """`positions` for an uncounted tensor (``count_now=False``) that counts its classes on the way: (positions,
+        values, class sizes); fewer positions than ranks when the ranks do not fit this base. Two parts on two
+        threads: only the first half is counted beforehand (its histogram places the second half's ranks), the
+        second half counts its classes while it walks -- a caller decoding one tensor at a time keeps both cores."""
+        K = _kernels()
+        numel = self._b.size
         starts = np.zeros(_N_CLASSES + 1, np.int64)
         starts[np.array(cls_ids, np.int64) + 1] = sizes
         starts = np.cumsum(starts)
+        half = numel // 2 if numel >= self.walk_split_min else 0
+        before = np.zeros(_N_CLASSES, np.int64)  # pooled class sizes of the first half
+        if half:
+            raw = np.zeros(_N_CLASSES, np.int64)
+            K.exponent_histogram(self._b[:half], raw)
+            np.add.at(before, self._table, raw)
+        mid = starts[:-1].copy()  # per class: its first rank in the second half
+        for c in cls_ids:
+            mid[c] += np.searchsorted(rank[starts[c]: starts[c + 1]], before[c])
+        first = int((mid - starts[:-1]).sum())
         pos = np.empty(rank.size, np.int64)
         out = np.empty(rank.size, values.dtype)
         counts = np.zeros(_N_CLASSES, np.int64)
-        k = _kernels().walk_positions(self._b, self._table, rank, starts[:-1], starts[1:], values, pos, out, counts)
+
+        def part(i: int) -> bool:
+            if i == 0:
+                return K.class_positions(self._b[:half], self._table, np.zeros(_N_CLASSES, np.int64), rank,
+                                         starts[:-1], mid, values, 0, pos[:first], out[:first]) == first
+            return K.walk_positions(self._b[half:], self._table, before, rank, mid, starts[1:], values, half,
+                                    pos[first:], out[first:], counts) == rank.size - first
+
+        fits = all(K.run_chunks(part, 2)) if half else part(1)
+        counts += before
         self.counts = counts
-        return pos[:k], out[:k], counts
+        return (pos, out, counts) if fits else (pos[:0], out[:0], counts)
 
     # -- the device path (a CUDA base): sorts on the device, only sparse indices reach the host ------------------
     def _to_host(self, x) -> np.ndarray:
@@ -1006,7 +1029,7 @@ class ContextEncoding:
         residual_cls = K.symbols_to_residuals(np.concatenate(sym_parts), np.ascontiguousarray(blob[off: off + xlen]))
         if residual_cls.size != n:
             raise FormatError(f"ctx delta extra-bit stream of {xlen} bytes does not match its residual symbols")
-        if classes.counts is None:  # a small host tensor: one walk finds the positions and counts the classes
+        if classes.counts is None:  # a small host tensor: the walk finds the positions and counts the classes
             positions, residual, _ = classes.walk(cls_ids, [row[2] for row in rows], np.concatenate(rank_parts),
                                                   residual_cls)
             check_counts()

@@ -193,15 +193,15 @@ def class_positions(b, table, start, want, ptr, end, values, offset, out_pos, ou
 
 
 @njit(nogil=True, cache=True)
-def walk_positions(b, table, want, ptr, end, values, out_pos, out_val, counts):
-    """`class_positions` over a whole tensor (no class precedes it) that also counts its classes: counts[c] = the
-    elements of class c. Reads every element (no early stop: the counts need them all); returns how many wanted
-    elements it found (fewer than wanted when the ranks do not fit this base)."""
+def walk_positions(b, table, start, want, ptr, end, values, offset, out_pos, out_val, counts):
+    """`class_positions` that reads all of `b` (no early stop) and also counts its classes: counts[c] = the
+    elements of class c in `b` -- the last part of a tensor, whose class sizes no earlier pass counted. Returns how
+    many wanted elements it found (fewer than wanted when the ranks do not fit this base)."""
     rem = np.full(256, -1, np.int64)  # as in class_positions; after the last wanted rank it keeps counting down
     p = ptr.copy()
     for c in range(256):
         if p[c] < end[c]:
-            rem[c] = want[p[c]]
+            rem[c] = want[p[c]] - start[c]
     k = 0
     for j in range(b.size):
         c = table[(b[j] >> 7) & 0xFF]
@@ -209,20 +209,20 @@ def walk_positions(b, table, want, ptr, end, values, out_pos, out_val, counts):
         rem[c] = d - 1
         if d == 0:
             pc = p[c]
-            out_pos[k] = j
+            out_pos[k] = j + offset
             out_val[k] = values[pc]
             k += 1
             pc += 1
             p[c] = pc
             rem[c] = want[pc] - want[pc - 1] - 1 if pc < end[c] else -1
     for c in range(256):
-        # The countdown toward rank R started after rank R' (R' + 1 elements then) at R - R' - 1, so rem elements
-        # short of R: R - rem elements seen. Past the last wanted rank R it counted down from -1, the same R - rem;
-        # R = -1 for a class with nothing wanted.
+        # The countdown toward (part-relative) rank R started after rank R' -- R' + 1 elements seen -- at
+        # R - R' - 1: with rem left, R - rem elements seen. Past the last wanted rank it counts down from -1, the
+        # same R - rem; R = -1 for a class with nothing wanted here.
         if p[c] < end[c]:
-            last = want[p[c]]  # not found: the ranks do not fit this base
+            last = want[p[c]] - start[c]  # not found: the ranks do not fit this base
         else:
-            last = want[end[c] - 1] if end[c] > ptr[c] else -1
+            last = want[end[c] - 1] - start[c] if end[c] > ptr[c] else -1
         counts[c] = last - rem[c]
     return k
 

@@ -21,6 +21,9 @@ from shared.bucket import open_bucket
 from shared.publisher import Publisher
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# The host decode paths (`_BaseClasses.walk_max`, `.walk_split_min`): one walk of the whole tensor that counts its
+# classes, the same in two halves (only the first counted beforehand), histogram + chunked walks.
+WALKS = [(1 << 30, 1 << 30), (1 << 30, 1), (0, 1)]
 
 
 def _weights(numel: int, seed: int) -> np.ndarray:
@@ -64,12 +67,13 @@ def test_base_context_as_torch_tensor_decodes_the_same():
         assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
 
 
-@pytest.mark.parametrize("walk_max", [1 << 30, 0])
-def test_ctx_refuses_to_decode_without_or_against_a_wrong_base(monkeypatch, walk_max):
-    """On both decode paths: the whole-tensor walk counts the classes as it goes, the chunked one beforehand."""
+@pytest.mark.parametrize("walk_max,split_min", WALKS)
+def test_ctx_refuses_to_decode_without_or_against_a_wrong_base(monkeypatch, walk_max, split_min):
+    """On every decode path: the walks that count the classes as they go, and the chunked one that counts first."""
     from shared import codec
 
     monkeypatch.setattr(codec._BaseClasses, "walk_max", walk_max)
+    monkeypatch.setattr(codec._BaseClasses, "walk_split_min", split_min)
     base = _weights(20_000, 4)
     new = _step(base, 3e-6, 5)
     ch = _change(base, new, (20_000,))
@@ -254,9 +258,11 @@ def test_ranks_do_not_depend_on_how_the_host_path_cuts_the_tensor(monkeypatch, c
     monkeypatch.setattr(codec._BaseClasses, "chunk", chunk)
     cut = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
     assert cut.params == whole.params and np.array_equal(cut.arrays[""], whole.arrays[""])
-    # Both decode paths: one counting walk of the whole tensor (walk_max) and histogram + chunked walks (0).
-    for walk_max in (1 << 30, 0):
+    # Every decode path: histogram + chunked walks (walk_max 0), and the walk that counts as it goes -- over the
+    # whole tensor, or its first half counted beforehand (split_min 1).
+    for walk_max, split_min in WALKS:
         monkeypatch.setattr(codec._BaseClasses, "walk_max", walk_max)
+        monkeypatch.setattr(codec._BaseClasses, "walk_split_min", split_min)
         dec = enc.decode(whole.arrays, whole.params, base.size, base_context=base)
         assert np.array_equal(dec.positions, ch.positions)
         assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
