@@ -449,7 +449,7 @@ def _kernels():
 
 def _rice_k(gaps: np.ndarray, *, from_sorted: bool = False) -> int:
     """The Rice parameter that minimises n*(k+1) + sum(g >> k), searched around log2 of the mean gap. With
-    `from_sorted`, `gaps` holds sorted unique values coded as their gaps (`codec_kernels.rank_gaps`): no gap array."""
+    `from_sorted`, `gaps` holds sorted unique values v coded as their gaps ``v_i - v_{i-1} - 1``: no gap array."""
     gaps = np.ascontiguousarray(gaps, dtype=np.int64)
     # The exact integer sum over n: the same float as gaps.mean() (every partial sum is an integer below 2**53, so
     # numpy's float summation is exact too), without its float pass. Gaps of sorted values telescope to
@@ -624,8 +624,9 @@ class _BaseClasses:
     An element's class is its base exponent clamped to ``[lo, hi]`` (the pooled tails). Its rank is the number of
     elements of the same class before it in the tensor -- a definition that does not depend on how the work is cut:
     the host path counts classes chunk by chunk on `codec_kernels.run_chunks`' threads (one read of the base per pass:
-    a histogram, then a walk that stops at the last changed element), the device path (a CUDA base) sorts the whole
-    tensor on its device and moves only sparse indices to the host.
+    a histogram, then a walk that stops at the last changed element; the decoder of a tensor of at most `walk_max`
+    elements counts only its first half beforehand, `walk`), the device path (a CUDA base) sorts the whole tensor on
+    its device and moves only sparse indices to the host.
     """
 
     # Host tensors take the compiled path; tests set this to run the device path on the CPU.

@@ -320,7 +320,7 @@ def to_class_major(cls, rank, residual, n_classes, rank_out, res_out):
 def rice_cost(gaps, k_lo, k_hi, from_sorted):
     """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k), the smallest on ties, in one
     pass over `gaps` (five plain accumulators: the loop vectorizes). With `from_sorted`, `gaps` holds sorted unique
-    values whose `rank_gaps` are the gaps, computed on the fly: no gap array (a page-faulting allocation the size of
+    values v whose Rice gaps ``v_i - v_{i-1} - 1`` (v_{-1} = -1) are the gaps, computed on the fly: no gap array (a page-faulting allocation the size of
     the changed elements) is ever written."""
     s0 = s1 = s2 = s3 = s4 = np.int64(0)
     prev = np.int64(-1)
@@ -347,7 +347,7 @@ def rice_cost(gaps, k_lo, k_hi, from_sorted):
 
 @njit(nogil=True, cache=True)
 def rice_quotient_bits(values, k):
-    """sum(g >> k) over the `rank_gaps` g of sorted unique `values`: the unary stream's zeros, without a gap array."""
+    """sum(g >> k) over the Rice gaps g of sorted unique `values` (as `rice_cost`): the unary stream's zeros."""
     s = np.int64(0)
     prev = np.int64(-1)
     for i in range(values.size):
@@ -355,17 +355,6 @@ def rice_quotient_bits(values, k):
         s += (v - prev - 1) >> k
         prev = v
     return s
-
-
-@njit(nogil=True, cache=True)
-def rank_gaps(ranks):
-    """Rice gaps of sorted ranks: ``r_i - r_{i-1} - 1`` (with r_{-1} = -1)."""
-    out = np.empty(ranks.size, np.int64)
-    prev = -1
-    for i in range(ranks.size):
-        out[i] = ranks[i] - prev - 1
-        prev = ranks[i]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ bit streams
@@ -394,7 +383,7 @@ def _flush(out, o, acc, nacc):
 def rice_encode(gaps, k, from_sorted):
     """Unary quotients (q zeros then a one) and k-bit remainders, each MSB first and zero-padded to whole bytes --
     the bytes ``np.packbits`` of the two bit sequences gives. With `from_sorted`, `gaps` holds sorted unique values
-    and is coded as their `rank_gaps` (computed on the fly, as in `rice_cost`)."""
+    and is coded as their Rice gaps (computed on the fly, as in `rice_cost`)."""
     n = gaps.size
     if from_sorted:
         ubits = rice_quotient_bits(gaps, k) + n
