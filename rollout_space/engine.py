@@ -46,6 +46,23 @@ logger = logging.getLogger("dws.engine")
 # resident afterwards. Measured on the 41.6 M model: 512 K-element slices raised the worker's peak RSS by 16 MB on
 # its first delta sync (20 % of the model's bytes); the smaller segments cost the pause a few ms at 0.6B.
 PLAN_SLICE = 1 << 16
+PLAN_SLICE_VAR = "DWS_TEST_PLAN_SLICE"  # TEST HOOK: a smaller slice, so a tiny test model crosses slice boundaries
+
+
+def _plan_slice() -> int:
+    from shared.envvars import env_value
+
+    size = env_value(PLAN_SLICE_VAR, PLAN_SLICE, int)
+    if size < 1:
+        raise ValueError(f"{PLAN_SLICE_VAR}={size}: must be >= 1")
+    return size
+
+
+def _slices(pos: torch.Tensor, vals: torch.Tensor, size: int):
+    """(positions, values) of a decoded tensor, ``size`` at a time. A function, not a generator expression in the
+    caller: the caller's loop rebinds names like ``pos``/``vals``, and a lazy expression would slice those."""
+    for lo in range(0, pos.numel(), size):
+        yield pos[lo:lo + size], vals[lo:lo + size]
 
 
 def _finite_bits(bits: torch.Tensor) -> bool:
@@ -188,6 +205,7 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         self._digest: dict[str, Any] | None = None
         self._scatter = _compile_scatter() if self.map.placements and self._on_cpu() else None
         self._pool = None  # threads for the in-pause writes on CPU
+        self._plan_slice = _plan_slice()
         self.warm = self._warm_up()
 
     def _warm_up(self) -> dict[str, Any]:
@@ -475,13 +493,11 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
                 for name in names:
                     t = src.tensors[name]
                     if t.mode == "context":
-                        pos, vals = self._decode_context(src, name)
+                        decoded = self._decode_context(src, name)
                         plan.context += 1
-                        chunks = ((pos[lo:lo + PLAN_SLICE], vals[lo:lo + PLAN_SLICE])
-                                  for lo in range(0, pos.numel(), PLAN_SLICE))
-                        mode = "values"
+                        chunks, mode = _slices(*decoded, self._plan_slice), "values"
                     else:
-                        chunks, mode = src.chunks(name, PLAN_SLICE), t.mode
+                        chunks, mode = src.chunks(name, self._plan_slice), t.mode
                     last = -1
                     for pos, payload in chunks:
                         last = self._check_chunk(name, mode, pos, payload, last)

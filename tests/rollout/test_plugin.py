@@ -46,7 +46,10 @@ def model_dir(tmp_path_factory, vllm_available):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = VllmServer(model_dir, tmp_path_factory.mktemp("vllm") / "serve.log", extra_args=["--enforce-eager"])
+    # The worker plans 500 changed elements at a time (64 K in production): every delta here crosses slice
+    # boundaries, in every mode (values, residual, base-context), as the 0.6B model's do.
+    srv = VllmServer(model_dir, tmp_path_factory.mktemp("vllm") / "serve.log", extra_args=["--enforce-eager"],
+                     env_extra={"DWS_TEST_PLAN_SLICE": "500"})
     print(f"\nvLLM ready in {srv.startup_s:.1f}s")
     yield srv
     srv.stop()
