@@ -18,6 +18,11 @@ a sparse delta. Per sync, from the replica's own /status record:
   memory during the sync (kernel VmHWM, reset before each sync through /proc/PID/clear_refs) minus the resident
   memory just before it; summed over processes, so an upper bound.
 
+A sync that failed on the way (e.g. a delta the worker rejected, recovered from the anchor) stops the benchmark
+with the replica's reason: it would otherwise be measured as a slow success. `--encoding ctx` runs the replica on
+base-context deltas (the worker decodes them against its weights; files get a -ctx suffix); `--work-dir` keeps the
+models, bucket and logs.
+
 Run it in the rollout venv: `.venv/rollout/bin/python bench/replica.py [--sizes small,0.6b] [--deltas 5]`; it
 writes bench/replica-<size>.json.
 """
@@ -25,6 +30,7 @@ writes bench/replica-<size>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -153,7 +159,8 @@ def encode_reloads(work: Path, *, first: int, count: int) -> list[tuple[Path, by
     return out
 
 
-def train_and_encode(size: str, *, deltas: int, lr: float, work: Path) -> tuple[int, list[bytes]]:
+def train_and_encode(size: str, *, deltas: int, lr: float, work: Path,
+                     encoding: str = "compact") -> tuple[int, list[bytes]]:
     """Phase 1: the trainer's AdamW steps, published (encoded, committed) into a staging bucket; after each commit
     the manifest is kept. The trainer is then freed before vLLM starts, so the machine never holds the trainer's fp32
     weights + optimizer state *and* the served model at once (at 0.6B: ~10 GB + ~4 GB)."""
@@ -169,7 +176,7 @@ def train_and_encode(size: str, *, deltas: int, lr: float, work: Path) -> tuple[
     n_params = sum(p.numel() for p in trainer.params().values())
     staging = work / "staging"
     manifests = []
-    with Publisher(staging, anchor_every=1000, anchor_fraction=1000.0) as pub:
+    with Publisher(staging, anchor_every=1000, anchor_fraction=1000.0, encoding=encoding) as pub:
         for v in range(deltas + 1):
             if v:
                 trainer.step()
@@ -197,8 +204,8 @@ def commit(staging: Path, bucket: Path, manifest: bytes) -> None:
     tmp.replace(bucket / MANIFEST_PATH)
 
 
-def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3) -> dict:
-    n_params, manifests = train_and_encode(size, deltas=deltas, lr=lr, work=work)
+def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3, encoding: str = "compact") -> dict:
+    n_params, manifests = train_and_encode(size, deltas=deltas, lr=lr, work=work, encoding=encoding)
     extra = encode_reloads(work, first=deltas + 1, count=max(0, reloads - 1))
     other = work / "other-base"
     bucket = work / "bucket"
@@ -251,6 +258,12 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3)
             peak = rss.stop()
             last = st["last_sync"]
             assert last["ok"] and last["verified"] is True and st["digest_match"] is True, last
+            # A delta that failed and was recovered from the anchor would be measured as a (slow) success:
+            # any failed round is an error of the benchmark, with the replica's own reason.
+            failed = [r for r in st["recent_syncs"] if not r["ok"]]
+            if st["failures"] or failed:
+                raise SystemExit(f"replica bench: {st['failures']} failed sync(s) on the way to v{v}: "
+                                 f"{[(r['plan'], r['error']) for r in failed]}")
             rows.append({"version": v, "changed": last["changed"], "bytes": last["bytes"],
                          "before_pause_s": last["download_s"], "decode_s": last["decode_s"],
                          "worker_prepare_s": last["prepare_s"],
@@ -261,7 +274,7 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3)
                          "peak_rss_rise_mb": peak["total_mb"], "peak_rss_rise_max_process_mb": peak["max_process_mb"],
                          "peak_rss_rise_by_process_mb": peak["by_process_mb"]})
             r = rows[-1]
-            print(f"[replica bench] {size} v{v}: {r['changed']:,} changed, pause {r['pause_s'] * 1e3:.1f} ms "
+            print(f"[replica bench] {size} v{v} ({last['plan']}): {r['changed']:,} changed, pause {r['pause_s'] * 1e3:.1f} ms "
                   f"(control {r['control_s'] * 1e3:.1f}, apply+read-back {r['apply_s'] * 1e3:.1f}), verify after "
                   f"resume {r['verify_after_resume_s'] * 1e3:.0f} ms, publish->serving "
                   f"{r['publish_to_serving_s'] * 1e3:.0f} ms, peak RSS +{r['peak_rss_rise_mb']:.0f} MB "
@@ -283,8 +296,8 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("version", "peak_rss_rise_by_process_mb")}
     model_mb = n_params * 2 / 2**20
     return {
-        "size": size, "parameters": n_params, "model_mb": model_mb, "lr": lr, "verify": "every",
-        "apply_mode": f"mapped, {size}",  # label of bench/run.py's pause plot
+        "size": size, "parameters": n_params, "model_mb": model_mb, "lr": lr, "verify": "every", "encoding": encoding,
+        "apply_mode": f"mapped, {size}" + ("" if encoding == "compact" else f", {encoding}"),  # label of bench/run.py's pause plot
         "anchor": {"pause_s": statistics.median(reload_pauses)},  # the full reload, under the key bench/run.py plots
         # the median of the full reloads: the first (from a base not in the bucket) and the extra anchors
         "full_reload": {"pause_s": statistics.median(reload_pauses), "pause_samples_s": reload_pauses,
@@ -334,12 +347,19 @@ def main(argv=None) -> int:
     ap.add_argument("--deltas", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-6)
     ap.add_argument("--reloads", type=int, default=3, help="full-reload samples (median reported)")
+    ap.add_argument("--encoding", default="compact", help="the deltas' encoding (ctx: the worker decodes against "
+                    "its weights); output files get a -<encoding> suffix unless compact")
     ap.add_argument("--out-dir", default="bench", help="writes replica-<size>.json there")
+    ap.add_argument("--work-dir", default=None, help="keep the models, bucket and logs (gateway.log, vllm.log) "
+                    "in a new folder under this one instead of deleting them")
     args = ap.parse_args(argv)
     results = []
     for size in args.sizes.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"dws-bench-replica-{size}-") as work:
-            results.append(run_size(size, deltas=args.deltas, lr=args.lr, work=Path(work), reloads=args.reloads))
+        prefix = f"dws-bench-replica-{size}-"
+        with (tempfile.TemporaryDirectory(prefix=prefix) if args.work_dir is None
+              else contextlib.nullcontext(tempfile.mkdtemp(prefix=prefix, dir=args.work_dir))) as work:
+            results.append(run_size(size, deltas=args.deltas, lr=args.lr, work=Path(work), reloads=args.reloads,
+                                    encoding=args.encoding))
     side = {"sizes": [r["size"] for r in results], "table": table(results)}
     if len(results) == 2:
         side["pause_per_changed_ratio"] = results[1]["pause_us_per_1k_changed"] / results[0]["pause_us_per_1k_changed"]
@@ -347,7 +367,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in results:  # one file per size (bench/run.py plots every bench/replica-*.json); same run, side by side
         r.update({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "side_by_side": side})
-        (out_dir / f"replica-{r['size']}.json").write_text(json.dumps(r, indent=1))
+        suffix = "" if args.encoding == "compact" else f"-{args.encoding}"
+        (out_dir / f"replica-{r['size']}{suffix}.json").write_text(json.dumps(r, indent=1))
     print("\n" + side["table"])
     if "pause_per_changed_ratio" in side:
         print(f"\npause per changed element, {results[1]['size']} / {results[0]['size']}: "
