@@ -625,7 +625,7 @@ class _BaseClasses:
     elements of the same class before it in the tensor -- a definition that does not depend on how the work is cut:
     the host path counts classes chunk by chunk on `codec_kernels.run_chunks`' threads (one read of the base per pass:
     a histogram, then a walk that stops at the last changed element; the decoder of a tensor of at most `walk_max`
-    elements counts only its first half beforehand, `walk`), the device path (a CUDA base) sorts the whole tensor on
+    elements counts its classes while it walks it, `walk`), the device path (a CUDA base) sorts the whole tensor on
     its device and moves only sparse indices to the host.
     """
 
@@ -634,10 +634,14 @@ class _BaseClasses:
     # Host path: elements per kernel call, the unit of parallelism inside one tensor -- small enough that a model's
     # typical matrices (1-3 M elements at 0.6B) span several, large enough that a call (~1 ms) dwarfs its dispatch.
     chunk = 1 << 20
-    # Decoding a host tensor of at most this many elements counts only its first half beforehand, the second half's
-    # classes are counted by its walk (`walk`): the histogram pass costs ~a fifth of a walk.
+    # Decoding a host tensor of at most this many elements needs no histogram pass: its walk counts the classes as it
+    # goes (`walk`; the histogram pass costs ~a fifth of a walk) ...
     walk_max = 4 << 20
-    walk_split_min = 1 << 16  # below this, one thread walks the whole tensor
+    # ... and walks it in two halves on two threads (only the first counted beforehand) from this size on. Off by
+    # default: model-wide decodes (`formats.resolve_context`) already fill the cores with tensors, and there the
+    # one-thread walk measured ~9 % faster (1.69 s vs 1.84 s median at 0.6B) and does the least CPU work -- what a
+    # replica decoding next to inference wants. A caller decoding one tensor at a time on idle cores may lower it.
+    walk_split_min = 1 << 62
 
     def __init__(self, base: Any, numel: int, *, count_now: bool = True):
         """`count_now=False` (the decoder): a host tensor of at most `walk_max` elements is not counted here; its
@@ -798,9 +802,9 @@ class _BaseClasses:
     def walk(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
              values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`positions` for an uncounted tensor (``count_now=False``) that counts its classes on the way: (positions,
-        values, class sizes); fewer positions than ranks when the ranks do not fit this base. Two parts on two
-        threads: only the first half is counted beforehand (its histogram places the second half's ranks), the
-        second half counts its classes while it walks -- a caller decoding one tensor at a time keeps both cores."""
+        values, class sizes); fewer positions than ranks when the ranks do not fit this base. From
+        `walk_split_min` elements on, two parts on two threads: only the first half is counted beforehand (its
+        histogram places the second half's ranks), the second half counts its classes while it walks."""
         K = _kernels()
         numel = self._b.size
         starts = np.zeros(_N_CLASSES + 1, np.int64)
