@@ -476,15 +476,21 @@ def rice_decode(unary: np.ndarray, rem: np.ndarray, n: int, k: int) -> np.ndarra
     """Inverse of `rice_encode`: n gaps (uint64). FormatError when the streams hold fewer than n entries."""
     K = _kernels()
     gaps = np.empty(n, np.int64)
-    err = K.rice_decode(np.ascontiguousarray(unary, np.uint8), np.ascontiguousarray(rem, np.uint8), int(n), int(k),
-                        K._CLZ8, gaps)
-    if err == -1:
-        raise FormatError(f"position stream holds fewer than the {n} entries the header says")
-    if err == -2:
-        raise FormatError(f"remainder stream too short: {rem.size * 8} bits for {n}x{k}")
-    if err == -3:
-        raise FormatError("position stream holds a gap wider than 62 bits")
+    _check_rice_status(K.rice_decode(np.ascontiguousarray(unary, np.uint8), np.ascontiguousarray(rem, np.uint8),
+                                     int(n), int(k), K._CLZ8, gaps), n, k, rem)
     return gaps.view(np.uint64)
+
+
+def _check_rice_status(status: int, n: int, k: int, rem: np.ndarray) -> int:
+    """The Rice kernels' error codes (`codec_kernels.rice_decode`, `rice_positions_chunk`) as FormatErrors; any other
+    status is returned for the caller to judge."""
+    if status == -1:
+        raise FormatError(f"position stream holds fewer than the {n} entries the header says")
+    if status == -2:
+        raise FormatError(f"remainder stream too short: {rem.size * 8} bits for {n}x{k}")
+    if status == -3:
+        raise FormatError("position stream holds a gap wider than 62 bits")
+    return status
 
 
 def rice_positions(unary: np.ndarray, rem: np.ndarray, n: int, k: int, limit: int, *, what: str) -> np.ndarray:
@@ -497,13 +503,7 @@ def rice_positions(unary: np.ndarray, rem: np.ndarray, n: int, k: int, limit: in
     unary, rem = np.ascontiguousarray(unary, np.uint8), np.ascontiguousarray(rem, np.uint8)
     out = np.empty(n, np.int64)
     status, _, _ = K.rice_positions_chunk(unary, rem, int(k), K._CLZ8, 0, int(n), 0, -1, int(limit), out)
-    if status == -1:
-        raise FormatError(f"position stream holds fewer than the {n} entries the header says")
-    if status == -2:
-        raise FormatError(f"remainder stream too short: {rem.size * 8} bits for {n}x{k}")
-    if status == -3:
-        raise FormatError("position stream holds a gap wider than 62 bits")
-    if status != 0:
+    if _check_rice_status(status, n, k, rem) != 0:
         raise FormatError(f"{what} out of range for {limit} elements")
     return out
 
@@ -600,11 +600,7 @@ class CompactEncoding:
             positions = np.empty(count, np.int64)
             status, ubit, prev = K.rice_positions_chunk(unary, rem, k, K._CLZ8, lo, count, ubit, prev, numel,
                                                         positions)
-            if status == -1:
-                raise FormatError(f"position stream holds fewer than the {n} entries the header says")
-            if status == -3:
-                raise FormatError("position stream holds a gap wider than 62 bits")
-            if status != 0:
+            if _check_rice_status(status, n, k, rem) != 0:
                 raise FormatError(f"positions out of range for {numel} elements")
             residual = np.empty(count, np.int16)
             j = K.compact_residuals(signs, big, extra, n_big, width, lo, count, j, residual.view(np.uint16))

@@ -157,21 +157,42 @@ def class_ranks(b, table, start, positions, residual, slot, rank_out, res_out):
         cur = p + 1
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _countdowns(start, want, ptr, end):
+    """The walkers' state: rem[c] = class-c elements still to pass before class c's next wanted one (-1: none
+    left), p = a copy of `ptr` (each class's next wanted entry). A countdown needs one counter per element where a
+    running count compared with the next wanted rank needs two (measured 5-18 % faster)."""
+    rem = np.full(256, -1, np.int64)
+    p = ptr.copy()
+    for c in range(256):
+        if p[c] < end[c]:
+            rem[c] = want[p[c]] - start[c]
+    return rem, p
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _take(c, j, want, end, values, offset, out_pos, out_val, k, rem, p):
+    """Element `j` is class c's next wanted one: write it as the k-th found and start the countdown to the class's
+    next wanted rank. Returns k + 1."""
+    pc = p[c]
+    out_pos[k] = j + offset
+    out_val[k] = values[pc]
+    pc += 1
+    p[c] = pc
+    rem[c] = want[pc] - want[pc - 1] - 1 if pc < end[c] else -1
+    return k + 1
+
+
 @njit(nogil=True, cache=True)
 def class_positions(b, table, start, want, ptr, end, values, offset, out_pos, out_val):
     """The inverse of `class_ranks` on one chunk: `want` holds every class's sorted ranks (class-major); for class c
     the entries ``want[ptr[c]:end[c]]`` fall in this chunk (``start[c]`` class elements precede it). Writes, in
     position order, each such element's position (chunk-local + `offset`) and its entry of `values` (class-major,
     like `want`: read as sequential streams, one per class); returns how many."""
-    # rem[c]: class-c elements still to pass before class c's next wanted one (-1: none left). A countdown needs one
-    # counter per element where a running count compared with the next wanted rank needs two (measured 5-18 % faster).
-    rem = np.full(256, -1, np.int64)
-    p = ptr.copy()
+    rem, p = _countdowns(start, want, ptr, end)
     left = 0
     for c in range(256):
-        if p[c] < end[c]:
-            rem[c] = want[p[c]] - start[c]
-            left += end[c] - p[c]
+        left += max(end[c] - ptr[c], 0)
     k = 0
     if left == 0:
         return 0
@@ -180,15 +201,9 @@ def class_positions(b, table, start, want, ptr, end, values, offset, out_pos, ou
         d = rem[c]
         rem[c] = d - 1
         if d == 0:
-            pc = p[c]
-            out_pos[k] = j + offset
-            out_val[k] = values[pc]
-            k += 1
+            k = _take(c, j, want, end, values, offset, out_pos, out_val, k, rem, p)
             if k == left:
                 break  # the rest of the chunk holds nothing wanted
-            pc += 1
-            p[c] = pc
-            rem[c] = want[pc] - want[pc - 1] - 1 if pc < end[c] else -1
     return k
 
 
@@ -197,24 +212,14 @@ def walk_positions(b, table, start, want, ptr, end, values, offset, out_pos, out
     """`class_positions` that reads all of `b` (no early stop) and also counts its classes: counts[c] = the
     elements of class c in `b` -- the last part of a tensor, whose class sizes no earlier pass counted. Returns how
     many wanted elements it found (fewer than wanted when the ranks do not fit this base)."""
-    rem = np.full(256, -1, np.int64)  # as in class_positions; after the last wanted rank it keeps counting down
-    p = ptr.copy()
-    for c in range(256):
-        if p[c] < end[c]:
-            rem[c] = want[p[c]] - start[c]
+    rem, p = _countdowns(start, want, ptr, end)  # after the last wanted rank a class keeps counting down
     k = 0
     for j in range(b.size):
         c = table[(b[j] >> 7) & 0xFF]
         d = rem[c]
         rem[c] = d - 1
         if d == 0:
-            pc = p[c]
-            out_pos[k] = j + offset
-            out_val[k] = values[pc]
-            k += 1
-            pc += 1
-            p[c] = pc
-            rem[c] = want[pc] - want[pc - 1] - 1 if pc < end[c] else -1
+            k = _take(c, j, want, end, values, offset, out_pos, out_val, k, rem, p)
     for c in range(256):
         # The countdown toward (part-relative) rank R started after rank R' -- R' + 1 elements seen -- at
         # R - R' - 1: with rem left, R - rem elements seen. Past the last wanted rank it counts down from -1, the
