@@ -4,8 +4,8 @@ For each model size (default: the 41.6 M-parameter model and a Qwen3-0.6B-shaped
 side by side in one run) one replica (`python -m rollout_space`, vLLM on CPU) starts from a base model that is
 *not* in the bucket while the bucket's latest version is an anchor: its first sync is a full-weight reload (the
 "full-reload pause"; after the deltas, `--reloads` - 1 more anchors that no delta leads to give more samples, and the
-median is reported: one sample swung 0.29-1.39 s at 0.6B across runs). Then every following version is a real AdamW step (fp32 master weights, lr 3e-6) published as
-a sparse delta. Per sync, from the replica's own /status record:
+median is reported: one sample swung 0.29-1.39 s at 0.6B across runs). Then every following version is a real AdamW
+step (fp32 master weights, lr 3e-6) published as a sparse delta. Per sync, from the replica's own /status record:
 
 * control plane -- pause_s minus the worker's apply time (pause + one dws_apply RPC + resume round trips);
 * apply -- the worker's validate + write + read-back of the changed positions (in-pause verification included);
@@ -294,17 +294,17 @@ def run_size(size: str, *, deltas: int, lr: float, work: Path, reloads: int = 3,
         except subprocess.TimeoutExpired:
             proc.kill()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("version", "peak_rss_rise_by_process_mb")}
+    reload_s = statistics.median(reload_pauses)  # the first full reload and the extra anchors
     model_mb = n_params * 2 / 2**20
     return {
         "size": size, "parameters": n_params, "model_mb": model_mb, "lr": lr, "verify": "every", "encoding": encoding,
         "apply_mode": f"mapped, {size}" + ("" if encoding == "compact" else f", {encoding}"),  # label of bench/run.py's pause plot
-        "anchor": {"pause_s": statistics.median(reload_pauses)},  # the full reload, under the key bench/run.py plots
-        # the median of the full reloads: the first (from a base not in the bucket) and the extra anchors
-        "full_reload": {"pause_s": statistics.median(reload_pauses), "pause_samples_s": reload_pauses,
+        "anchor": {"pause_s": reload_s},  # the full reload, under the key bench/run.py plots
+        "full_reload": {"pause_s": reload_s, "pause_samples_s": reload_pauses,
                         "first_apply_s": anchor["worker_apply_s"], "bytes": anchor["bytes"],
                         "first_verify_after_resume_s": anchor["verify_s"]},
         "delta_median": med,
-        "delta_pause_over_full_reload_pause": med["pause_s"] / statistics.median(reload_pauses),
+        "delta_pause_over_full_reload_pause": med["pause_s"] / reload_s,
         "pause_us_per_1k_changed": med["pause_s"] * 1e6 / (med["changed"] / 1e3),
         "max_peak_rss_rise_over_model_bytes": max(r["peak_rss_rise_mb"] for r in rows) / model_mb,
         "deltas": rows,

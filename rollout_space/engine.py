@@ -206,30 +206,32 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
         self._preparing: tuple[_Plan, Any] | None = None  # a plan being made, and its step generator
         self._digest: dict[str, Any] | None = None
         self._scatter = _compile_scatter() if self.map.placements and self._on_cpu() else None
-        self._pool = None  # threads for the in-pause writes on CPU
+        # Threads for the in-pause writes on CPU, made now rather than inside the first pause.
+        self._pool = None
+        if self._scatter is not None and _cores() > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(_cores(), thread_name_prefix="dws-write")
         self._plan_slice = _plan_slice()
         self.warm = self._warm_up()
 
     def _warm_up(self) -> dict[str, Any]:
         """Pay, once at start, what the first sync would otherwise pay inside its plan and pause: loading the
         codec's compiled decoders (numba's cache: tens of MB of code, measured +20 MB on the first sync of the 41.6 M
-        model) and making the write-thread pool. A warm-up failure is logged and shown in ``status``, never fatal:
-        the first sync then loads the code itself (and any real decode error is reported there)."""
+        model). A warm-up failure is logged and shown in ``status``, never fatal: the first sync then loads the code
+        itself (and any real decode error is reported there)."""
         t, ok = time.perf_counter(), True
         try:
             from shared.codec import warm_up
 
             warm_up()
-            if self._scatter is not None and _cores() > 1:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(_cores(), thread_name_prefix="dws-write")
         except Exception as exc:  # noqa: BLE001 -- a warm-up only
             ok = False
             logger.warning("dws: warming the decoders failed (%s); the first sync loads them", exc)
         ms = round((time.perf_counter() - t) * 1e3, 1)
-        logger.info("dws: decoders warm in %.0f ms, %d write thread(s)", ms, _cores() if self._pool else 1)
-        return {"ok": ok, "ms": ms, "write_threads": _cores() if self._pool else 1}
+        threads = _cores() if self._pool else 1
+        logger.info("dws: decoders warm in %.0f ms, %d write thread(s)", ms, threads)
+        return {"ok": ok, "ms": ms, "write_threads": threads}
 
     def _on_cpu(self) -> bool:
         return all(pl.target.device.type == "cpu" for pls in self.map.placements.values() for pl in pls)
@@ -563,10 +565,6 @@ class DwsWeightTransferEngine(WeightTransferEngine[DwsInitInfo, DwsUpdateInfo]):
             k = loads.index(min(loads))
             jobs[k].append(seg)
             loads[k] += seg.count
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(_cores(), thread_name_prefix="dws-write")
         results = list(self._pool.map(lambda job: self._write_segments(plan.plan_path, job), jobs))
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
