@@ -136,6 +136,26 @@ def publish_trl_layout(w):
     return v
 
 
+def publish_in_parts(w, *, count=2, encoding="compact"):
+    """A delta stored as `count` row-slice parts, as `count` sharded trainer ranks store it (tests/shared/
+    test_parts.py), appended to the bucket's history."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
+    from test_parts import store_in_parts
+
+    bucket = open_bucket(w["bucket"])
+    m = read_manifest(bucket)
+    before = w["trainer"].bf16()
+    w["trainer"].step()
+    after = w["trainer"].bf16()
+    v = w["latest"] + 1
+    entry = store_in_parts(w["bucket"], after, before, version=v, count=count, encoding=encoding)
+    write_manifest(bucket, m.model_copy(update={"deltas": (*m.deltas, entry), "latest": v,
+                                                "latest_digest": entry.digest}))
+    w["digests"][v] = entry.digest
+    w["latest"] = v
+    return v
+
+
 def test_replica_identifies_base_then_serves_every_version_bit_exact(world):
     gw = world["gw"]
     st = gw.sync_to(2)
@@ -253,12 +273,16 @@ def test_second_replica_started_late_catches_up_to_the_same_digest(world):
     assert st_b["digest_match"] is True
     ranks = gw_b.vllm_rpc("dws_status")
     assert [r["tp_rank"] for r in ranks] == [0, 1] and all(r["tp_size"] == 2 for r in ranks)
-    for encoding in ("compact", "raw"):
-        v = publish(world, encoding=encoding)
+    for encoding in ("compact", "raw", "parts"):
+        # parts: a version as two sharded trainer ranks store it -- row slices that do not line up with this
+        # replica's TP slices (a fused qkv's head split); each TP rank applies what it owns of both parts.
+        v = publish_in_parts(world) if encoding == "parts" else publish(world, encoding=encoding)
         st = gw_b.sync_to(v)
         assert st["served_digest"] == world["digests"][v] and st["last_sync"]["verified"] is True, encoding
         # (the publisher's anchor policy may have made this version an anchor: then nothing sparse was applied)
         assert st["last_sync"]["changed"] > 0 or "anchor" in st["last_sync"]["plan"], st["last_sync"]
+        if encoding == "parts":
+            assert st["last_sync"]["changed"] > 0 and len(read_manifest(open_bucket(world["bucket"])).delta(v).parts) == 2
     r = gw_b.complete()
     assert r.status_code == 200 and r.json()[MODEL_VERSION_FIELD] == v and r.headers[MODEL_VERSION_HEADER] == str(v)
 

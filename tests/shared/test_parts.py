@@ -75,34 +75,44 @@ def publish_in_parts(bucket_dir, states: list[dict], count: int, *, encoding: st
     identity = ModelIdentity(tensors={k: TensorSpec(shape=s) for k, s in sorted(shapes.items())})
     anchors, deltas = [], []
     for v, st in enumerate(states):
-        digest = weights_digest(st)
-        parts = []
-        for k in range(count):
-            mine = {n: rows(t, rows_of(shapes[n], k, count)) for n, t in st.items()
-                    if rows_of(shapes[n], k, count)[1] > rows_of(shapes[n], k, count)[0]}
-            if v == 0:
-                blob = encode_anchor_part(mine, version=v, shapes=shapes, index=k, count=count)
-            else:
-                changes, total = {}, 0
-                for n, cur in mine.items():
-                    prev = rows(states[v - 1][n], rows_of(shapes[n], k, count))
-                    cb, pb = bits(cur).reshape(-1), bits(prev).reshape(-1)
-                    pos = np.flatnonzero(cb != pb)
-                    total += cur.numel()
-                    if pos.size:
-                        changes[n] = TensorChange(tuple(cur.shape), pos, cb[pos], pb[pos], base=pb)
-                blob = add_metadata(encode_delta(changes, version=v, base=v - 1, total=total, encoding=encoding),
-                                    part_metadata(shapes, k, count))
-            path = part_path(v, k, count, anchor=v == 0)
-            bucket.write_bytes(path, blob)
-            parts.append(PartEntry(index=k, path=path, bytes=len(blob), sha256=sha256_file(bucket_dir / path)))
-        entry = FileEntry(version=v, bytes=sum(p.bytes for p in parts), digest=digest, base=None if v == 0 else v - 1,
-                          layout="dim0-chunks", parts=tuple(parts))
+        entry = store_in_parts(bucket_dir, st, None if v == 0 else states[v - 1], version=v, count=count,
+                               encoding=encoding)
         (anchors if v == 0 else deltas).append(entry)
-        m = Manifest(model=identity, latest=v, latest_digest=digest, digest="xsum64", anchors=tuple(anchors),
+        m = Manifest(model=identity, latest=v, latest_digest=entry.digest, digest="xsum64", anchors=tuple(anchors),
                      deltas=tuple(deltas))
         write_manifest(bucket, m)
     return m
+
+
+def store_in_parts(bucket_dir, state: dict, prev: dict | None, *, version: int, count: int,
+                   encoding: str = "compact") -> FileEntry:
+    """Store one version as `count` part files, as `count` ranks would (an anchor in parts when `prev` is None, else
+    a delta on `version - 1`, each rank's rows diffed against its own previous rows); returns the manifest entry,
+    not yet committed."""
+    bucket = open_bucket(bucket_dir, create=True)
+    shapes = {k: tuple(t.shape) for k, t in state.items()}
+    parts = []
+    for k in range(count):
+        mine = {n: rows(t, rows_of(shapes[n], k, count)) for n, t in state.items()
+                if rows_of(shapes[n], k, count)[1] > rows_of(shapes[n], k, count)[0]}
+        if prev is None:
+            blob = encode_anchor_part(mine, version=version, shapes=shapes, index=k, count=count)
+        else:
+            changes, total = {}, 0
+            for n, cur in mine.items():
+                before = rows(prev[n], rows_of(shapes[n], k, count))
+                cb, pb = bits(cur).reshape(-1), bits(before).reshape(-1)
+                pos = np.flatnonzero(cb != pb)
+                total += cur.numel()
+                if pos.size:
+                    changes[n] = TensorChange(tuple(cur.shape), pos, cb[pos], pb[pos], base=pb)
+            blob = add_metadata(encode_delta(changes, version=version, base=version - 1, total=total,
+                                             encoding=encoding), part_metadata(shapes, k, count))
+        path = part_path(version, k, count, anchor=prev is None)
+        bucket.write_bytes(path, blob)
+        parts.append(PartEntry(index=k, path=path, bytes=len(blob), sha256=sha256_file(bucket_dir / path)))
+    return FileEntry(version=version, bytes=sum(p.bytes for p in parts), digest=weights_digest(state),
+                     base=None if prev is None else version - 1, layout="dim0-chunks", parts=tuple(parts))
 
 
 # ----------------------------------------------------------------------------------------------------- digest
