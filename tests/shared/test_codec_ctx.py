@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 from safetensors import safe_open
 
 from shared.codec import ContextTensor, bf16_bits, get_encoding
@@ -300,14 +301,35 @@ def _ctx_fixture_states():
     return {"a.weight": (a, na, (60, 100)), "b.weight": (b, nb, (300,))}
 
 
+def _pinned_arrays(f) -> tuple[dict, dict]:
+    """A delta file's tensor params and arrays with every zstd bucket frame replaced by what it decompresses to:
+    zstd may compress the same input differently in another library version, which changes no decoded value."""
+    info = json.loads(f.metadata()["tensors"])
+    arrays = {key: f.get_tensor(key) for key in f.keys()}
+    for name, entry in info.items():
+        p = entry["params"]
+        if p.get("r") != "zstd":
+            continue
+        blob = arrays[name]
+        a = sum(row[5] + row[6] for row in p["c"]) + (p["n"] + 7) // 8
+        buckets = zstandard.ZstdDecompressor().decompress(blob[a: a + p["z"]].tobytes(), max_output_size=p["n"])
+        arrays[name] = np.concatenate([blob[:a], np.frombuffer(buckets, np.uint8), blob[a + p["z"]:]])
+        del p["z"]
+    return info, arrays
+
+
+@pytest.mark.parametrize("coder,fixture", [("range", "ctx-v1.safetensors"), ("zstd", "ctx-v2.safetensors")])
 @pytest.mark.parametrize("chunk", [None, 1000])
 @pytest.mark.parametrize("detect", ["numpy", "diff_bits"])
-def test_ctx_writer_still_writes_the_bytes_of_the_first_ctx_files(monkeypatch, tmp_path, chunk, detect):
+def test_ctx_writer_still_writes_the_bytes_of_the_first_ctx_files(monkeypatch, tmp_path, chunk, detect, coder,
+                                                                  fixture):
     """The compiled passes changed how ranks are found, not what is written: from the same states the writer
-    produces tests/shared/fixtures/ctx-v1.safetensors byte for byte -- whether the publisher's detection ranked the
-    changes on the way (diff_bits) or the encoder ranks them itself -- and that file applies bit-exactly."""
+    produces tests/shared/fixtures/ctx-v1.safetensors (the first residual coder, range) and ctx-v2.safetensors
+    (zstd, what `encode` writes now) byte for byte -- whether the publisher's detection ranked the changes on the
+    way (diff_bits) or the encoder ranks them itself -- and both files apply bit-exactly."""
     from shared import codec
 
+    monkeypatch.setattr(codec.ContextEncoding, "coder", coder)
     if chunk:
         monkeypatch.setattr(codec._BaseClasses, "chunk", chunk)
     changes = {}
@@ -320,13 +342,17 @@ def test_ctx_writer_still_writes_the_bytes_of_the_first_ctx_files(monkeypatch, t
     path = tmp_path / "d.safetensors"
     path.write_bytes(encode_delta(changes, version=3, base=2, total=6300, encoding="ctx", verify=True))
     # (safetensors orders header keys as it likes: compare the metadata and every stored array, not file bytes)
-    with safe_open(str(path), framework="np") as ours, \
-            safe_open(str(FIXTURES / "ctx-v1.safetensors"), framework="np") as first:
-        assert ours.metadata() == first.metadata()
-        assert sorted(ours.keys()) == sorted(first.keys())
-        for key in first.keys():
-            assert np.array_equal(ours.get_tensor(key), first.get_tensor(key)), key
-    pf = resolve_context(read_patch_file(FIXTURES / "ctx-v1.safetensors"),
+    with safe_open(str(path), framework="np") as ours, safe_open(str(FIXTURES / fixture), framework="np") as first:
+        if coder == "range":
+            assert ours.metadata() == first.metadata()
+        assert {k: v for k, v in ours.metadata().items() if k != "tensors"} == \
+            {k: v for k, v in first.metadata().items() if k != "tensors"}
+        (info, arrays), (want_info, want_arrays) = _pinned_arrays(ours), _pinned_arrays(first)
+        assert info == want_info
+        assert sorted(arrays) == sorted(want_arrays)
+        for key, want in want_arrays.items():
+            assert np.array_equal(arrays[key], want), key
+    pf = resolve_context(read_patch_file(FIXTURES / fixture),
                          {name: base for name, (base, _, _) in _ctx_fixture_states().items()})
     for name, (base, new, _) in _ctx_fixture_states().items():
         dec = pf.tensors[name]
@@ -386,3 +412,128 @@ def test_diff_state_diffs_every_tensor_and_leaves_out_the_unchanged(workers):
         want = np.flatnonzero(old[name] != new[name])
         assert np.array_equal(ch.positions, want) and np.array_equal(ch.new_bits, new[name][want])
         assert ch.base.ranks is not None  # ctx: ranked on the way
+
+
+# ------------------------------------------------------------------------------------- the residual coders (r)
+def _round_trip(base: np.ndarray, new: np.ndarray) -> tuple[dict, dict]:
+    ch = _change(base, new, (base.size,))
+    enc = get_encoding("ctx")
+    out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    dec = enc.decode(out.arrays, out.params, base.size, base_context=base)
+    assert np.array_equal(dec.positions, ch.positions)
+    assert np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits)
+    return out.arrays, out.params
+
+
+def test_both_fixtures_decode_with_the_default_writer_and_name_their_coder():
+    """A reader whose writer codes zstd still reads files of the first coder (no "r" param: range)."""
+    for fixture, coder in (("ctx-v1.safetensors", None), ("ctx-v2.safetensors", "zstd")):
+        pf = read_patch_file(FIXTURES / fixture)
+        assert json.loads(pf.metadata["tensors"])["a.weight"]["params"].get("r") == coder
+        resolve_context(pf, {name: base for name, (base, _, _) in _ctx_fixture_states().items()})
+        for name, (base, new, _) in _ctx_fixture_states().items():
+            dec = pf.tensors[name]
+            assert np.array_equal(dec.positions, np.flatnonzero(base != new))
+            assert np.array_equal(dec.resolve(base[dec.positions]), new[dec.positions])
+
+
+@pytest.mark.parametrize("coder", ["zstd", "range"])
+def test_coder_round_trips_one_symbol_classes_many_classes_and_every_bucket(monkeypatch, coder):
+    from shared import codec
+
+    monkeypatch.setattr(codec.ContextEncoding, "coder", coder)
+    # One class, every change the same symbol (+1 ulp): a one-symbol class, all buckets 0, all signs +.
+    base = np.full(5000, 0x3F80, np.uint16)
+    new = base.copy()
+    new[::3] += 1
+    _, params = _round_trip(base, new)
+    assert len(params["c"]) == 1 and params.get("r", "range") == coder
+    # One changed element only (a class of one symbol; 7 pad bits in the sign byte).
+    new = base.copy()
+    new[4321] -= 1
+    _round_trip(base, new)
+    # Many classes (exponents spread over ~100 binades) and residuals of every bucket, both signs, incl. +-32768.
+    g = np.random.default_rng(5)
+    base = (g.integers(0x0080, 0x7F00, 200_000) | (g.integers(0, 2, 200_000) << 15)).astype(np.uint16)
+    mags = np.concatenate([[1, 2, 3, 4, 7, 8, 255, 256, 32767, 32768], 1 << g.integers(0, 16, 20_000)])
+    mags = mags + g.integers(0, 2, mags.size) * (mags > 4)
+    signs = np.where(g.integers(0, 2, mags.size) == 1, -1, 1)
+    new = base.copy()
+    at = g.choice(base.size, mags.size, replace=False)
+    new[at] = (base[at].astype(np.int64) + signs * np.minimum(mags, 32768)).astype(np.uint16)
+    _, params = _round_trip(base, new)
+    assert len(params["c"]) > 50
+
+
+def _zstd_tensor(seed: int = 61):
+    base = _weights(30_000, seed)
+    new = _step(base, 3e-6, seed + 1)
+    new[:50] = base[:50] ^ np.uint16(0x00F0)  # wide residuals: an extra-bit stream
+    ch = _change(base, new, (30_000,))
+    enc = get_encoding("ctx")
+    out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, base.size, base_context=base)
+    assert out.params["r"] == "zstd" and out.params["x"] > 0
+    p = out.params
+    signs_at = sum(row[5] + row[6] for row in p["c"])
+    frame_at = signs_at + (p["n"] + 7) // 8
+    return enc, base, ch, out, signs_at, frame_at
+
+
+def _with(out, blob=None, **params):
+    p = json.loads(json.dumps(out.params)) | params
+    return {"": out.arrays[""] if blob is None else blob}, p
+
+
+def test_zstd_coder_refuses_corrupt_or_truncated_streams():
+    enc, base, ch, out, signs_at, frame_at = _zstd_tensor()
+    blob, p = out.arrays[""], out.params
+    frame_end = frame_at + p["z"]
+
+    def refused(arrays, params, match):
+        with pytest.raises(FormatError, match=match):
+            enc.decode(arrays, params, base.size, base_context=base)
+
+    # The frame cut short (the header's sizes follow it, or not): never a zstd traceback.
+    cut = np.concatenate([blob[:frame_end - 5], blob[frame_end:]])
+    refused(*_with(out, cut, z=p["z"] - 5), "bucket stream")
+    refused(*_with(out, blob[:-1]), "payload")
+    refused(*_with(out, z=p["z"] + 1), "payload")
+    # A frame of the wrong number of buckets, and one with a bucket no residual has.
+    for buckets, match in ((np.zeros(p["n"] - 1, np.uint8), "holds 29|buckets"),
+                           (np.full(p["n"], 17, np.uint8), "bucket above 17")):
+        frame = np.frombuffer(zstandard.ZstdCompressor(write_content_size=False).compress(buckets.tobytes()), np.uint8)
+        refused(*_with(out, np.concatenate([blob[:frame_at], frame, blob[frame_end:]]), z=frame.size), match)
+    # Extra bits that do not match the buckets: one byte short, one spare byte.
+    refused(*_with(out, blob[:-1], x=p["x"] - 1), "extra-bit stream")
+    refused(*_with(out, np.concatenate([blob, np.zeros(1, np.uint8)]), x=p["x"] + 1), "extra-bit stream")
+    # Params that do not describe the coder's section.
+    refused(*_with(out, r="huffman"), "unknown residual coder")
+    refused(*_with(out, r=7), "unknown residual coder")
+    refused({"": blob}, {k: v for k, v in p.items() if k != "z"}, "'z'")
+    refused(*_with(out, c=[row + [2, 0] for row in p["c"]]), "entries")
+
+
+def test_zstd_coder_corruption_is_refused_or_left_to_the_digest():
+    """No checksum in the frame (the weights digest checks the applied result): a flipped byte of the coder's section
+    raises a FormatError or decodes (then the digest judges it) -- never another exception; a flipped sign byte
+    always decodes to other residuals."""
+    enc, base, ch, out, signs_at, frame_at = _zstd_tensor()
+    blob = out.arrays[""]
+
+    def decode(i):
+        bad = blob.copy()
+        bad[i] ^= 0x5A
+        return enc.decode({"": bad}, out.params, base.size, base_context=base)
+
+    g = np.random.default_rng(3)
+    for i in g.choice(np.arange(signs_at, frame_at), 20, replace=False):
+        dec = decode(i)
+        assert np.array_equal(dec.positions, ch.positions)
+        assert not np.array_equal(dec.resolve(base[dec.positions]), ch.new_bits), i
+    refused = 0
+    for i in range(frame_at, frame_at + out.params["z"]):
+        try:
+            decode(i)
+        except FormatError:
+            refused += 1
+    assert refused > 0  # zstd itself, or the bucket / extra-bit checks
