@@ -1,0 +1,280 @@
+"""The ctx kernels' vector blocks (shared.codec_kernels) against plain numpy definitions of what they compute.
+
+The kernels count exponent classes 64 elements at a time (class masks, popcounts, a per-element tail for the last
+partial block); these tests pin their outputs to the obvious per-element definitions on inputs built to hit the block
+machinery's edges: sizes that are not a multiple of 64, changes and wanted elements at block boundaries, one class
+holding everything, empty inputs, ranks that do not fit the base, and a class table that is not the pooling clamp.
+The last test reruns this file in a fresh process with numba compiling for CPUs without AVX-512 (AVX2: haswell) and
+without AVX at all (plain x86-64), where LLVM lowers the same vector IR to other instructions.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import codec_kernels as K
+
+W = 64  # the kernels' block
+
+
+def weights(n: int, seed: int, *, std: float = 0.02) -> np.ndarray:
+    """bf16 bit patterns of N(0, std) weights (what the codec sees), as uint16."""
+    x = np.random.default_rng(seed).normal(0, std, n).astype(np.float32)
+    return (x.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def clamp_table(lo: int, hi: int) -> np.ndarray:
+    return np.clip(np.arange(256), lo, hi).astype(np.uint8)
+
+
+def classes(b: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return np.clip((b.astype(np.int64) >> 7) & 0xFF, lo, hi)
+
+
+def ranks_in_class(cls: np.ndarray) -> np.ndarray:
+    """Each element's rank among the elements of its class before it (the definition the ctx encoding uses)."""
+    rank = np.empty(cls.size, np.int64)
+    for c in np.unique(cls):
+        at = np.flatnonzero(cls == c)
+        rank[at] = np.arange(at.size)
+    return rank
+
+
+def bases() -> list[tuple[str, np.ndarray, int, int]]:
+    """(name, base bits, lo, hi): sizes around whole blocks, one class only, a wide pooled range, raw exponents."""
+    out = []
+    for n in (0, 1, 63, 64, 65, 127, 128, 1000, 4096 + 37):
+        b = weights(n, n)
+        out.append((f"weights{n}", b, 112, 121))
+    b = weights(3001, 7)
+    out.append(("one-class", b, 0, 0))  # lo == hi: every element in class 0
+    out.append(("one-class-hi", b, 255, 255))
+    out.append(("unpooled", b, 0, 255))
+    out.append(("wide", np.random.default_rng(3).integers(0, 1 << 16, 2 * W * 9 + 5).astype(np.uint16), 40, 200))
+    return out
+
+
+BASES = bases()
+IDS = [name for name, *_ in BASES]
+
+
+def changed_at(n: int, seed: int, density: float) -> np.ndarray:
+    """Sorted unique positions: random ones plus every block edge (0, 63, 64, 127, ...) that exists."""
+    rng = np.random.default_rng(seed)
+    edges = np.array([e for s in range(0, n, W) for e in (s, s + W - 1)], np.int64)
+    pos = np.concatenate([np.flatnonzero(rng.random(n) < density), edges[edges < n]])
+    return np.unique(pos)
+
+
+# ------------------------------------------------------------------------------------------------------ encode side
+@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
+@pytest.mark.parametrize("density", [0.0, 0.04, 1.0])
+def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density):
+    n = b.size
+    pos = changed_at(n, 11, density) if density < 1 else np.arange(n)
+    new = b.copy()
+    new[pos] ^= np.uint16(1)  # flip the low mantissa bit: always a change
+    start = np.random.default_rng(5).integers(0, 1000, 256)  # class elements in earlier chunks
+    cls = classes(b, lo, hi)
+    out = [np.full(n, -7, np.int64), np.zeros(n, np.uint16), np.zeros(n, np.uint16), np.zeros(n, np.uint8),
+           np.full(n, -7, np.int64)]
+    k = K.diff_ranks(new, b, 1000, clamp_table(lo, hi), start, *out)
+    assert k == pos.size
+    np.testing.assert_array_equal(out[0][:k], pos + 1000)
+    np.testing.assert_array_equal(out[1][:k], new[pos])
+    np.testing.assert_array_equal(out[2][:k], b[pos])
+    np.testing.assert_array_equal(out[3][:k], cls[pos])
+    np.testing.assert_array_equal(out[4][:k], start[cls[pos]] + ranks_in_class(cls)[pos])
+
+
+def test_diff_ranks_with_too_little_room_stops_at_the_end_of_its_outputs():
+    b = weights(1000, 1)
+    new = b ^ np.uint16(1)  # all 1000 changed
+    room = 130  # past two whole blocks
+    out = [np.zeros(room + 1, np.int64), np.zeros(room + 1, np.uint16), np.zeros(room + 1, np.uint16),
+           np.zeros(room + 1, np.uint8), np.zeros(room + 1, np.int64)]
+    guard = [a[room] for a in out]
+    assert K.diff_ranks(new, b, 0, clamp_table(110, 125), np.zeros(256, np.int64), *(a[:room] for a in out)) == -1
+    np.testing.assert_array_equal(out[0][:room], np.arange(room))  # the ones that fit, then nothing past them
+    assert [a[room] for a in out] == guard
+
+
+@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
+def test_class_ranks_matches_per_element_definition(name, b, lo, hi):
+    n = b.size
+    pos = changed_at(n, 12, 0.05)
+    residual = np.random.default_rng(1).integers(-300, 300, pos.size).astype(np.int16)
+    cls = classes(b, lo, hi)
+    start = np.arange(256, dtype=np.int64) * 3
+    # class-major slots: class c's changed elements fill slot[c], slot[c] + 1, ... in position order
+    counts = np.bincount(cls[pos], minlength=256)
+    slot = np.cumsum(counts) - counts + 5
+    rank_out, res_out = np.full(pos.size + 5, -1, np.int64), np.zeros(pos.size + 5, np.int16)
+    K.class_ranks(b, clamp_table(lo, hi), start, pos, residual, slot.copy(), rank_out, res_out)
+    order = np.argsort(cls[pos], kind="stable")
+    np.testing.assert_array_equal(rank_out[5:], (start[cls] + ranks_in_class(cls))[pos][order])
+    np.testing.assert_array_equal(res_out[5:], residual[order])
+
+
+@pytest.mark.parametrize("n", [0, 5, 64, 4095, 4096, 4096 + 64 * 3 + 9, 50_000])
+@pytest.mark.parametrize("kind", ["weights", "one-exponent", "with-zeros", "wide", "narrow-then-wide"])
+def test_exponent_histogram_matches_bincount(n, kind):
+    rng = np.random.default_rng(n)
+    b = weights(n, n)
+    if kind == "one-exponent":
+        b = np.full(n, 0x3F80, np.uint16)  # 1.0: a norm's weights
+    elif kind == "with-zeros":
+        b[rng.random(n) < 0.01] = 0  # exponent 0, far outside the weights' window
+    elif kind == "wide":
+        b = rng.integers(0, 1 << 16, n).astype(np.uint16)  # every exponent: the per-element path
+    elif kind == "narrow-then-wide":
+        b[4096:] = rng.integers(0, 1 << 16, max(n - 4096, 0))  # the window fits the sample, not the rest
+    out = np.arange(256, dtype=np.int64)  # adds to what is there
+    K.exponent_histogram(b, out)
+    np.testing.assert_array_equal(out, np.arange(256) + np.bincount((b >> 7) & 0xFF, minlength=256))
+    new = b.copy()
+    flip = rng.random(n) < 0.1
+    new[flip] ^= np.uint16(3)
+    out = np.zeros(256, np.int64)
+    assert K.exponent_histogram_changes(new, b, out) == int(flip.sum())
+    np.testing.assert_array_equal(out, np.bincount((b >> 7) & 0xFF, minlength=256))
+
+
+# ------------------------------------------------------------------------------------------------------ decode side
+def wanted(b: np.ndarray, lo: int, hi: int, pos: np.ndarray, start: np.ndarray):
+    """The decoder's input for changed positions `pos`: class-major ranks (`want`), each class's [ptr, end) in it,
+    and one value per rank."""
+    cls = classes(b, lo, hi)
+    order = np.argsort(cls[pos], kind="stable")
+    want = (start[cls] + ranks_in_class(cls))[pos][order]
+    counts = np.bincount(cls[pos], minlength=256)
+    end = np.cumsum(counts)
+    values = np.random.default_rng(2).integers(-1000, 1000, pos.size).astype(np.int16)
+    return want, end - counts, end, values, values[np.argsort(order)]
+
+
+def found_by_definition(b, lo, hi, start, want, ptr, end):
+    """What the walkers find: per class, its wanted ranks in order for as long as each is an element of this part
+    (at or after `start`, below the class's end, above the previous one) -- a rank that does not fit stops its class.
+    Returns (positions, index into want) in position order, and every class's size."""
+    cls = classes(b, lo, hi)
+    hits = []
+    for c in range(256):
+        at = np.flatnonzero(cls == c)
+        prev = -1
+        for i in range(ptr[c], end[c]):
+            r = want[i] - start[c]
+            if not prev < r < at.size:
+                break
+            hits.append((at[r], i))
+            prev = r
+    hits.sort()
+    return np.array([h[0] for h in hits], np.int64), np.array([h[1] for h in hits], np.int64), \
+        np.bincount(cls, minlength=256)
+
+
+def run_walkers(b, lo, hi, start, want, ptr, end, values, offset=100):
+    table = clamp_table(lo, hi)
+    m = want.size
+    pos, val = np.full(m, -1, np.int64), np.zeros(m, values.dtype)
+    k1 = K.class_positions(b, table, start, want, ptr.copy(), end, values, offset, pos, val)
+    pos2, val2, counts = np.full(m, -1, np.int64), np.zeros(m, values.dtype), np.zeros(256, np.int64)
+    k2 = K.walk_positions(b, table, start, want, ptr.copy(), end, values, offset, pos2, val2, counts)
+    return (k1, pos[:k1], val[:k1]), (k2, pos2[:k2], val2[:k2], counts)
+
+
+@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
+@pytest.mark.parametrize("density", [0.0, 0.04, 0.5, 1.0])
+def test_walkers_invert_the_ranks(name, b, lo, hi, density):
+    pos = changed_at(b.size, 13, density) if density < 1 else np.arange(b.size)
+    start = np.random.default_rng(4).integers(0, 50, 256)
+    want, ptr, end, values, by_position = wanted(b, lo, hi, pos, start)
+    (k1, pos1, val1), (k2, pos2, val2, counts) = run_walkers(b, lo, hi, start, want, ptr, end, values)
+    assert k1 == k2 == pos.size
+    for got, vals in ((pos1, val1), (pos2, val2)):
+        np.testing.assert_array_equal(got, pos + 100)
+        np.testing.assert_array_equal(vals, by_position)
+    np.testing.assert_array_equal(counts, np.bincount(classes(b, lo, hi), minlength=256))
+
+
+@pytest.mark.parametrize("case", ["past-the-class-end", "before-this-part", "not-ascending", "class-outside-range"])
+def test_walkers_find_fewer_when_ranks_do_not_fit(case):
+    b, lo, hi = weights(5000, 9), 112, 121
+    start = np.full(256, 10, np.int64)
+    pos = changed_at(b.size, 14, 0.03)
+    want, ptr, end, values, _ = wanted(b, lo, hi, pos, start)
+    cls = classes(b, lo, hi)
+    big = int(np.argmax(np.bincount(cls, minlength=256)))
+    a, z = ptr[big], end[big]
+    if case == "past-the-class-end":
+        want[z - 3:z] += 10_000  # the class's last three ranks
+    elif case == "before-this-part":
+        want[a] = 3  # below start: an element of an earlier chunk
+    elif case == "not-ascending":
+        want[a + 5] = want[a + 2]
+    else:  # ranks for a class the table never yields
+        ptr, end = ptr.copy(), end.copy()
+        ptr[hi + 1], end[hi + 1] = a, a + 4
+    exp_pos, exp_idx, exp_counts = found_by_definition(b, lo, hi, start, want, ptr, end)
+    (k1, pos1, val1), (k2, pos2, val2, counts) = run_walkers(b, lo, hi, start, want, ptr, end, values)
+    assert k1 == k2 == exp_pos.size < int((end - ptr).clip(0).sum())
+    for got, vals in ((pos1, val1), (pos2, val2)):
+        np.testing.assert_array_equal(got, exp_pos + 100)
+        np.testing.assert_array_equal(vals, values[exp_idx])
+    np.testing.assert_array_equal(counts, exp_counts)
+
+
+def test_class_positions_with_nothing_wanted_reads_nothing():
+    b = weights(1000, 1)
+    empty = np.zeros(256, np.int64)
+    assert K.class_positions(b, clamp_table(112, 121), empty, np.zeros(0, np.int64), empty, empty,
+                             np.zeros(0, np.int16), 0, np.zeros(0, np.int64), np.zeros(0, np.int16)) == 0
+
+
+# ------------------------------------------------------------------------------------------------------ contracts
+def test_non_contiguous_inputs_give_the_same_results():
+    b = weights(2 * 3000, 2)
+    strided = b[::2]
+    out, out2 = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    K.exponent_histogram(strided, out)
+    K.exponent_histogram(strided.copy(), out2)
+    np.testing.assert_array_equal(out, out2)
+    new = strided.copy()
+    new[::7] ^= np.uint16(1)
+    res = [[np.zeros(3000, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int64)] for _ in range(2)]
+    for base, r in zip((strided, strided.copy()), res):
+        assert K.diff_ranks(new, base, 0, clamp_table(112, 121), np.zeros(256, np.int64), *r) == len(new[::7])
+    for x, y in zip(*res):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_table_that_is_not_the_pooling_clamp_is_refused():
+    table = clamp_table(112, 121)
+    table[115] = 119  # classes are computed as the clamp: any other table would silently give other ones
+    b = weights(100, 1)
+    with pytest.raises(ValueError, match="class table"):
+        K.diff_ranks(b, b, 0, table, np.zeros(256, np.int64), *(np.zeros(100, t) for t in
+                                                                    (np.int64, np.uint16, np.uint16, np.uint8, np.int64)))
+
+
+@pytest.mark.skipif(os.environ.get("DWS_KERNELS_CPU") is not None, reason="already the re-run")
+@pytest.mark.parametrize("cpu", ["haswell", "x86-64"])
+def test_same_results_when_compiled_for_cpus_without_avx512(cpu, tmp_path):
+    """numba compiles for the host CPU; a Space may have AVX2 only (or less). A fresh process compiling for `cpu`
+    (its own cache directory, so nothing compiled for this host is loaded) must pass this file too."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 CPU names")
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path),
+               DWS_KERNELS_CPU=cpu)
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
