@@ -185,9 +185,14 @@ def _clamp_bounds(table):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _tail_classes(bits, j, lo, hi, buf):
-    """The last, partial block's classes into buf (per element); returns the mask of its valid bits."""
+def _classes(bits, bp, j, lo, hi, buf, fp):
+    """The classes of the block at j into buf (`bp`, `fp`: the two arrays' addresses); returns the mask of its
+    elements: all _W, or those of the last, partial block (classified one by one: a whole-block load would read
+    past the array)."""
     t = bits.size - j
+    if t >= _W:
+        _block_classes(bp, j, lo, hi, fp)
+        return ~np.uint64(0)
     for u in range(t):
         buf[u] = min(max((np.int64(bits[j + u]) >> 7) & 0xFF, lo), hi)
     return (_ONE << np.uint64(t)) - _ONE
@@ -228,10 +233,11 @@ def _histogram(b, out, new, changes):
     spill = np.zeros((4, 256), np.int64)
     head = min(n, 4096)
     _count_exponents(b, 0, head, spill)
-    sample = spill[0] + spill[1] + spill[2] + spill[3]
     lo, best = 0, -1
-    for a in range(256 - _WINDOW + 1):
-        inside = sample[a: a + _WINDOW].sum()
+    for a in range(256 - _WINDOW + 1):  # (explicit loops: numpy array expressions compile several times slower)
+        inside = 0
+        for e in range(a, a + _WINDOW):
+            inside += spill[0, e] + spill[1, e] + spill[2, e] + spill[3, e]
         if inside > best:
             lo, best = a, inside
     j = head
@@ -255,7 +261,8 @@ def _histogram(b, out, new, changes):
                 outside &= outside - _ONE
                 spill[0, buf[u]] += 1
             j += _W
-        spill[0] += h
+        for e in range(256):
+            spill[0, e] += h[e]
     _count_exponents(b, j, n, spill)
     for e in range(256):
         out[e] += spill[0, e] + spill[1, e] + spill[2, e] + spill[3, e]
@@ -358,11 +365,7 @@ def class_ranks(b, table, start, positions, residual, slot, rank_out, res_out):
         while i < m and positions[i] < j + _W:
             changed |= _ONE << np.uint64(positions[i] - j)
             i += 1
-        if j + _W <= n:
-            _block_classes(bp, j, lo, hi, fp)
-            _count_block(buf, fp, ~np.uint64(0), lo, hi, h, masks)
-        else:
-            _count_block(buf, fp, _tail_classes(b, j, lo, hi, buf), lo, hi, h, masks)
+        _count_block(buf, fp, _classes(b, bp, j, lo, hi, buf, fp), lo, hi, h, masks)
         while changed:
             u = _lowest(changed)
             changed &= changed - _ONE
@@ -441,15 +444,10 @@ def class_positions(b, table, start, want, ptr, end, values, offset, out_pos, ou
     bp, fp = b.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
     n = b.size
     j = 0
-    while j + _W <= n:
-        _block_classes(bp, j, lo, hi, fp)
-        k = _walk_block(buf, fp, ~np.uint64(0), lo, hi, j, want, end, values, offset, out_pos, out_val, k, rem, p)
-        if k == left:
-            return k  # the rest of the chunk holds nothing wanted
-        j += _W
-    if j < n:
-        valid = _tail_classes(b, j, lo, hi, buf)
+    while j < n and k < left:  # k == left: the rest of the chunk holds nothing wanted
+        valid = _classes(b, bp, j, lo, hi, buf, fp)
         k = _walk_block(buf, fp, valid, lo, hi, j, want, end, values, offset, out_pos, out_val, k, rem, p)
+        j += _W
     return k
 
 
@@ -466,13 +464,10 @@ def walk_positions(b, table, start, want, ptr, end, values, offset, out_pos, out
     n = b.size
     k = 0
     j = 0
-    while j + _W <= n:
-        _block_classes(bp, j, lo, hi, fp)
-        k = _walk_block(buf, fp, ~np.uint64(0), lo, hi, j, want, end, values, offset, out_pos, out_val, k, rem, p)
-        j += _W
-    if j < n:
-        valid = _tail_classes(b, j, lo, hi, buf)
+    while j < n:
+        valid = _classes(b, bp, j, lo, hi, buf, fp)
         k = _walk_block(buf, fp, valid, lo, hi, j, want, end, values, offset, out_pos, out_val, k, rem, p)
+        j += _W
     for c in range(256):
         # The countdown toward (part-relative) rank R started after rank R' -- R' + 1 elements seen -- at
         # R - R' - 1: with rem left, R - rem elements seen. Past the last wanted rank it counts down from -1, the
@@ -520,14 +515,12 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
     while j < n:
         if j + _W <= n:
             changed = _diff_mask(np_, op, j)
-            _block_classes(op, j, lo, hi, fp)
-            _count_block(buf, fp, ~np.uint64(0), lo, hi, h, masks)
         else:
             changed = np.uint64(0)
             for u in range(n - j):
                 if new[j + u] != old[j + u]:
                     changed |= _ONE << np.uint64(u)
-            _count_block(buf, fp, _tail_classes(old, j, lo, hi, buf), lo, hi, h, masks)
+        _count_block(buf, fp, _classes(old, op, j, lo, hi, buf, fp), lo, hi, h, masks)
         while changed:
             u = _lowest(changed)
             changed &= changed - _ONE
