@@ -897,7 +897,7 @@ class _RangeCoder:
     """The first ctx residual coder (files without a ``"r"`` param): per class, whole symbols range-coded
     (constriction) under the class's quantized frequency table. Each class row ends with ``[alphabet size, coder
     bytes]``; its section is every class's table (uint16 LE), then every class's coder words (uint32 LE). Still read;
-    written only on request (`ContextEncoding.coder`), because constriction holds the GIL at 8-16 ns per symbol."""
+    written only on request (`ContextEncoding.coder`): constriction holds the GIL, 16-21 ns per symbol to decode."""
 
     name = "range"
     row_cols = 2
@@ -959,8 +959,9 @@ class _ZstdCoder:
     (``(n + 7) // 8`` bytes, MSB first, in the class-major order of the rows), then one zstd frame (param ``"z"``:
     its bytes; no content size, no checksum: the header knows n, the weights digest checks the result) of one byte
     per element, ``bucket - 1``. Signs are coin flips and a bucket carries 0.1-0.4 bits inside its class, so this is
-    within +0.1-0.2 bits per changed element of range-coding whole symbols, 6-10x faster, and zstd and the split /
-    join loops (`codec_coder`) release the GIL: tensors code in parallel (measured: shared/codec_coder.py)."""
+    within +0.1-0.2 bits per changed element of range-coding whole symbols, 6-8x faster to decode and 3-7x to
+    encode, and zstd and the split / join loops (`codec_coder`) release the GIL: tensors code in parallel
+    (measured: shared/codec_coder.py)."""
 
     name = "zstd"
     row_cols = 0
