@@ -148,7 +148,7 @@ def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int
     """Serialise a delta. Only tensors with at least one changed element are stored.
 
     Each tensor gets the smallest of `encoding` and its `FALLBACKS`; tensors are coded on `workers` threads (numpy's
-    sorts, packing and zstd release the GIL; constriction's coder does not). `verify` decodes every tensor again and
+    sorts, packing, zstd and the codec's numba kernels release the GIL). `verify` decodes every tensor again and
     compares it before writing (twice the work; the codecs are lossless by construction and property-tested).
     """
     get_encoding(encoding)  # an unknown name fails here, not in a worker thread
