@@ -949,10 +949,12 @@ class _RangeCoder:
                 sym_parts.append(dec.decode(_categorical(freq), k_c).astype(np.int32))
             except (ValueError, RuntimeError) as exc:
                 raise FormatError(f"ctx delta class {c}: residual stream does not decode ({exc})") from None
-        residual = _kernels().symbols_to_residuals(np.concatenate(sym_parts), np.ascontiguousarray(extra))
-        if residual.size != n:
-            raise FormatError(f"ctx delta extra-bit stream of {extra.size} bytes does not match its residual symbols")
-        return residual
+        from shared import codec_coder
+
+        sym = np.concatenate(sym_parts)
+        signs, buckets = np.zeros((sym.size + 7) // 8, np.uint8), np.empty(sym.size, np.uint8)
+        codec_coder.split_symbols(sym, signs, buckets)
+        return _join_residuals(buckets, signs, extra, n)
 
 
 class _ZstdCoder:
@@ -998,14 +1000,20 @@ class _ZstdCoder:
             raise FormatError(f"ctx delta bucket stream does not decode ({exc})") from None
         if len(buckets) != n:
             raise FormatError(f"ctx delta bucket stream holds {len(buckets)} buckets, header says {n}")
-        residual = np.empty(n, np.int16)
-        status = codec_coder.bucket_residuals(np.frombuffer(buckets, np.uint8), signs, np.ascontiguousarray(extra),
-                                              _MAX_MSYM, residual)
-        if status == codec_coder.BAD_BUCKET:
-            raise FormatError(f"ctx delta bucket stream holds a bucket above {_MAX_MSYM}")
-        if status != 0:
-            raise FormatError(f"ctx delta extra-bit stream of {extra.size} bytes does not match its residual buckets")
-        return residual
+        return _join_residuals(np.frombuffer(buckets, np.uint8), signs, extra, n)
+
+
+def _join_residuals(buckets: np.ndarray, signs: np.ndarray, extra: np.ndarray, n: int) -> np.ndarray:
+    """Both residual coders' last step: bucket bytes + sign bits + the extra-bit stream as n int16 residuals."""
+    from shared import codec_coder
+
+    residual = np.empty(n, np.int16)
+    status = codec_coder.bucket_residuals(buckets, signs, np.ascontiguousarray(extra), _MAX_MSYM, residual)
+    if status == codec_coder.BAD_BUCKET:
+        raise FormatError(f"ctx delta bucket stream holds a bucket above {_MAX_MSYM}")
+    if status != 0:
+        raise FormatError(f"ctx delta extra-bit stream of {extra.size} bytes does not match its residual buckets")
+    return residual
 
 
 # A tensor's param "r" names its residual coder; files written before the zstd coder have none: range.

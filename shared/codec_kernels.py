@@ -778,35 +778,6 @@ def pack_low_bits(sym, residual):
     return out
 
 
-@njit(nogil=True, cache=True)
-def symbols_to_residuals(sym, packed):
-    """Inverse of `residual_symbols` + `pack_low_bits`: int16 residuals, or an empty array when `packed` does not
-    hold exactly the extra bits the symbols need (fewer, or a whole spare byte)."""
-    n = sym.size
-    total = 0
-    for i in range(n):
-        b = sym[i] // 2 + 1
-        if b >= 4:
-            total += b - 2
-    if packed.size * 8 < total or packed.size * 8 - total >= 8:
-        return np.empty(0, np.int16)
-    out = np.empty(n, np.int16)
-    bit = 0
-    for i in range(n):
-        b = sym[i] // 2 + 1
-        if b >= 4:
-            w = b - 2
-            v = np.int64(0)
-            for _ in range(w):
-                v = (v << 1) | ((packed[bit >> 3] >> (7 - (bit & 7))) & 1)
-                bit += 1
-            m = (np.int64(1) << w) + v
-        else:
-            m = np.int64(b)
-        out[i] = np.int16(-m if sym[i] & 1 else m)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- chunked decode
 @njit(nogil=True, cache=True)
 def rice_positions_chunk(unary, rem, k, clz8, i0, count, ubit, prev, limit, out):
