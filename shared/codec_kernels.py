@@ -7,14 +7,15 @@ Why numba: the ``ctx`` encoding needs, for every changed element, its rank among
 exponent class. As numpy that was a per-chunk stable sort of every element's class (8-10 ns per element of the
 *model*); here it is one pass over the base's bits that counts classes 64 elements at a time with vector compares and
 bit masks (the "vector class blocks" below: 0.5-1.1 ns per element with the ranking or position finding included,
-measured 1.2-2.5x faster than one counter increment per element). Every kernel is
-compiled with ``nogil=True`` and runs serially on one chunk: callers spread chunks over `run_chunks`' thread pool, so
-the parallelism is plain Python threads (safe to call from any number of threads at once -- numba's own ``parallel=``
+measured 1.2-2.5x faster than one counter increment per element). Every kernel is compiled with ``nogil=True``
+and runs serially on one chunk: callers spread chunks over `run_chunks`' thread pool, so the parallelism is plain
+Python threads (safe to call from any number of threads at once -- numba's own ``parallel=``
 threading layers are not all re-entrant -- and it adds nothing to how many threads a process starts).
 
 ``cache=True`` keeps the compiled code on disk (next to this file, or numba's per-user cache directory where that is
-not writable): the first process on a machine compiles once (3-4 s on this 2-core machine, bench/results.json
-``numba_first_use_s``), later ones load it in about half a second, numba's import included. Nothing imports this module before an encoding needs it, so `dws --help` and the
+not writable): the first process on a machine compiles once (6-6.5 s on this 2-core machine, bench/results.json
+``numba_first_use_s``: the vector blocks take LLVM longer than scalar loops), later ones load it in about half a
+second, numba's import included. Nothing imports this module before an encoding needs it, so `dws --help` and the
 env Space never pay for numba.
 """
 
