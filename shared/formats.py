@@ -463,7 +463,9 @@ def resolve_context(pf: PatchFile, bases: Mapping[str, Any], *, workers: int | N
     """Decode, in place and on `workers` threads, every tensor of `pf` that needs its base: `bases[name]` is that
     tensor's current (base) weights -- bf16 torch on any device, or uint16 bit patterns. Returns `pf`.
     Raises FormatError (nothing applied) when a tensor does not fit its base."""
-    pending = [n for n, t in pf.tensors.items() if t.needs_base_context]
+    # Largest first: a big tensor started last (a tied embedding sorts after the layers) runs alone while the other
+    # threads have nothing left (measured at 0.6B, 2 threads: 645 vs 706 ms median model-wide decode).
+    pending = sorted((n for n, t in pf.tensors.items() if t.needs_base_context), key=lambda n: -pf.tensors[n].numel)
     missing = [n for n in pending if n not in bases]
     if missing:
         raise FormatError(f"v{pf.version}: no base weights for {missing[:3]}")
