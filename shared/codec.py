@@ -991,8 +991,6 @@ class _ZstdCoder:
         return (n + 7) // 8 + z
 
     def decode(self, section: np.ndarray, extra: np.ndarray, rows: list[list[int]], n: int, params: dict) -> np.ndarray:
-        from shared import codec_coder
-
         signs, frame = section[: (n + 7) // 8], section[(n + 7) // 8:]
         try:
             buckets = zstandard.ZstdDecompressor().decompress(frame.tobytes(), max_output_size=n)
@@ -1016,9 +1014,10 @@ def _join_residuals(buckets: np.ndarray, signs: np.ndarray, extra: np.ndarray, n
     return residual
 
 
-# A tensor's param "r" names its residual coder; files written before the zstd coder have none: range.
+# A tensor's param "r" names its residual coder; files written before the zstd coder name none: range. (What `encode`
+# writes is `ContextEncoding.coder`.)
 _RESIDUAL_CODERS = {c.name: c for c in (_RangeCoder(), _ZstdCoder())}
-_DEFAULT_CODER = "range"
+_UNNAMED_CODER = "range"
 
 
 @register_encoding
@@ -1080,7 +1079,7 @@ class ContextEncoding:
             pos_streams += [unary, rem]
             spans.append((a, b))
         params = {"n": int(positions.size), "x": int(extra.size), "p": [lo, hi], "c": rows}
-        if self.coder != _DEFAULT_CODER:  # files of the first coder have no "r": writing it for them would not
+        if self.coder != _UNNAMED_CODER:  # files of the first coder have no "r": writing it for them would not
             params["r"] = self.coder      # reproduce their bytes
         if not rows:
             return EncodedTensor({"": np.zeros(0, np.uint8)}, params)
@@ -1097,7 +1096,7 @@ class ContextEncoding:
             n, xlen = int(params["n"]), int(params["x"])
             rows = [[int(v) for v in row] for row in params["c"]]
             lo, hi = (int(v) for v in params["p"])
-            coder_name = params.get("r", _DEFAULT_CODER)
+            coder_name = params.get("r", _UNNAMED_CODER)
             assert 0 <= lo <= hi < _N_CLASSES
         except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
             raise FormatError(f"ctx delta tensor has incomplete parameters ({exc!r})") from None
