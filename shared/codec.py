@@ -636,8 +636,11 @@ class _BaseClasses:
     # typical matrices (1-3 M elements at 0.6B) span several, large enough that a call (~1 ms) dwarfs its dispatch.
     chunk = 1 << 20
     # Decoding a host tensor of at most this many elements needs no histogram pass: its walk counts the classes as it
-    # goes (`walk`; the histogram pass costs ~a fifth of a walk) ...
-    walk_max = 4 << 20
+    # goes (`walk`). Every size by default: with the flag-map walk the histogram and the per-chunk set-up cost more
+    # than a whole walk saves by running chunks in parallel -- the 0.6B tied embedding (155 M elements) took 226 ms of
+    # CPU as histogram + chunked walks, 144 ms as one walk -- and model-wide decodes (`formats.resolve_context`) keep
+    # the cores busy with other tensors meanwhile. A caller decoding one huge tensor on idle cores may lower it ...
+    walk_max = 1 << 62
     # ... and walks it in two halves on two threads (only the first counted beforehand) from this size on. Off by
     # default: model-wide decodes (`formats.resolve_context`) already fill the cores with tensors, and there the
     # one-thread walk measured ~9 % faster (1.69 s vs 1.84 s median at 0.6B) and does the least CPU work -- what a
@@ -768,74 +771,58 @@ class _BaseClasses:
         ok = K.residual_symbols(starts, res, sym, hist)
         return (None if ok < 0 else starts), rank, res, sym, hist
 
-    def positions(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
-                  values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inverse of `ranks`: `rank` holds class ``cls_ids[i]``'s ``sizes[i]`` ranks (ascending, below the class
-        size), class after class, and `values` one entry per rank in the same order. Returns the sorted positions
-        and the values in position order."""
-        if self._torch is not None:
-            return self._positions_device(np.repeat(np.array(cls_ids, np.int64), sizes), rank, values)
+    def positions(self, fl: "_ClassFlags", values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The changed elements of a counted host tensor (class sizes checked against the delta's header) from their
+        class flag maps (`fl`) and their values in class-major order: (sorted positions, values in position order).
+        Chunks walk in parallel, each starting at its classes' ranks (`_before`) in the maps."""
         K = _kernels()
         nchunks = len(self._bounds)
-        # ptr[i, c]: the first rank of class c in chunk i or later (row nchunks: the class's end).
-        ptr = np.zeros((nchunks + 1, _N_CLASSES), np.int64)
-        a = 0
-        for c, size in zip(cls_ids, sizes):
-            ptr[:nchunks, c] = a + np.searchsorted(rank[a: a + size], self._before[:, c])
-            ptr[nchunks, c] = a + size
-            a += size
-        want = (ptr[1:] - ptr[:-1]).sum(axis=1)
-        offsets = np.concatenate([[0], np.cumsum(want)])
-        pos = np.empty(rank.size, np.int64)
-        out = np.empty(rank.size, values.dtype)
+        pre = fl.prefix(np.vstack([self._before, self.counts[None, :]]))
+        offsets = np.concatenate([[0], np.cumsum((pre[1:] - pre[:-1]).sum(axis=1))])
+        pos = np.empty(values.size, np.int64)
+        out = np.empty(values.size, values.dtype)
 
-        def one(i: int) -> int:
+        def one(i: int) -> bool:
             (s, e), a, b = self._bounds[i], offsets[i], offsets[i + 1]
-            if a == b:
-                return 0
-            return K.class_positions(self._b[s:e], self._table, self._before[i], rank, ptr[i], ptr[i + 1], values, s,
-                                     pos[a:b], out[a:b]) - (b - a)
+            return a == b or K.flag_positions(self._b[s:e], self.lo, self.hi, fl.flags, fl.state(self._before[i]),
+                                              fl.zero, fl.vstart + pre[i], values, s, False,
+                                              pos[a:b], out[a:b]) == b - a
 
-        if any(K.run_chunks(one, nchunks)):
+        if offsets[-1] != values.size or not all(K.run_chunks(one, nchunks)):
             raise FormatError("ctx delta ranks do not fit this base's exponent classes")
         return pos, out
 
-    def walk(self, cls_ids: list[int], sizes: list[int], rank: np.ndarray,
-             values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def walk(self, fl: "_ClassFlags", values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`positions` for an uncounted tensor (``count_now=False``) that counts its classes on the way: (positions,
-        values, class sizes); fewer positions than ranks when the ranks do not fit this base. From
-        `walk_split_min` elements on, two parts on two threads: only the first half is counted beforehand (its
-        histogram places the second half's ranks), the second half counts its classes while it walks."""
+        values, class sizes); fewer positions than values when the maps do not fit this base (the caller then checks
+        the class sizes against the header). From `walk_split_min` elements on, two parts on two threads: only the
+        first half is counted beforehand (its histogram says where the second half starts in every map)."""
         K = _kernels()
         numel = self._b.size
-        starts = np.zeros(_N_CLASSES + 1, np.int64)
-        starts[np.array(cls_ids, np.int64) + 1] = sizes
-        starts = np.cumsum(starts)
         half = numel // 2 if numel >= self.walk_split_min else 0
         before = np.zeros(_N_CLASSES, np.int64)  # pooled class sizes of the first half
         if half:
             raw = np.zeros(_N_CLASSES, np.int64)
             K.exponent_histogram(self._b[:half], raw)
             np.add.at(before, self._table, raw)
-        mid = starts[:-1].copy()  # per class: its first rank in the second half
-        for c in cls_ids:
-            mid[c] += np.searchsorted(rank[starts[c]: starts[c + 1]], before[c])
-        first = int((mid - starts[:-1]).sum())
-        pos = np.empty(rank.size, np.int64)
-        out = np.empty(rank.size, values.dtype)
-        counts = np.zeros(_N_CLASSES, np.int64)
+        # A base that does not fit may have more class elements than a map has bits: stay inside the maps (the
+        # class-size check refuses such a base afterwards).
+        pre = fl.prefix(np.minimum(before, fl.size)[None, :])[0]
+        first = int(pre.sum())
+        pos = np.empty(values.size, np.int64)
+        out = np.empty(values.size, values.dtype)
+        state = fl.state(before)
 
         def part(i: int) -> bool:
             if i == 0:
-                return K.class_positions(self._b[:half], self._table, np.zeros(_N_CLASSES, np.int64), rank,
-                                         starts[:-1], mid, values, 0, pos[:first], out[:first]) == first
-            return K.walk_positions(self._b[half:], self._table, before, rank, mid, starts[1:], values, half,
-                                    pos[first:], out[first:], counts) == rank.size - first
+                return K.flag_positions(self._b[:half], self.lo, self.hi, fl.flags, fl.state(before * 0), fl.zero,
+                                        fl.vstart.copy(), values, 0, False, pos[:first], out[:first]) == first
+            return K.flag_positions(self._b[half:], self.lo, self.hi, fl.flags, state, fl.zero, fl.vstart + pre,
+                                    values, half, True, pos[first:], out[first:]) == values.size - first
 
         fits = all(K.run_chunks(part, 2)) if half else part(1)
-        counts += before
-        self.counts = counts
-        return (pos, out, counts) if fits else (pos[:0], out[:0], counts)
+        self.counts = fl.ranks(state)
+        return (pos, out, self.counts) if fits else (pos[:0], out[:0], self.counts)
 
     # -- the device path (a CUDA base): sorts on the device, only sparse indices reach the host ------------------
     def _to_host(self, x) -> np.ndarray:
@@ -879,6 +866,63 @@ class _BaseClasses:
         inv[local] = np.arange(cls.size)
         sorted_local = np.flatnonzero(mask)
         return sorted_local, values[inv[sorted_local]]
+
+
+@dataclass(frozen=True)
+class _ClassFlags:
+    """One ctx tensor's changed elements as per-class flag maps (`codec_kernels.class_flags`): bit r of class c's map
+    is set when the class's element of rank r changed. What the host walk reads (`codec_kernels.flag_positions`):
+    decoding the rank streams into maps costs O(changed) plus a bit per base element, and lets the walk find a
+    block's changed elements with one bit deposit per class instead of a search per changed element."""
+
+    flags: np.ndarray  # uint64 words: every map, then two zero words at `zero`
+    fbase: np.ndarray  # per class: the word its map starts at (0: no map)
+    end: np.ndarray  # per class: the bit address of its map's end (-1: no map)
+    zero: int
+    size: np.ndarray  # per class: its size in the header (0: no map)
+    vstart: np.ndarray  # per class: where its values start in the class-major value stream
+    cls_ids: np.ndarray  # the classes with a map
+
+    @classmethod
+    def decode(cls, blob: np.ndarray, rows: list[list[int]]) -> "_ClassFlags":
+        """From the header's class rows and the rank streams at the start of `blob`; FormatError for a stream that
+        does not decode to the header's counts inside the class."""
+        K = _kernels()
+        r = np.array([row[:7] for row in rows], np.int64).reshape(-1, 7)
+        c, n_c, k_c = r[:, 0], r[:, 1], r[:, 2]
+        words = np.concatenate([[0], np.cumsum((n_c >> 6) + 2)])
+        fbase, end = np.zeros(_N_CLASSES, np.int64), np.full(_N_CLASSES, -1, np.int64)
+        size, vstart = np.zeros(_N_CLASSES, np.int64), np.zeros(_N_CLASSES, np.int64)
+        fbase[c], end[c], size[c], vstart[c] = words[:-1], 64 * words[:-1] + n_c, n_c, np.cumsum(k_c) - k_c
+        zero = int(words[-1])
+        flags = np.zeros(zero + 2, np.uint64)
+        coded = np.where(r[:, 3] == _MODE_CHANGED, k_c, n_c - k_c)
+        # The streams and 8 readable bytes past their end: the bit reader loads 8 bytes at a time.
+        streams = np.concatenate([blob[: int(r[:, 5:7].sum())], np.zeros(8, np.uint8)])
+        status, i = K.class_flags(streams, r, fbase, flags)
+        if status == -5:
+            raise FormatError(f"ctx delta class {c[i]}: {n_c[i]} positions decoded, header says {k_c[i]}")
+        if status != 0:
+            off = int(r[:i, 5:7].sum() + r[i, 5])
+            _check_rice_status(status, int(coded[i]), int(r[i, 4]), blob[off: off + int(r[i, 6])])
+            raise FormatError(f"class {c[i]} ranks out of range for {n_c[i]} elements")
+        return cls(flags, fbase, end, zero, size, vstart, c)
+
+    def state(self, ranks: np.ndarray) -> np.ndarray:
+        """The walk's per-class state (`codec_kernels.flag_positions`) for a part whose first element of class c
+        has rank ranks[c]: [bit address of that rank in c's map, the map's end]."""
+        return np.ascontiguousarray(np.stack([64 * self.fbase + ranks, self.end], axis=1))
+
+    def ranks(self, state: np.ndarray) -> np.ndarray:
+        """Inverse of `state`: per class, the rank after the walk's last element (its class size when walked from
+        rank 0 to the end of the tensor)."""
+        return state[:, 0] - 64 * self.fbase
+
+    def prefix(self, bounds: np.ndarray) -> np.ndarray:
+        """[i, c]: the set bits of class c's map below bit bounds[i, c] (rows non-decreasing, within the map)."""
+        out = np.zeros(bounds.shape, np.int64)
+        _kernels().flag_prefix(self.flags, self.fbase, self.cls_ids, np.ascontiguousarray(bounds, np.int64), out)
+        return out
 
 
 def _categorical(freq: np.ndarray):
@@ -1127,9 +1171,34 @@ class ContextEncoding:
 
         if classes.counts is not None:
             check_counts()  # before any stream is decoded
-        # Every class's ranks go straight into one array: per-class arrays concatenated afterwards copied each rank
-        # once more into fresh (page-faulting) memory -- side by side, model-wide decode 1.43 -> 1.24 s (medians of 4
-        # runs each, 60.8 M changed at 0.6B).
+        if not rows:
+            return DecodedTensor(positions=np.zeros(0, np.int64), residual=np.zeros(0, np.int16))
+        # The rank streams first (their errors before the residual coder's), as flag maps for the host walk.
+        device = classes._torch is not None
+        ranks = self._ranks(blob, rows, n) if device else None
+        fl = None if device else _ClassFlags.decode(blob, rows)
+        off = sum(r[5] + r[6] for r in rows)
+        residual_cls = coder.decode(blob[off: blob.size - xlen], blob[blob.size - xlen:], rows, n, params)
+        if device:
+            positions, residual = classes._positions_device(
+                np.repeat(np.array(cls_ids, np.int64), [row[2] for row in rows]), ranks, residual_cls)
+        elif classes.counts is None:  # a small host tensor: the walk finds the positions and counts the classes
+            positions, residual, _ = classes.walk(fl, residual_cls)
+            check_counts()
+            if positions.size != n:
+                raise FormatError("ctx delta ranks do not fit this base's exponent classes")
+        else:
+            positions, residual = classes.positions(fl, residual_cls)
+        if positions.size != n:
+            raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
+        if device:  # the host walk emits positions in order, inside the tensor, by construction
+            check_positions(positions, numel)
+        return DecodedTensor(positions=positions, residual=residual)
+
+    @staticmethod
+    def _ranks(blob: np.ndarray, rows: list[list[int]], n: int) -> np.ndarray:
+        """Every class's ranks, class after class (the device path's input; the host path decodes flag maps)."""
+        K = _kernels()
         off = at = 0
         ranks = np.empty(n, np.int64)
         for c, n_c, k_c, mode, rk, ulen, rlen, *_ in rows:
@@ -1147,19 +1216,4 @@ class ContextEncoding:
                     raise FormatError(f"ctx delta class {c}: {r.size} positions decoded, header says {k_c}")
                 ranks[at: at + k_c] = r
             at += k_c
-        if not rows:
-            return DecodedTensor(positions=np.zeros(0, np.int64), residual=np.zeros(0, np.int16))
-        residual_cls = coder.decode(blob[off: blob.size - xlen], blob[blob.size - xlen:], rows, n, params)
-        if classes.counts is None:  # a small host tensor: the walk finds the positions and counts the classes
-            positions, residual, _ = classes.walk(cls_ids, [row[2] for row in rows], ranks,
-                                                  residual_cls)
-            check_counts()
-            if positions.size != n:
-                raise FormatError("ctx delta ranks do not fit this base's exponent classes")
-        else:
-            positions, residual = classes.positions(cls_ids, [row[2] for row in rows], ranks,
-                                                    residual_cls)
-        if positions.size != n:
-            raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
-        check_positions(positions, numel)
-        return DecodedTensor(positions=positions, residual=residual)
+        return ranks

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -147,94 +148,200 @@ def test_exponent_histogram_matches_bincount(n, kind):
 
 
 # ------------------------------------------------------------------------------------------------------ decode side
-def wanted(b: np.ndarray, lo: int, hi: int, pos: np.ndarray, start: np.ndarray):
-    """The decoder's input for changed positions `pos`: class-major ranks (`want`), each class's [ptr, end) in it,
-    and one value per rank."""
+def flag_maps(sizes: dict[int, int], ranks: dict[int, np.ndarray]):
+    """Flag maps built with numpy (bit r of class c's map set for each r in ranks[c]) in the kernels' layout: class
+    after class, (n_c >> 6) + 2 words each, then two zero words. Returns (flags, fbase, end, zero)."""
+    fbase, end = np.zeros(256, np.int64), np.full(256, -1, np.int64)
+    words = []
+    at = 0
+    for c, n_c in sizes.items():
+        bits = np.zeros(((n_c >> 6) + 2) * 64, np.uint8)
+        bits[ranks[c]] = 1
+        words.append(np.packbits(bits, bitorder="little").view(np.uint64))
+        fbase[c], end[c] = at, 64 * at + n_c
+        at += words[-1].size
+    flags = np.concatenate([*words, np.zeros(2, np.uint64)])
+    return flags, fbase, end, at
+
+
+def walk(b, lo, hi, start, pos, values, *, full, offset=100, room=None, sizes=None):
+    """flag_positions over part `b` whose class c starts at rank start[c]; changed part positions `pos` (each
+    class's maps sized `sizes`, default: start + the part's class sizes); values class-major."""
     cls = classes(b, lo, hi)
-    order = np.argsort(cls[pos], kind="stable")
-    want = (start[cls] + ranks_in_class(cls))[pos][order]
+    part_sizes = np.bincount(cls, minlength=256)
+    sizes = sizes or {c: int(start[c] + part_sizes[c]) for c in np.unique(cls[pos])}
+    ranks = {c: start[c] + ranks_in_class(cls)[pos[cls[pos] == c]] for c in sizes}
+    ranks = {c: r[r < sizes[c]] for c, r in ranks.items()}
+    flags, fbase, end, zero = flag_maps(sizes, ranks)
+    state = np.stack([64 * fbase + start, end], axis=1)
+    vstart = np.zeros(256, np.int64)
     counts = np.bincount(cls[pos], minlength=256)
-    end = np.cumsum(counts)
-    values = np.random.default_rng(2).integers(-1000, 1000, pos.size).astype(np.int16)
-    return want, end - counts, end, values, values[np.argsort(order)]
+    vstart[:] = np.cumsum(counts) - counts
+    m = pos.size if room is None else room
+    out_pos, out_val = np.full(m, -1, np.int64), np.zeros(m, np.int16)
+    k = K.flag_positions(b, lo, hi, flags, state, zero, vstart, values, offset, full, out_pos, out_val)
+    return k, out_pos, out_val, state[:, 0] - 64 * fbase
 
 
-def found_by_definition(b, lo, hi, start, want, ptr, end):
-    """What the walkers find: per class, its wanted ranks in order for as long as each is an element of this part
-    (at or after `start`, below the class's end, above the previous one) -- a rank that does not fit stops its class.
-    Returns (positions, index into want) in position order, and every class's size."""
+def class_major(b, lo, hi, pos, seed=2):
+    """Random values for the changed elements, class-major (as the decoder gets them), and in position order."""
     cls = classes(b, lo, hi)
-    hits = []
-    for c in range(256):
-        at = np.flatnonzero(cls == c)
-        prev = -1
-        for i in range(ptr[c], end[c]):
-            r = want[i] - start[c]
-            if not prev < r < at.size:
-                break
-            hits.append((at[r], i))
-            prev = r
-    hits.sort()
-    return np.array([h[0] for h in hits], np.int64), np.array([h[1] for h in hits], np.int64), \
-        np.bincount(cls, minlength=256)
-
-
-def run_walkers(b, lo, hi, start, want, ptr, end, values, offset=100):
-    table = clamp_table(lo, hi)
-    m = want.size
-    pos, val = np.full(m, -1, np.int64), np.zeros(m, values.dtype)
-    k1 = K.class_positions(b, table, start, want, ptr.copy(), end, values, offset, pos, val)
-    pos2, val2, counts = np.full(m, -1, np.int64), np.zeros(m, values.dtype), np.zeros(256, np.int64)
-    k2 = K.walk_positions(b, table, start, want, ptr.copy(), end, values, offset, pos2, val2, counts)
-    return (k1, pos[:k1], val[:k1]), (k2, pos2[:k2], val2[:k2], counts)
+    by_position = np.random.default_rng(seed).integers(-1000, 1000, pos.size).astype(np.int16)
+    return by_position[np.argsort(cls[pos], kind="stable")], by_position
 
 
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
 @pytest.mark.parametrize("density", [0.0, 0.04, 0.5, 1.0])
-def test_walkers_invert_the_ranks(name, b, lo, hi, density):
+@pytest.mark.parametrize("full", [False, True])
+def test_flag_walk_finds_the_changed_elements(name, b, lo, hi, density, full):
     pos = changed_at(b.size, 13, density) if density < 1 else np.arange(b.size)
-    start = np.random.default_rng(4).integers(0, 50, 256)
-    want, ptr, end, values, by_position = wanted(b, lo, hi, pos, start)
-    (k1, pos1, val1), (k2, pos2, val2, counts) = run_walkers(b, lo, hi, start, want, ptr, end, values)
-    assert k1 == k2 == pos.size
-    for got, vals in ((pos1, val1), (pos2, val2)):
-        np.testing.assert_array_equal(got, pos + 100)
-        np.testing.assert_array_equal(vals, by_position)
-    np.testing.assert_array_equal(counts, np.bincount(classes(b, lo, hi), minlength=256))
+    start = np.random.default_rng(4).integers(0, 130, 256)  # ranks in earlier parts: maps read from any bit
+    values, by_position = class_major(b, lo, hi, pos)
+    k, got, vals, after = walk(b, lo, hi, start, pos, values, full=full)
+    assert k == pos.size
+    np.testing.assert_array_equal(got, pos + 100)
+    np.testing.assert_array_equal(vals, by_position)
+    if full:  # every class advanced by its size in this part, mapped or not
+        np.testing.assert_array_equal(after - start, np.bincount(classes(b, lo, hi), minlength=256))
 
 
-@pytest.mark.parametrize("case", ["past-the-class-end", "before-this-part", "not-ascending", "class-outside-range"])
-def test_walkers_find_fewer_when_ranks_do_not_fit(case):
+@pytest.mark.parametrize("case", ["map-too-short", "map-too-long", "no-room"])
+def test_flag_walk_stays_inside_maps_and_outputs_when_they_do_not_fit(case):
     b, lo, hi = weights(5000, 9), 112, 121
-    start = np.full(256, 10, np.int64)
-    pos = changed_at(b.size, 14, 0.03)
-    want, ptr, end, values, _ = wanted(b, lo, hi, pos, start)
     cls = classes(b, lo, hi)
+    pos = changed_at(b.size, 14, 0.03)
+    start = np.zeros(256, np.int64)
+    values, by_position = class_major(b, lo, hi, pos)
     big = int(np.argmax(np.bincount(cls, minlength=256)))
-    a, z = ptr[big], end[big]
-    if case == "past-the-class-end":
-        want[z - 3:z] += 10_000  # the class's last three ranks
-    elif case == "before-this-part":
-        want[a] = 3  # below start: an element of an earlier chunk
-    elif case == "not-ascending":
-        want[a + 5] = want[a + 2]
-    else:  # ranks for a class the table never yields
-        ptr, end = ptr.copy(), end.copy()
-        ptr[hi + 1], end[hi + 1] = a, a + 4
-    exp_pos, exp_idx, exp_counts = found_by_definition(b, lo, hi, start, want, ptr, end)
-    (k1, pos1, val1), (k2, pos2, val2, counts) = run_walkers(b, lo, hi, start, want, ptr, end, values)
-    assert k1 == k2 == exp_pos.size < int((end - ptr).clip(0).sum())
-    for got, vals in ((pos1, val1), (pos2, val2)):
-        np.testing.assert_array_equal(got, exp_pos + 100)
-        np.testing.assert_array_equal(vals, values[exp_idx])
-    np.testing.assert_array_equal(counts, exp_counts)
+    sizes = {int(c): int((cls == c).sum()) for c in np.unique(cls[pos])}
+    if case == "map-too-short":  # the base has more class elements than the header said: past the map reads zeros
+        sizes[big] -= 200
+        lost = (cls[pos] == big) & (ranks_in_class(cls)[pos] >= sizes[big])
+        k, got, vals, _ = walk(b, lo, hi, start, pos, values, full=True, sizes=sizes)
+        assert 0 < k == pos.size - int(lost.sum())
+        np.testing.assert_array_equal(got[:k], pos[~lost] + 100)
+    elif case == "map-too-long":  # fewer class elements than the header said: the map's last ranks are never met
+        sizes[big] += 500
+        k, got, _, _ = walk(b, lo, hi, start, pos, values, full=True, sizes=sizes)
+        assert k == pos.size  # every changed element is found; the caller's class-size check refuses the base
+    else:
+        room = pos.size // 2
+        k, got, vals, _ = walk(b, lo, hi, start, pos, values, full=True, room=room)
+        assert k == -1
+        np.testing.assert_array_equal(got, pos[:room] + 100)
 
 
-def test_class_positions_with_nothing_wanted_reads_nothing():
-    b = weights(1000, 1)
-    empty = np.zeros(256, np.int64)
-    assert K.class_positions(b, clamp_table(112, 121), empty, np.zeros(0, np.int64), empty, empty,
-                             np.zeros(0, np.int16), 0, np.zeros(0, np.int64), np.zeros(0, np.int16)) == 0
+def test_flag_walk_stops_once_its_outputs_are_full_unless_counting():
+    b, lo, hi = weights(4096 + 37, 3), 112, 121
+    pos = np.array([5, 70, 200], np.int64)  # all in the first blocks
+    values, _ = class_major(b, lo, hi, pos)
+    start = np.zeros(256, np.int64)
+    _, _, _, early = walk(b, lo, hi, start, pos, values, full=False)
+    _, _, _, counted = walk(b, lo, hi, start, pos, values, full=True)
+    assert early.sum() < counted.sum() == b.size
+
+
+def rice_rows(sizes: dict[int, int], ranks: dict[int, np.ndarray], *, k=None):
+    """Header rows + streams as the ctx encoder writes them (the mode picked the same way)."""
+    from shared.codec import rice_encode, _rice_k
+
+    rows, streams = [], []
+    for c, n_c in sizes.items():
+        r = np.asarray(ranks[c], np.int64)
+        if r.size == n_c:
+            mode, coded = 2, None
+        elif 2 * r.size > n_c:
+            mode, coded = 1, np.setdiff1d(np.arange(n_c), r)
+        else:
+            mode, coded = 0, r
+        if coded is None:
+            rk, un, rem = 0, np.zeros(0, np.uint8), np.zeros(0, np.uint8)
+        else:
+            rk = _rice_k(coded, from_sorted=True) if k is None else k
+            un, rem = rice_encode(coded, rk, from_sorted=True)
+        rows.append([c, n_c, r.size, mode, rk, un.size, rem.size])
+        streams += [un, rem]
+    return np.array(rows, np.int64).reshape(-1, 7), np.concatenate([*streams, np.zeros(8, np.uint8)])
+
+
+@pytest.mark.parametrize("k", [None, 0, 1, 20, 57, 62])
+def test_class_flags_decode_every_mode(k):
+    rng = np.random.default_rng(6)
+    sizes = {100: 1, 101: 63, 102: 64, 103: 65, 104: 5000, 105: 5000, 106: 777, 107: 3000}
+    ranks = {100: np.array([0]), 101: np.array([0, 62]), 102: np.arange(64), 103: np.array([64]),
+             104: np.flatnonzero(rng.random(5000) < 0.03), 105: np.flatnonzero(rng.random(5000) < 0.9),
+             106: np.arange(777), 107: np.array([0, 1, 2, 2999])}
+    rows, streams = rice_rows(sizes, ranks, k=k)
+    assert {0, 1, 2} <= set(rows[:, 3])
+    flags, fbase, _, _ = flag_maps(sizes, {c: np.zeros(0, np.int64) for c in sizes})
+    assert K.class_flags(streams, rows, fbase, flags) == (0, 0)
+    want, _, _, _ = flag_maps(sizes, ranks)
+    np.testing.assert_array_equal(flags, want)
+
+
+@pytest.mark.parametrize("case,status,row", [("unary-cut", -1, 1), ("remainder-cut", -2, 1), ("wide-gap", -3, 1),
+                                             ("wide-field-gap", -3, 1), ("past-class", -4, 1), ("all-but-not", -5, 0)])
+def test_class_flags_report_broken_streams(case, status, row):
+    sizes = {110: 1000, 111: 1000}
+    rows, streams = rice_rows(sizes, {110: np.array([3, 500, 900]), 111: np.array([1, 2, 999])}, k=4)
+    if case == "unary-cut":  # the unary stream's last byte (its last one bit) read as a remainder byte instead
+        rows[1, 5] -= 1
+        rows[1, 6] += 1
+    elif case == "remainder-cut":  # the other way: 8 bits of remainders for 3 x 4
+        rows[1, 5] += 1
+        rows[1, 6] -= 1
+    elif case in ("wide-gap", "wide-field-gap"):  # a quotient of 64 with 56-bit fields (the fast reader) or 60-bit
+        k = 56 if case == "wide-gap" else 60     # ones (the general one): a gap past 62 bits
+        rows = np.array([[110, 1000, 1000, 2, 0, 0, 0], [111, 1000, 3, 0, k, 9, 3 * k // 8 + 1]], np.int64)
+        streams = np.concatenate([np.zeros(8, np.uint8), [0x80], np.zeros(rows[1, 6] + 8, np.uint8)]).astype(np.uint8)
+    elif case == "past-class":
+        rows[1, 1] = 999  # rank 999 of a class of 999
+    else:
+        rows[0, 3] = 2  # "all changed", with 3 of 1000
+    flags, fbase, _, _ = flag_maps({int(c): int(n) for c, n in zip(rows[:, 0], rows[:, 1])},
+                                   {int(c): np.zeros(0, np.int64) for c in rows[:, 0]})
+    assert K.class_flags(streams, rows, fbase, flags) == (status, row)
+
+
+def test_flag_prefix_counts_set_bits_below_each_bound():
+    rng = np.random.default_rng(8)
+    sizes = {50: 3000, 51: 64, 52: 700}
+    ranks = {c: np.flatnonzero(rng.random(n) < 0.2) for c, n in sizes.items()}
+    flags, fbase, _, _ = flag_maps(sizes, ranks)
+    bounds = np.zeros((5, 256), np.int64)
+    for c, n in sizes.items():
+        bounds[:, c] = np.sort(np.concatenate([[0, n], rng.integers(0, n + 1, 3)]))
+    out = np.zeros((5, 256), np.int64)
+    K.flag_prefix(flags, fbase, np.array(list(sizes), np.int64), bounds, out)
+    for c in sizes:
+        np.testing.assert_array_equal(out[:, c], np.searchsorted(ranks[c], bounds[:, c]))
+
+
+@numba.njit
+def deposits(srcs, masks, out):
+    for i in range(srcs.size):
+        out[0, i] = K._deposit(srcs[i], masks[i])  # what the walk uses here (BMI2's pdep on this CPU)
+        out[1, i] = K._pdep_loop(srcs[i], masks[i])  # the loop for CPUs without a fast one
+
+
+def test_both_bit_deposits_agree_with_the_definition():
+    rng = np.random.default_rng(9)
+    masks = np.concatenate([rng.integers(0, 1 << 62, 300, dtype=np.uint64) * np.uint64(3),
+                            np.array([0, 1, 1 << 63, (1 << 64) - 1], np.uint64)])
+    srcs = rng.integers(0, 1 << 62, masks.size, dtype=np.uint64) * np.uint64(3)
+
+    def pdep(src, mask):  # the definition: src's low bits, in order, onto mask's set bits
+        out, t = 0, 0
+        for bit in range(64):
+            if mask >> bit & 1:
+                out |= (src >> t & 1) << bit
+                t += 1
+        return out
+
+    out = np.zeros((2, masks.size), np.uint64)
+    deposits(srcs, masks, out)
+    want = [pdep(int(s), int(m)) for s, m in zip(srcs, masks)]
+    assert out[0].tolist() == want and out[1].tolist() == want
 
 
 # ------------------------------------------------------------------------------------------------------ contracts
