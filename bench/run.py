@@ -218,8 +218,8 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
     def decode(encoding):
         def run():
             pf = resolve_context(read_patch_file(paths[encoding]), base_bits)
-            for name, d in pf.tensors.items():
-                d.resolve(base_bits[name][d.positions])
+            for name, d in pf.tensors.items():  # as a replica resolves them (ctx decodes to new bits directly)
+                d.resolve(base_bits[name][d.positions] if d.needs_base else None)
         return run
 
     out["time"] = {"ne_pass": timed(ne_pass, repeats),

@@ -771,30 +771,30 @@ class _BaseClasses:
         ok = K.residual_symbols(starts, res, sym, hist)
         return (None if ok < 0 else starts), rank, res, sym, hist
 
-    def positions(self, fl: "_ClassFlags", values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def positions(self, fl: "_ClassFlags", residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The changed elements of a counted host tensor (class sizes checked against the delta's header) from their
-        class flag maps (`fl`) and their values in class-major order: (sorted positions, values in position order).
-        Chunks walk in parallel, each starting at its classes' ranks (`_before`) in the maps."""
+        class flag maps (`fl`) and their int16 residuals in class-major order: (sorted positions, their new uint16
+        bits). Chunks walk in parallel, each starting at its classes' ranks (`_before`) in the maps."""
         K = _kernels()
         nchunks = len(self._bounds)
         pre = fl.prefix(np.vstack([self._before, self.counts[None, :]]))
         offsets = np.concatenate([[0], np.cumsum((pre[1:] - pre[:-1]).sum(axis=1))])
-        pos = np.empty(values.size, np.int64)
-        out = np.empty(values.size, values.dtype)
+        pos = np.empty(residual.size, np.int64)
+        out = np.empty(residual.size, np.uint16)
 
         def one(i: int) -> bool:
             (s, e), a, b = self._bounds[i], offsets[i], offsets[i + 1]
             return a == b or K.flag_positions(self._b[s:e], self.lo, self.hi, fl.flags, fl.state(self._before[i]),
-                                              fl.zero, fl.vstart + pre[i], values, s, False,
+                                              fl.zero, fl.vstart + pre[i], residual, s, False,
                                               pos[a:b], out[a:b]) == b - a
 
-        if offsets[-1] != values.size or not all(K.run_chunks(one, nchunks)):
+        if offsets[-1] != residual.size or not all(K.run_chunks(one, nchunks)):
             raise FormatError("ctx delta ranks do not fit this base's exponent classes")
         return pos, out
 
-    def walk(self, fl: "_ClassFlags", values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def walk(self, fl: "_ClassFlags", residual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`positions` for an uncounted tensor (``count_now=False``) that counts its classes on the way: (positions,
-        values, class sizes); fewer positions than values when the maps do not fit this base (the caller then checks
+        new bits, class sizes); fewer positions than residuals when the maps do not fit this base (the caller then checks
         the class sizes against the header). From `walk_split_min` elements on, two parts on two threads: only the
         first half is counted beforehand (its histogram says where the second half starts in every map)."""
         K = _kernels()
@@ -809,16 +809,16 @@ class _BaseClasses:
         # class-size check refuses such a base afterwards).
         pre = fl.prefix(np.minimum(before, fl.size)[None, :])[0]
         first = int(pre.sum())
-        pos = np.empty(values.size, np.int64)
-        out = np.empty(values.size, values.dtype)
+        pos = np.empty(residual.size, np.int64)
+        out = np.empty(residual.size, np.uint16)
         state = fl.state(before)
 
         def part(i: int) -> bool:
             if i == 0:
                 return K.flag_positions(self._b[:half], self.lo, self.hi, fl.flags, fl.state(before * 0), fl.zero,
-                                        fl.vstart.copy(), values, 0, False, pos[:first], out[:first]) == first
+                                        fl.vstart.copy(), residual, 0, False, pos[:first], out[:first]) == first
             return K.flag_positions(self._b[half:], self.lo, self.hi, fl.flags, state, fl.zero, fl.vstart + pre,
-                                    values, half, True, pos[first:], out[first:]) == values.size - first
+                                    residual, half, True, pos[first:], out[first:]) == residual.size - first
 
         fits = all(K.run_chunks(part, 2)) if half else part(1)
         self.counts = fl.ranks(state)
@@ -1182,18 +1182,20 @@ class ContextEncoding:
         if device:
             positions, residual = classes._positions_device(
                 np.repeat(np.array(cls_ids, np.int64), [row[2] for row in rows]), ranks, residual_cls)
-        elif classes.counts is None:  # a small host tensor: the walk finds the positions and counts the classes
-            positions, residual, _ = classes.walk(fl, residual_cls)
-            check_counts()
             if positions.size != n:
-                raise FormatError("ctx delta ranks do not fit this base's exponent classes")
-        else:
-            positions, residual = classes.positions(fl, residual_cls)
-        if positions.size != n:
-            raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
-        if device:  # the host walk emits positions in order, inside the tensor, by construction
+                raise FormatError(f"ctx delta decodes to {positions.size} distinct positions, header says {n}")
             check_positions(positions, numel)
-        return DecodedTensor(positions=positions, residual=residual)
+            return DecodedTensor(positions=positions, residual=residual)
+        # The host walk: positions in order and inside the tensor by construction, with their new bits (it passes
+        # each base value anyway), so callers skip their gather of the base.
+        if classes.counts is None:  # the walk finds the positions and counts the classes
+            positions, new_bits, _ = classes.walk(fl, residual_cls)
+            check_counts()
+        else:
+            positions, new_bits = classes.positions(fl, residual_cls)
+        if positions.size != n:
+            raise FormatError("ctx delta ranks do not fit this base's exponent classes")
+        return DecodedTensor(positions=positions, values=new_bits)
 
     @staticmethod
     def _ranks(blob: np.ndarray, rows: list[list[int]], n: int) -> np.ndarray:

@@ -597,21 +597,23 @@ def flag_prefix(flags, fbase, cls_ids, bounds, out):
 
 
 @njit(nogil=True, cache=True)
-def flag_positions(b, lo, hi, flags, state, zero, p, values, offset, full, out_pos, out_val):
+def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out_pos, out_new):
     """The changed elements of `b` (one chunk of a base's uint16 bits; classes ``clamp(exponent, lo, hi)``), in
-    position order: positions (chunk-local + `offset`) into out_pos and their 16-bit values into out_val. Class c's
-    next element is bit ``state[c, 0]`` of `flags` (its flag map's next bit, as a bit address; advanced here by the
-    class's elements) -- read from the zero words at `zero` once past ``state[c, 1]``, the map's last bit (-1 for a
-    class without a map) -- and its next changed element's value is ``values[p[c]]``. Stops once out_pos is full
-    unless `full` (then it reads all of `b`: state[c, 0] advances by every class's size). Returns how many it wrote;
-    out_pos never overflows: a block that finds more returns -1."""
+    position order: positions (chunk-local + `offset`) into out_pos and their new bits (base + residual, wrapping)
+    into out_new. Class c's next element is bit ``state[c, 0]`` of `flags` (its flag map's next bit, as a bit
+    address; advanced here by the class's elements) -- read from the zero words at `zero` once past ``state[c, 1]``,
+    the map's last bit (-1 for a class without a map) -- and its next changed element's residual is
+    ``residual[p[c]]`` (16-bit). Stops once out_pos is full unless `full` (then it reads all of `b`: state[c, 0]
+    advances by every class's size). Returns how many it wrote; out_pos never overflows: a block that finds more
+    returns -1. The base value is in cache as the walk passes it, so the new bits cost an add here where the
+    caller's ``base[positions] + residual`` was a second O(changed) pass (a gather and two temporaries)."""
     b = np.ascontiguousarray(b)
-    if values.itemsize != 2 or out_val.itemsize != 2 or state.shape[1] != 2 or not state.flags.c_contiguous:
-        raise ValueError("flag_positions: 16-bit values, state of shape (256, 2)")
+    if residual.itemsize != 2 or out_new.itemsize != 2 or state.shape[1] != 2 or not state.flags.c_contiguous:
+        raise ValueError("flag_positions: 16-bit residuals and outputs, state of shape (256, 2)")
     buf = np.empty(_W, np.uint8)
     bp, fp = b.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
     wp, sp, pp = flags.ctypes.data, state.ctypes.data, p.ctypes.data
-    vp, op, ov = values.ctypes.data, out_pos.ctypes.data, out_val.ctypes.data
+    vp, op, ov = residual.ctypes.data, out_pos.ctypes.data, out_new.ctypes.data
     n, cap = b.size, out_pos.size
     zw = np.int64(zero)
     k = 0
@@ -634,7 +636,7 @@ def flag_positions(b, lo, hi, flags, state, zero, p, values, offset, full, out_p
             v = _ld64(pp, c)
             _st64(pp, c, v + 1)
             _st64(op, k, j + u + offset)
-            _st16(ov, k, _ld16(vp, v))
+            _st16(ov, k, _ld16(bp, j + u) + _ld16(vp, v))  # its low 16 bits: wraps, as encoded
             k += 1
         j += _W
     return k

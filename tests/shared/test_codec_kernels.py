@@ -164,9 +164,10 @@ def flag_maps(sizes: dict[int, int], ranks: dict[int, np.ndarray]):
     return flags, fbase, end, at
 
 
-def walk(b, lo, hi, start, pos, values, *, full, offset=100, room=None, sizes=None):
+def walk(b, lo, hi, start, pos, residual, *, full, offset=100, room=None, sizes=None):
     """flag_positions over part `b` whose class c starts at rank start[c]; changed part positions `pos` (each
-    class's maps sized `sizes`, default: start + the part's class sizes); values class-major."""
+    class's maps sized `sizes`, default: start + the part's class sizes); residuals class-major. Returns (count,
+    positions, new bits, every class's rank after the walk)."""
     cls = classes(b, lo, hi)
     part_sizes = np.bincount(cls, minlength=256)
     sizes = sizes or {c: int(start[c] + part_sizes[c]) for c in np.unique(cls[pos])}
@@ -178,16 +179,17 @@ def walk(b, lo, hi, start, pos, values, *, full, offset=100, room=None, sizes=No
     counts = np.bincount(cls[pos], minlength=256)
     vstart[:] = np.cumsum(counts) - counts
     m = pos.size if room is None else room
-    out_pos, out_val = np.full(m, -1, np.int64), np.zeros(m, np.int16)
-    k = K.flag_positions(b, lo, hi, flags, state, zero, vstart, values, offset, full, out_pos, out_val)
-    return k, out_pos, out_val, state[:, 0] - 64 * fbase
+    out_pos, out_new = np.full(m, -1, np.int64), np.zeros(m, np.uint16)
+    k = K.flag_positions(b, lo, hi, flags, state, zero, vstart, residual, offset, full, out_pos, out_new)
+    return k, out_pos, out_new, state[:, 0] - 64 * fbase
 
 
 def class_major(b, lo, hi, pos, seed=2):
-    """Random values for the changed elements, class-major (as the decoder gets them), and in position order."""
+    """Random residuals for the changed elements, class-major (as the decoder gets them), and the new bits they give
+    in position order (base + residual, wrapping in 16 bits: the "wide" base has bit patterns near 0 and 0xFFFF)."""
     cls = classes(b, lo, hi)
     by_position = np.random.default_rng(seed).integers(-1000, 1000, pos.size).astype(np.int16)
-    return by_position[np.argsort(cls[pos], kind="stable")], by_position
+    return by_position[np.argsort(cls[pos], kind="stable")], (b[pos] + by_position.view(np.uint16)).astype(np.uint16)
 
 
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
