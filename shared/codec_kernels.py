@@ -498,9 +498,52 @@ def _peek(typingctx, addr, bit):
 
 @intrinsic
 def _leading_zeros(typingctx, m):
-    """Leading zero bits of a non-zero uint64 (lzcnt / bsr)."""
+    """Leading zero bits of a uint64, 64 for 0 (lzcnt)."""
     return types.int64(types.uint64), lambda context, builder, signature, args: builder.ctlz(
-        args[0], ir.Constant(ir.IntType(1), 1))
+        args[0], ir.Constant(ir.IntType(1), 0))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rice_flags(addr, ub, rb, k, count, n_c, wp, w0):
+    """`class_flags`' reader for one stream with k <= 56: `count` Rice gaps, unary quotients from bit ub (up to bit
+    rb, where the k-bit remainders start), each rank's bit flipped in the map at word w0 of the flags at address wp
+    (set on zeros for mode 0, cleared on ones for mode 1: ranks are unique, so one xor does both). Returns 0 or a
+    `class_flags` status."""
+    uend = rb
+    prev = np.int64(-1)
+    # A 56-bit window of the unary stream, consumed code by code (a leading-zero count and a shift each): a fresh
+    # 8-byte load per code would put its latency on the chain from one code's end to the next one's start.
+    window = _peek(addr, ub)
+    avail = np.int64(56)
+    for _ in range(count):
+        q = np.int64(0)
+        while True:
+            z = _leading_zeros(window)
+            if z < avail:
+                break
+            q += avail  # the window holds only zeros: slide past it
+            ub += avail
+            if ub >= uend:
+                return -1
+            window = _peek(addr, ub)
+            avail = np.int64(56)
+        if ub + z >= uend:  # the one bit lies past this stream
+            return -1
+        q += z
+        ub += z + 1
+        window <<= np.uint64(z + 1)
+        avail -= z + 1
+        if k:
+            if q >= (np.int64(1) << (62 - k)):
+                return -3
+            q = (q << k) | np.int64(_peek(addr, rb) >> np.uint64(64 - k))
+            rb += k
+        prev += q + 1
+        if prev >= n_c:
+            return -4
+        x = w0 + (prev >> 6)
+        _st64(wp, x, _ld64(wp, x) ^ np.int64(1 << (prev & 63)))
+    return 0
 
 
 @njit(nogil=True, cache=True)
@@ -537,42 +580,14 @@ def class_flags(streams, rows, fbase, flags):
                                                 n_c, gaps)
             if status != 0:
                 return status, r
-        elif rlen * 8 < count * k:
+            for i in range(count):
+                flags[w0 + (gaps[i] >> 6)] ^= _ONE << np.uint64(gaps[i] & 63)
+            continue
+        if rlen * 8 < count * k:
             return -2, r
-        ub, uend = 8 * u0, 8 * r0
-        rb = 8 * r0
-        prev = np.int64(-1)
-        for i in range(count):
-            if k > 56:
-                prev = gaps[i]
-            else:
-                q = np.int64(0)
-                while True:
-                    if ub >= uend:
-                        return -1, r
-                    w = _peek(addr, ub)
-                    if w != 0:
-                        z = _leading_zeros(w)
-                        if ub + z >= uend:  # the one bit lies past this stream
-                            return -1, r
-                        q += z
-                        ub += z + 1
-                        break
-                    q += 56
-                    ub += 56
-                if k:
-                    if q >= (np.int64(1) << (62 - k)):
-                        return -3, r
-                    q = (q << k) | np.int64(_peek(addr, rb) >> np.uint64(64 - k))
-                    rb += k
-                prev += q + 1
-                if prev >= n_c:
-                    return -4, r
-            bit = _ONE << np.uint64(prev & 63)
-            if mode == 0:
-                flags[w0 + (prev >> 6)] |= bit
-            else:
-                flags[w0 + (prev >> 6)] &= ~bit
+        status = _rice_flags(addr, 8 * u0, 8 * r0, k, count, n_c, flags.ctypes.data, w0)
+        if status != 0:
+            return status, r
     return 0, 0
 
 
