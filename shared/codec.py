@@ -875,7 +875,7 @@ class _ClassFlags:
     decoding the rank streams into maps costs O(changed) plus a bit per base element, and lets the walk find a
     block's changed elements with one bit deposit per class instead of a search per changed element."""
 
-    flags: np.ndarray  # uint64 words: every map, then two zero words at `zero`
+    flags: np.ndarray  # uint64 words: every map, then three zero words at `zero`
     fbase: np.ndarray  # per class: the word its map starts at (0: no map)
     end: np.ndarray  # per class: the bit address of its map's end (-1: no map)
     zero: int
@@ -890,12 +890,12 @@ class _ClassFlags:
         K = _kernels()
         r = np.array([row[:7] for row in rows], np.int64).reshape(-1, 7)
         c, n_c, k_c = r[:, 0], r[:, 1], r[:, 2]
-        words = np.concatenate([[0], np.cumsum((n_c >> 6) + 2)])
+        words = np.concatenate([[0], np.cumsum((n_c >> 6) + 3)])
         fbase, end = np.zeros(_N_CLASSES, np.int64), np.full(_N_CLASSES, -1, np.int64)
         size, vstart = np.zeros(_N_CLASSES, np.int64), np.zeros(_N_CLASSES, np.int64)
         fbase[c], end[c], size[c], vstart[c] = words[:-1], 64 * words[:-1] + n_c, n_c, np.cumsum(k_c) - k_c
         zero = int(words[-1])
-        flags = np.zeros(zero + 2, np.uint64)
+        flags = np.zeros(zero + 3, np.uint64)
         coded = np.where(r[:, 3] == _MODE_CHANGED, k_c, n_c - k_c)
         # The streams and 8 readable bytes past their end: the bit reader loads 8 bytes at a time.
         streams = np.concatenate([blob[: int(r[:, 5:7].sum())], np.zeros(8, np.uint8)])

@@ -108,6 +108,7 @@ def _memory(width: int):
 
 _ld64, _st64 = _memory(64)
 _ld16, _st16 = _memory(16)
+_ld8, _ = _memory(8)
 
 
 def _splat(builder, value, n):
@@ -422,10 +423,11 @@ def class_ranks(b, table, start, positions, residual, slot, rank_out, res_out):
 # Measured on one 3 M-element N(0, 0.02) tensor, 14 live classes, 4 % changed, one thread: walk 1.57 -> 0.58 ns per
 # element (0.42 with nothing changed), the whole ctx decode of the tensor 6.7 -> 3.0 ms.
 #
-# Flag maps live in one uint64 array: class c's map starts at word ``fbase[c]`` and holds ``(n_c >> 6) + 2`` words
-# (bits at and above n_c zero: the walk may read one word past the map's last bit); classes with no changed element,
-# and any read past a map's end (a base with more class-c elements than the delta's header says -- refused afterwards
-# by the class-size check, but it must not read outside the array meanwhile), read the two zero words at ``zero``.
+# Flag maps live in one uint64 array: class c's map starts at word ``fbase[c]`` and holds ``(n_c >> 6) + 3`` words
+# (bits at and above n_c zero: the walk reads up to two words past the word of its bit); classes with no changed
+# element, and any read past a map's end (a base with more class-c elements than the delta's header says -- refused
+# afterwards by the class-size check, but it must not read outside the array meanwhile), read the three zero words at
+# ``zero``.
 def _host_has_fast_pdep() -> bool:
     """Whether numba compiles for a CPU with a fast ``pdep``: BMI2, and not AMD Zen 1/2 (there it is microcoded,
     up to ~300 cycles: the software loop below is faster). A named target (``NUMBA_CPU_NAME``, as the tests' reruns
@@ -611,6 +613,24 @@ def flag_prefix(flags, fbase, cls_ids, bounds, out):
             out[i, c] = acc + part
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _emit(found, fp, j, offset, bp, pp, vp, op, ov, k, cap):
+    """`flag_positions`' output for one block: its changed elements (mask `found`, classes at address fp) in order,
+    each position and new bits at k, k + 1, ...; returns the next k, or -1 when one would land at `cap`."""
+    while found:
+        if k == cap:
+            return -1
+        u = _lowest(found)
+        found &= found - _ONE
+        c = np.int64(_ld8(fp, u)) & 0xFF  # (a signed byte load)
+        v = _ld64(pp, c)
+        _st64(pp, c, v + 1)
+        _st64(op, k, j + u + offset)
+        _st16(ov, k, _ld16(bp, j + u) + _ld16(vp, v))  # its low 16 bits: wraps, as encoded
+        k += 1
+    return k
+
+
 @njit(nogil=True, cache=True)
 def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out_pos, out_new):
     """The changed elements of `b` (one chunk of a base's uint16 bits; classes ``clamp(exponent, lo, hi)``), in
@@ -625,7 +645,7 @@ def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out
     b = np.ascontiguousarray(b)
     if residual.itemsize != 2 or out_new.itemsize != 2 or state.shape[1] != 2 or not state.flags.c_contiguous:
         raise ValueError("flag_positions: 16-bit residuals and outputs, state of shape (256, 2)")
-    buf = np.empty(_W, np.uint8)
+    buf = np.empty(2 * _W, np.uint8)
     bp, fp = b.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
     wp, sp, pp = flags.ctypes.data, state.ctypes.data, p.ctypes.data
     vp, op, ov = residual.ctypes.data, out_pos.ctypes.data, out_new.ctypes.data
@@ -633,7 +653,32 @@ def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out
     zw = np.int64(zero)
     k = 0
     j = 0
-    while j < n and (full or k < cap):
+    # Two whole blocks per pass: each class's state is loaded, bounds-checked and stored once per 128 elements
+    # (measured ~10 % faster than one block per pass); the second block's map bits start where the first's end, at
+    # most one word on -- maps and the zero words have a spare word for it.
+    while j + 2 * _W <= n and (full or k < cap):
+        _block_classes(bp, j, lo, hi, fp)
+        _block_classes(bp, j + _W, lo, hi, fp + _W)
+        f1 = np.uint64(0)
+        f2 = np.uint64(0)
+        for c in range(lo, hi + 1):
+            m1 = _class_mask(fp, c)
+            m2 = _class_mask(fp + _W, c)
+            a = _ld64(sp, 2 * c)
+            w = a >> 6
+            at = w if a <= _ld64(sp, 2 * c + 1) else zw  # select, not a branch
+            a2 = a + _popcount(m1)
+            at2 = at + ((a2 >> 6) - w)
+            f1 |= _deposit(_bits_at(np.uint64(_ld64(wp, at + 1)), np.uint64(_ld64(wp, at)), a), m1)
+            f2 |= _deposit(_bits_at(np.uint64(_ld64(wp, at2 + 1)), np.uint64(_ld64(wp, at2)), a2), m2)
+            _st64(sp, 2 * c, a2 + _popcount(m2))
+        k = _emit(f1, fp, j, offset, bp, pp, vp, op, ov, k, cap)
+        if k >= 0:
+            k = _emit(f2, fp + _W, j + _W, offset, bp, pp, vp, op, ov, k, cap)
+        if k < 0:
+            return -1
+        j += 2 * _W
+    while j < n and (full or k < cap):  # the last whole block and the partial one
         valid = _classes(b, bp, j, lo, hi, buf, fp)
         found = np.uint64(0)
         for c in range(lo, hi + 1):
@@ -642,17 +687,9 @@ def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out
             w = a >> 6 if a <= _ld64(sp, 2 * c + 1) else zw
             found |= _deposit(_bits_at(np.uint64(_ld64(wp, w + 1)), np.uint64(_ld64(wp, w)), a), m)
             _st64(sp, 2 * c, a + _popcount(m))
-        while found:
-            if k == cap:
-                return -1
-            u = _lowest(found)
-            found &= found - _ONE
-            c = np.int64(buf[u])
-            v = _ld64(pp, c)
-            _st64(pp, c, v + 1)
-            _st64(op, k, j + u + offset)
-            _st16(ov, k, _ld16(bp, j + u) + _ld16(vp, v))  # its low 16 bits: wraps, as encoded
-            k += 1
+        k = _emit(found, fp, j, offset, bp, pp, vp, op, ov, k, cap)
+        if k < 0:
+            return -1
         j += _W
     return k
 

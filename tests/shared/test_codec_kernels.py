@@ -150,17 +150,17 @@ def test_exponent_histogram_matches_bincount(n, kind):
 # ------------------------------------------------------------------------------------------------------ decode side
 def flag_maps(sizes: dict[int, int], ranks: dict[int, np.ndarray]):
     """Flag maps built with numpy (bit r of class c's map set for each r in ranks[c]) in the kernels' layout: class
-    after class, (n_c >> 6) + 2 words each, then two zero words. Returns (flags, fbase, end, zero)."""
+    after class, (n_c >> 6) + 3 words each, then three zero words. Returns (flags, fbase, end, zero)."""
     fbase, end = np.zeros(256, np.int64), np.full(256, -1, np.int64)
     words = []
     at = 0
     for c, n_c in sizes.items():
-        bits = np.zeros(((n_c >> 6) + 2) * 64, np.uint8)
+        bits = np.zeros(((n_c >> 6) + 3) * 64, np.uint8)
         bits[ranks[c]] = 1
         words.append(np.packbits(bits, bitorder="little").view(np.uint64))
         fbase[c], end[c] = at, 64 * at + n_c
         at += words[-1].size
-    flags = np.concatenate([*words, np.zeros(2, np.uint64)])
+    flags = np.concatenate([*words, np.zeros(3, np.uint64)])
     return flags, fbase, end, at
 
 
