@@ -561,6 +561,88 @@ def to_class_major(cls, rank, residual, n_classes, rank_out, res_out):
 
 
 @njit(nogil=True, cache=True)
+def class_major(cls, rank, new_at, old_at, n_classes, rank_out, res_out):
+    """`to_class_major` for the ctx encoder's ranked changes, with each residual computed on the way: res_out gets
+    ``new_at - old_at`` (mod 2**16; the caller reads it as int16) -- no position-order residual array is written.
+    Returns `starts` (class c's elements are ``starts[c]:starts[c+1]``)."""
+    cnt = np.zeros((4, n_classes), np.int64)  # interleaved: runs of one class would wait on one counter
+    n = cls.size
+    for i in range(n):
+        cnt[i & 3, cls[i]] += 1
+    starts = np.zeros(n_classes + 1, np.int64)
+    for c in range(n_classes):
+        starts[c + 1] = starts[c] + cnt[0, c] + cnt[1, c] + cnt[2, c] + cnt[3, c]
+    slot = starts[:n_classes].copy()
+    for i in range(n):
+        c = cls[i]
+        o = slot[c]
+        slot[c] = o + 1
+        rank_out[o] = rank[i]
+        res_out[o] = (np.int64(new_at[i]) - np.int64(old_at[i])) & 0xFFFF
+    return starts
+
+
+@intrinsic
+def _log2(typingctx, m):
+    """floor(log2(m)) of a positive int64 (63 - lzcnt)."""
+    def codegen(context, builder, signature, args):
+        z = builder.ctlz(args[0], ir.Constant(ir.IntType(1), 1))
+        return builder.sub(ir.Constant(_I64, 63), z)
+
+    return types.int64(types.int64), codegen
+
+
+@njit(nogil=True, cache=True)
+def residual_streams(res, signs, buckets, extra):
+    """The ctx zstd coder's inputs in one sequential pass over the class-major int16 residuals -- what
+    `residual_symbols`, `codec_coder.split_symbols` and `pack_low_bits` give, without the int32 symbol array between
+    them: signs gets each residual's sign bit (packed MSB first; ``(n + 7) // 8`` bytes), buckets its byte
+    ``bucket - 1`` (`_symbol`'s bucket), extra the low ``bucket - 2`` bits of each magnitude of bucket >= 4 (MSB first,
+    zero-padded; room for 15 bits per residual). Returns extra's bytes used, or -1 when a residual is 0."""
+    n = res.size
+    o = 0
+    acc = np.int64(0)
+    nacc = 0
+    sb = 0
+    for i in range(n):
+        r = np.int64(res[i])
+        neg = (r >> 63) & 1  # branch-free: signs are coin flips
+        m = (r ^ -neg) + neg
+        if m < 4:
+            if m == 0:
+                return -1
+            buckets[i] = m - 1
+        else:
+            w = _log2(m)
+            buckets[i] = w + 1
+            acc = (acc << w) | (m - (np.int64(1) << w))
+            nacc += w
+            if nacc >= 32:  # at most 31 + 15 bits pending: emit four bytes
+                nacc -= 32
+                v = acc >> nacc
+                extra[o] = (v >> 24) & 0xFF
+                extra[o + 1] = (v >> 16) & 0xFF
+                extra[o + 2] = (v >> 8) & 0xFF
+                extra[o + 3] = v & 0xFF
+                o += 4
+                acc &= (np.int64(1) << nacc) - 1
+        sb = (sb << 1) | neg
+        if (i & 7) == 7:
+            signs[i >> 3] = sb
+            sb = 0
+    if n & 7:
+        signs[n >> 3] = sb << (8 - (n & 7))
+    while nacc >= 8:
+        nacc -= 8
+        extra[o] = (acc >> nacc) & 0xFF
+        o += 1
+    if nacc:
+        extra[o] = (acc << (8 - nacc)) & 0xFF
+        o += 1
+    return o
+
+
+@njit(nogil=True, cache=True)
 def rice_cost(gaps, k_lo, k_hi, from_sorted):
     """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k), the smallest on ties, in one
     pass over `gaps` (five plain accumulators: the loop vectorizes). With `from_sorted`, `gaps` holds sorted unique
@@ -587,6 +669,121 @@ def rice_cost(gaps, k_lo, k_hi, from_sorted):
             best_k = k_lo + t
             best = bits
     return best_k
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _coded_value(rank, a, b, n_c, mode, t, j):
+    """Entry t of what class mode `mode` codes (see `rice_classes`), in ascending order: rank[a + t] for changed
+    ranks, else the t-th rank in [0, n_c) not among rank[a:b] -- `j` is the caller's merge cursor (how many of
+    rank[a:b] lie below the previous entry), returned advanced with the value."""
+    if mode == 0:
+        return rank[a + t], j
+    v = t + j  # complement: the t-th missing value is t + (changed ranks below it)
+    while a + j < b and rank[a + j] <= v:
+        j += 1
+        v += 1
+    return v, j
+
+
+@njit(nogil=True, cache=True)
+def rice_classes(rank, starts, counts, cls_ids, meta, max_k):
+    """Every class's position streams of a ctx tensor in one call -- per class what `complement`, ``codec._rice_k``
+    and `rice_encode` gave, without a Python call or an array per class. Class ``cls_ids[i]`` has its sorted changed
+    ranks at ``rank[starts[c]:starts[c+1]]`` and ``counts[c]`` elements; it codes nothing when all changed (mode 2),
+    its unchanged ranks (the complement, generated on the fly) when more than half did (mode 1), else its changed
+    ranks (mode 0), as Rice gaps with the k of ``_rice_k``: the integer floor(log2(mean gap + 1)) -- the float
+    expression's value wherever the mean is not within 2**-33 (relative) of a power of two minus one, which no mean
+    of integer gaps over fewer than 2**32 elements is -- then the cheapest of k0-2..k0+2 from one pass of five
+    sums, which also give the unary stream's length (no quotient pass). meta[i] = (mode, k, unary bytes, remainder
+    bytes); returns every class's unary then remainder bytes, class after class."""
+    total = 0
+    for i in range(cls_ids.size):
+        c = cls_ids[i]
+        a, b = starts[c], starts[c + 1]
+        n_c, k_c = counts[c], b - a
+        mode = 2 if k_c == n_c else (1 if 2 * k_c > n_c else 0)
+        m = n_c - k_c if mode == 1 else k_c
+        meta[i, 0] = mode
+        if mode == 2:
+            meta[i, 1] = meta[i, 2] = meta[i, 3] = 0
+            continue
+        # The mean gap + 1 of sorted values telescopes to (last + 1) / m.
+        last, j = _coded_value(rank, a, b, n_c, mode, m - 1, 0) if mode == 1 else (rank[b - 1], 0)
+        k0 = 0
+        while (m << (k0 + 1)) <= last + 1:
+            k0 += 1
+        k_lo, k_hi = max(0, k0 - 2), min(max_k, k0 + 2)
+        s0 = s1 = s2 = s3 = s4 = np.int64(0)
+        prev = np.int64(-1)
+        j = 0
+        for t in range(m):
+            v, j = _coded_value(rank, a, b, n_c, mode, t, j)
+            g = (v - prev - 1) >> k_lo
+            prev = v
+            s0 += g
+            s1 += g >> 1
+            s2 += g >> 2
+            s3 += g >> 3
+            s4 += g >> 4
+        sums = (s0, s1, s2, s3, s4)
+        best_k, best, q = k_lo, -1, np.int64(0)
+        for t in range(k_hi - k_lo + 1):
+            bits = m * (k_lo + t + 1) + sums[t]
+            if best < 0 or bits < best:
+                best_k, best, q = k_lo + t, bits, sums[t]
+        meta[i, 1] = best_k
+        meta[i, 2] = (m + q + 7) // 8
+        meta[i, 3] = (m * best_k + 7) // 8
+        total += meta[i, 2] + meta[i, 3]
+    out = np.zeros(total, np.uint8)
+    o = 0
+    for i in range(cls_ids.size):
+        if meta[i, 0] == 2:
+            continue
+        c = cls_ids[i]
+        a, b = starts[c], starts[c + 1]
+        n_c, mode, k = counts[c], meta[i, 0], meta[i, 1]
+        m = n_c - (b - a) if mode == 1 else b - a
+        unary = out[o: o + meta[i, 2]]
+        rem = out[o + meta[i, 2]: o + meta[i, 2] + meta[i, 3]]
+        o += meta[i, 2] + meta[i, 3]
+        bit = -1
+        prev = np.int64(-1)
+        r, acc, nacc = 0, np.int64(0), 0
+        mask = (np.int64(1) << k) - 1
+        j = 0
+        for t in range(m):
+            v, j = _coded_value(rank, a, b, n_c, mode, t, j)
+            g = v - prev - 1
+            prev = v
+            bit += (g >> k) + 1
+            unary[bit >> 3] |= np.uint8(0x80 >> (bit & 7))
+            if k == 0:
+                continue
+            if k <= 32:  # at most 31 pending bits + k fit the accumulator
+                acc = (acc << k) | (g & mask)
+                nacc += k
+                if nacc >= 32:
+                    nacc -= 32
+                    x = acc >> nacc
+                    rem[r] = (x >> 24) & 0xFF
+                    rem[r + 1] = (x >> 16) & 0xFF
+                    rem[r + 2] = (x >> 8) & 0xFF
+                    rem[r + 3] = x & 0xFF
+                    r += 4
+                    acc &= (np.int64(1) << nacc) - 1
+            else:
+                w = k
+                while w > 0:
+                    take = min(w, 32)
+                    r, acc, nacc = _put(rem, r, acc, nacc, g >> (w - take), take)
+                    w -= take
+        while nacc >= 8:
+            nacc -= 8
+            rem[r] = (acc >> nacc) & 0xFF
+            r += 1
+        _flush(rem, r, acc, nacc)
+    return out
 
 
 @njit(nogil=True, cache=True)
