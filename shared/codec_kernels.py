@@ -541,30 +541,11 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
 
 
 @njit(nogil=True, cache=True)
-def to_class_major(cls, rank, residual, n_classes, rank_out, res_out):
-    """Scatter changed elements (position order) into class-major order, ranks staying ascending inside each class
-    (a stable counting sort). Returns `starts`: class c's elements are ``starts[c]:starts[c+1]``. (Computing the
-    symbols here too was measured slower than `residual_symbols`' sequential pass: a third scattered stream.)"""
-    starts = np.zeros(n_classes + 1, np.int64)
-    for i in range(cls.size):
-        starts[cls[i] + 1] += 1
-    for c in range(n_classes):
-        starts[c + 1] += starts[c]
-    slot = starts[:n_classes].copy()
-    for i in range(cls.size):
-        c = cls[i]
-        o = slot[c]
-        slot[c] = o + 1
-        rank_out[o] = rank[i]
-        res_out[o] = residual[i]
-    return starts
-
-
-@njit(nogil=True, cache=True)
 def class_major(cls, rank, new_at, old_at, n_classes, rank_out, res_out):
-    """`to_class_major` for the ctx encoder's ranked changes, with each residual computed on the way: res_out gets
-    ``new_at - old_at`` (mod 2**16; the caller reads it as int16) -- no position-order residual array is written.
-    Returns `starts` (class c's elements are ``starts[c]:starts[c+1]``)."""
+    """Scatter the ctx encoder's ranked changes (position order) into class-major order, ranks staying ascending
+    inside each class (a stable counting sort), computing each residual on the way: res_out gets ``new_at - old_at``
+    (mod 2**16; the caller reads it as int16) -- no position-order residual array is written. Returns `starts`
+    (class c's elements are ``starts[c]:starts[c+1]``)."""
     cnt = np.zeros((4, n_classes), np.int64)  # interleaved: runs of one class would wait on one counter
     n = cls.size
     for i in range(n):
@@ -672,60 +653,126 @@ def rice_cost(gaps, k_lo, k_hi, from_sorted):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _coded_value(rank, a, b, n_c, mode, t, j):
-    """Entry t of what class mode `mode` codes (see `rice_classes`), in ascending order: rank[a + t] for changed
-    ranks, else the t-th rank in [0, n_c) not among rank[a:b] -- `j` is the caller's merge cursor (how many of
-    rank[a:b] lie below the previous entry), returned advanced with the value."""
-    if mode == 0:
-        return rank[a + t], j
-    v = t + j  # complement: the t-th missing value is t + (changed ranks below it)
-    while a + j < b and rank[a + j] <= v:
-        j += 1
-        v += 1
-    return v, j
+def _rice_sums(vals, k_lo):
+    """sum(g >> (k_lo + t)) for t = 0..4 over the Rice gaps g of sorted unique `vals` (as `rice_cost`)."""
+    s0 = s1 = s2 = s3 = s4 = np.int64(0)
+    prev = np.int64(-1)
+    for i in range(vals.size):
+        v = vals[i]
+        g = (v - prev - 1) >> k_lo
+        prev = v
+        s0 += g
+        s1 += g >> 1
+        s2 += g >> 2
+        s3 += g >> 3
+        s4 += g >> 4
+    return s0, s1, s2, s3, s4
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _emit32(out, o, acc, nacc):
+    """Write the oldest 32 of `nacc` (32..63) pending bits of `acc`, MSB first; returns (o, acc, nacc)."""
+    nacc -= 32
+    x = acc >> nacc
+    out[o] = (x >> 24) & 0xFF
+    out[o + 1] = (x >> 16) & 0xFF
+    out[o + 2] = (x >> 8) & 0xFF
+    out[o + 3] = x & 0xFF
+    return o + 4, acc & ((np.int64(1) << nacc) - 1), nacc
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rice_write(vals, k, unary, rem):
+    """`rice_encode(vals, k, from_sorted=True)` into `unary` and `rem` of exactly the right sizes (every byte
+    written). Both streams go through 64-bit accumulators, 32 bits out at a time: setting each quotient's one bit in
+    a zeroed byte array chained every element on the previous one's load-or-store of the same byte (1.5 ns per
+    element)."""
+    u, ua, nu = 0, np.int64(0), 0
+    r, ra, nr = 0, np.int64(0), 0
+    mask = (np.int64(1) << k) - 1
+    prev = np.int64(-1)
+    for i in range(vals.size):
+        v = vals[i]
+        g = v - prev - 1
+        prev = v
+        q = g >> k
+        while q >= 32:  # a long run of zeros: 32 at a time (at most 31 pending + 32 fit 63 bits)
+            ua <<= 32
+            nu += 32
+            u, ua, nu = _emit32(unary, u, ua, nu)
+            q -= 32
+        ua = (ua << (q + 1)) | 1
+        nu += q + 1
+        if nu >= 32:
+            u, ua, nu = _emit32(unary, u, ua, nu)
+        if k == 0:
+            continue
+        if k <= 32:
+            ra = (ra << k) | (g & mask)
+            nr += k
+            if nr >= 32:
+                r, ra, nr = _emit32(rem, r, ra, nr)
+        else:
+            w = k
+            while w > 0:
+                take = min(w, 32)
+                r, ra, nr = _put(rem, r, ra, nr, g >> (w - take), take)
+                w -= take
+    while nu >= 8:
+        nu -= 8
+        unary[u] = (ua >> nu) & 0xFF
+        u += 1
+    _flush(unary, u, ua, nu)
+    while nr >= 8:
+        nr -= 8
+        rem[r] = (ra >> nr) & 0xFF
+        r += 1
+    _flush(rem, r, ra, nr)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _complement_into(ranks, n, out):
+    """out[:n - ranks.size] = 0..n-1 without the sorted, unique, in-range `ranks` (as `complement`)."""
+    k = 0
+    j = 0
+    for r in range(n):
+        if j < ranks.size and ranks[j] == r:
+            j += 1
+        else:
+            out[k] = r
+            k += 1
+    return out[:k]
 
 
 @njit(nogil=True, cache=True)
-def rice_classes(rank, starts, counts, cls_ids, meta, max_k):
+def rice_classes(rank, starts, counts, cls_ids, meta, max_k, spare):
     """Every class's position streams of a ctx tensor in one call -- per class what `complement`, ``codec._rice_k``
     and `rice_encode` gave, without a Python call or an array per class. Class ``cls_ids[i]`` has its sorted changed
     ranks at ``rank[starts[c]:starts[c+1]]`` and ``counts[c]`` elements; it codes nothing when all changed (mode 2),
-    its unchanged ranks (the complement, generated on the fly) when more than half did (mode 1), else its changed
-    ranks (mode 0), as Rice gaps with the k of ``_rice_k``: the integer floor(log2(mean gap + 1)) -- the float
-    expression's value wherever the mean is not within 2**-33 (relative) of a power of two minus one, which no mean
-    of integer gaps over fewer than 2**32 elements is -- then the cheapest of k0-2..k0+2 from one pass of five
-    sums, which also give the unary stream's length (no quotient pass). meta[i] = (mode, k, unary bytes, remainder
-    bytes); returns every class's unary then remainder bytes, class after class."""
+    its unchanged ranks (the complement, written into `spare`, which must hold the largest one) when more than half
+    did (mode 1), else its changed ranks (mode 0), as Rice gaps with the k of ``_rice_k``: the integer
+    floor(log2(mean gap + 1)) -- the float expression's value wherever the mean is not within 2**-33 (relative) of a
+    power of two minus one, which no mean of integer gaps over fewer than 2**32 elements is -- then the cheapest of
+    k0-2..k0+2 from one pass of five sums, which also give the unary stream's length (no quotient pass).
+    meta[i] = (mode, k, unary bytes, remainder bytes); returns every class's unary then remainder bytes, class after
+    class."""
     total = 0
     for i in range(cls_ids.size):
         c = cls_ids[i]
         a, b = starts[c], starts[c + 1]
         n_c, k_c = counts[c], b - a
         mode = 2 if k_c == n_c else (1 if 2 * k_c > n_c else 0)
-        m = n_c - k_c if mode == 1 else k_c
         meta[i, 0] = mode
         if mode == 2:
             meta[i, 1] = meta[i, 2] = meta[i, 3] = 0
             continue
-        # The mean gap + 1 of sorted values telescopes to (last + 1) / m.
-        last, j = _coded_value(rank, a, b, n_c, mode, m - 1, 0) if mode == 1 else (rank[b - 1], 0)
-        k0 = 0
-        while (m << (k0 + 1)) <= last + 1:
+        vals = _complement_into(rank[a:b], n_c, spare) if mode == 1 else rank[a:b]
+        m = vals.size
+        k0 = 0  # the mean gap + 1 of sorted values telescopes to (last + 1) / m
+        while (m << (k0 + 1)) <= vals[m - 1] + 1:
             k0 += 1
         k_lo, k_hi = max(0, k0 - 2), min(max_k, k0 + 2)
-        s0 = s1 = s2 = s3 = s4 = np.int64(0)
-        prev = np.int64(-1)
-        j = 0
-        for t in range(m):
-            v, j = _coded_value(rank, a, b, n_c, mode, t, j)
-            g = (v - prev - 1) >> k_lo
-            prev = v
-            s0 += g
-            s1 += g >> 1
-            s2 += g >> 2
-            s3 += g >> 3
-            s4 += g >> 4
-        sums = (s0, s1, s2, s3, s4)
+        sums = _rice_sums(vals, k_lo)
         best_k, best, q = k_lo, -1, np.int64(0)
         for t in range(k_hi - k_lo + 1):
             bits = m * (k_lo + t + 1) + sums[t]
@@ -735,54 +782,17 @@ def rice_classes(rank, starts, counts, cls_ids, meta, max_k):
         meta[i, 2] = (m + q + 7) // 8
         meta[i, 3] = (m * best_k + 7) // 8
         total += meta[i, 2] + meta[i, 3]
-    out = np.zeros(total, np.uint8)
+    out = np.empty(total, np.uint8)  # every byte written
     o = 0
     for i in range(cls_ids.size):
         if meta[i, 0] == 2:
             continue
         c = cls_ids[i]
         a, b = starts[c], starts[c + 1]
-        n_c, mode, k = counts[c], meta[i, 0], meta[i, 1]
-        m = n_c - (b - a) if mode == 1 else b - a
-        unary = out[o: o + meta[i, 2]]
-        rem = out[o + meta[i, 2]: o + meta[i, 2] + meta[i, 3]]
-        o += meta[i, 2] + meta[i, 3]
-        bit = -1
-        prev = np.int64(-1)
-        r, acc, nacc = 0, np.int64(0), 0
-        mask = (np.int64(1) << k) - 1
-        j = 0
-        for t in range(m):
-            v, j = _coded_value(rank, a, b, n_c, mode, t, j)
-            g = v - prev - 1
-            prev = v
-            bit += (g >> k) + 1
-            unary[bit >> 3] |= np.uint8(0x80 >> (bit & 7))
-            if k == 0:
-                continue
-            if k <= 32:  # at most 31 pending bits + k fit the accumulator
-                acc = (acc << k) | (g & mask)
-                nacc += k
-                if nacc >= 32:
-                    nacc -= 32
-                    x = acc >> nacc
-                    rem[r] = (x >> 24) & 0xFF
-                    rem[r + 1] = (x >> 16) & 0xFF
-                    rem[r + 2] = (x >> 8) & 0xFF
-                    rem[r + 3] = x & 0xFF
-                    r += 4
-                    acc &= (np.int64(1) << nacc) - 1
-            else:
-                w = k
-                while w > 0:
-                    take = min(w, 32)
-                    r, acc, nacc = _put(rem, r, acc, nacc, g >> (w - take), take)
-                    w -= take
-        while nacc >= 8:
-            nacc -= 8
-            rem[r] = (acc >> nacc) & 0xFF
-            r += 1
-        _flush(rem, r, acc, nacc)
+        vals = _complement_into(rank[a:b], counts[c], spare) if meta[i, 0] == 1 else rank[a:b]
+        u, x = meta[i, 2], meta[i, 3]
+        _rice_write(vals, meta[i, 1], out[o: o + u], out[o + u: o + u + x])
+        o += u + x
     return out
 
 
