@@ -624,40 +624,6 @@ _FREQ_SCALE = 65535
 _ZERO_RESIDUAL = "ctx encoding stores changed elements only; a residual of 0 is not a change"
 
 
-class _EncodeScratch:
-    """One thread's buffers for the ctx encoder's class-major temporaries (ranks, residuals, bucket bytes, sign and
-    extra bits), reused from tensor to tensor: fresh ones fault in (and zero) every page they touch, measured
-    ~1 ns per changed element of a 0.6B encode. Everything the encoder returns is copied out of them
-    (`np.concatenate`). Buffers for more than `keep` elements are not kept: a thread that coded one huge tensor
-    must not hold its ~13 bytes per changed element for the rest of the process (encode_delta's pool threads end
-    with the call)."""
-
-    keep = 8 << 20  # elements: ~110 MB per thread at most
-    _local = threading.local()
-
-    def __init__(self, n: int) -> None:
-        self.size = n
-        self.rank, self.res = np.empty(n, np.int64), np.empty(n, np.int16)
-        self.buckets, self.signs = np.empty(n, np.uint8), np.empty((n + 7) // 8, np.uint8)
-        self.extra = np.empty((15 * n + 7) // 8, np.uint8)  # room for 15 extra bits per residual
-
-    def complement(self, n: int) -> np.ndarray:
-        """Room for a class's n unchanged ranks (int64; the classes coded by their complement)."""
-        if getattr(self, "_complement", None) is None or self._complement.size < n:
-            self._complement = np.empty(max(n, 1 << 12), np.int64)
-        return self._complement
-
-    @classmethod
-    def get(cls, n: int) -> "_EncodeScratch":
-        mine = getattr(cls._local, "scratch", None)
-        if mine is not None and mine.size >= n:
-            return mine
-        fresh = cls(max(n, 1 << 16))
-        if fresh.size <= cls.keep:
-            cls._local.scratch = fresh
-        return fresh
-
-
 class _BaseClasses:
     """The exponent classes of one base tensor: class sizes, and ranks of elements inside their class.
 
@@ -940,8 +906,7 @@ class _RangeCoder:
     name = "range"
     row_cols = 2
 
-    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int],
-               scratch: "_EncodeScratch"):
+    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int]):
         import constriction
 
         K = _kernels()
@@ -1013,12 +978,13 @@ class _ZstdCoder:
     row_cols = 0
     level = 1  # measured on real 0.6B symbols: levels 1, 3 and 5 within 2 % in size; 1 encodes fastest
 
-    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int],
-               scratch: "_EncodeScratch"):
+    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int]):
         n = res.size
         # Sign bits, bucket bytes and extra bits in one pass over the residuals (`residual_streams`: a third of the
         # time of the symbol / split / pack passes it replaced, which also wrote and read an int32 per element).
-        signs, buckets, extra = scratch.signs[: (n + 7) // 8], scratch.buckets[:n], scratch.extra[: (15 * n + 7) // 8]
+        signs, buckets = np.empty((n + 7) // 8, np.uint8), np.empty(n, np.uint8)
+        extra = np.empty((15 * n + 7) // 8, np.uint8)  # room for 15 extra bits per residual (pages never written
+        # are never faulted in)
         x = _kernels().residual_streams(res, signs, buckets, extra)
         if x < 0:
             raise ValueError(_ZERO_RESIDUAL)
@@ -1104,16 +1070,15 @@ class ContextEncoding:
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        scratch = _EncodeScratch.get(positions.size)
-        ranks, res = scratch.rank[: positions.size], scratch.res[: positions.size]
+        ranks, res = np.empty(positions.size, np.int64), np.empty(positions.size, np.int16)
         starts = classes.ranks(positions, base_bits, new_bits, ranks, res)
         # Every class's position streams in one compiled call (a class where most changed codes its unchanged
         # ranks, one that changed entirely codes nothing): per-class Python calls were ~14 per tensor.
         present = np.flatnonzero(starts[1:] != starts[:-1])
         meta = np.empty((present.size, 4), np.int64)
-        spare = int(max((classes.counts[c] - (starts[c + 1] - starts[c]) for c in present), default=0))
-        pos_streams = K.rice_classes(ranks, starts, classes.counts, present, meta, _MAX_K,
-                                     scratch.complement(spare))
+        spare = np.empty(int(max((classes.counts[c] - (starts[c + 1] - starts[c]) for c in present), default=0)),
+                         np.int64)  # the largest complement coded
+        pos_streams = K.rice_classes(ranks, starts, classes.counts, present, meta, _MAX_K, spare)
         sizes = np.diff(starts)[present]
         rows = np.column_stack([present, classes.counts[present], sizes, meta]).tolist()
         spans = [(int(starts[c]), int(starts[c + 1])) for c in present]
@@ -1123,7 +1088,7 @@ class ContextEncoding:
             params["r"] = self.coder      # reproduce their bytes
         if not rows:
             return EncodedTensor({"": np.zeros(0, np.uint8)}, {"n": 0, "x": 0} | params)
-        cols, section, coder_params, extra = _RESIDUAL_CODERS[self.coder].encode(res, starts, spans, present, scratch)
+        cols, section, coder_params, extra = _RESIDUAL_CODERS[self.coder].encode(res, starts, spans, present)
         for row, extra_cols in zip(rows, cols):
             row += extra_cols
         params = {"n": params["n"], "x": int(extra.size)} | params  # the key order of the files written before

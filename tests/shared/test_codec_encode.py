@@ -2,13 +2,13 @@
 
 `ContextEncoding.encode` now reorders the changed elements class-major while computing their residuals
 (`class_major`), makes the sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every
-class's positions in one call (`rice_classes`), in per-thread scratch buffers. These tests rebuild each tensor's
+class's positions in one call (`rice_classes`). These tests rebuild each tensor's
 payload and params from the *definitions* -- ranks counted per element with numpy, the class-major order a stable
 argsort, then the kernels the old encoder called one class at a time (`complement`, `_rice_k`'s float formula,
 `rice_encode`, `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
 encoder paths (ranks found by the detection, ranks found from the base alone), for adversarial bit patterns, every
 residual bucket, one element, all changed and several chunks. Also: a delta file does not depend on how many threads
-wrote it, and a scratch buffer reused by the next tensor never leaks into an earlier tensor's result.
+wrote it, and tensors coded on several threads at once each get their own result.
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def test_ranks_of_other_positions_are_not_trusted():
         enc.encode(positions, old_at, old_at, base.size, base_context=ctx)
 
 
-def test_a_tensor_coded_after_a_larger_one_leaves_its_result_alone():
-    """Scratch buffers are reused by the next tensor on the same thread (and shared by none across threads): every
-    returned payload must be a copy, identical to a fresh encode of the same tensor."""
+def test_tensors_coded_on_several_threads_at_once_each_get_their_own_result():
+    """The kernels run without the GIL on the encode pool's threads: no state may be shared between two encodes,
+    and a returned payload must not change when later tensors are coded."""
     rng = np.random.default_rng(9)
     enc = get_encoding("ctx")
     tensors = []
