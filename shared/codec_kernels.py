@@ -670,64 +670,58 @@ def _rice_sums(vals, k_lo):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _emit32(out, o, acc, nacc):
-    """Write the oldest 32 of `nacc` (32..63) pending bits of `acc`, MSB first; returns (o, acc, nacc)."""
-    nacc -= 32
-    x = acc >> nacc
-    out[o] = (x >> 24) & 0xFF
-    out[o + 1] = (x >> 16) & 0xFF
-    out[o + 2] = (x >> 8) & 0xFF
-    out[o + 3] = x & 0xFF
-    return o + 4, acc & ((np.int64(1) << nacc) - 1), nacc
+def _word_out(out, o, word, nbytes):
+    """The top `nbytes` (<= 8) bytes of a 64-bit word, most significant first, at out[o:]."""
+    for t in range(nbytes):
+        out[o + t] = (word >> (56 - 8 * t)) & 0xFF
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _rice_write(vals, k, unary, rem):
     """`rice_encode(vals, k, from_sorted=True)` into `unary` and `rem` of exactly the right sizes (every byte
-    written). Both streams go through 64-bit accumulators, 32 bits out at a time: setting each quotient's one bit in
-    a zeroed byte array chained every element on the previous one's load-or-store of the same byte (1.5 ns per
-    element)."""
-    u, ua, nu = 0, np.int64(0), 0
-    r, ra, nr = 0, np.int64(0), 0
+    written), both streams filled a 64-bit word at a time in registers: the only chains between elements are a bit
+    counter and the word being filled (measured 1.9-2.0 ns per element at k = 1..4, against 2.3-2.7 for
+    `rice_encode`'s byte-array writes, which also allocate and zero their arrays and count the quotients first)."""
+    cw = 0  # unary: the word the current bit falls in
+    word = np.int64(0)
+    ubit = np.int64(-1)
+    rw = np.int64(0)  # remainders: the word being filled, its bits used, bytes written
+    rfill = 0
+    ro = 0
     mask = (np.int64(1) << k) - 1
     prev = np.int64(-1)
     for i in range(vals.size):
         v = vals[i]
         g = v - prev - 1
         prev = v
-        q = g >> k
-        while q >= 32:  # a long run of zeros: 32 at a time (at most 31 pending + 32 fit 63 bits)
-            ua <<= 32
-            nu += 32
-            u, ua, nu = _emit32(unary, u, ua, nu)
-            q -= 32
-        ua = (ua << (q + 1)) | 1
-        nu += q + 1
-        if nu >= 32:
-            u, ua, nu = _emit32(unary, u, ua, nu)
-        if k == 0:
-            continue
-        if k <= 32:
-            ra = (ra << k) | (g & mask)
-            nr += k
-            if nr >= 32:
-                r, ra, nr = _emit32(rem, r, ra, nr)
-        else:
-            w = k
-            while w > 0:
-                take = min(w, 32)
-                r, ra, nr = _put(rem, r, ra, nr, g >> (w - take), take)
-                w -= take
-    while nu >= 8:
-        nu -= 8
-        unary[u] = (ua >> nu) & 0xFF
-        u += 1
-    _flush(unary, u, ua, nu)
-    while nr >= 8:
-        nr -= 8
-        rem[r] = (ra >> nr) & 0xFF
-        r += 1
-    _flush(rem, r, ra, nr)
+        ubit += (g >> k) + 1
+        w = ubit >> 6
+        if w != cw:
+            _word_out(unary, cw * 8, word, 8)
+            for z in range(cw + 1, w):  # a quotient of 64 zeros or more
+                _word_out(unary, z * 8, np.int64(0), 8)
+            cw = w
+            word = np.int64(0)
+        word |= np.int64(1) << (63 - (ubit & 63))
+        if k:
+            val = g & mask
+            if rfill + k <= 64:
+                rw |= val << (64 - rfill - k)
+                rfill += k
+                if rfill == 64:
+                    _word_out(rem, ro, rw, 8)
+                    ro += 8
+                    rw = np.int64(0)
+                    rfill = 0
+            else:  # split across two words (k <= 62: every shift below stays under 64)
+                spill = k - (64 - rfill)
+                rw |= val >> spill
+                _word_out(rem, ro, rw, 8)
+                ro += 8
+                rfill = spill
+                rw = val << (64 - spill)
+    _word_out(unary, cw * 8, word, unary.size - cw * 8)
+    _word_out(rem, ro, rw, rem.size - ro)
 
 
 @njit(nogil=True, cache=True, inline="always")
