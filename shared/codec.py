@@ -110,7 +110,7 @@ class ClassRanks:
 
     positions: np.ndarray
     cls: np.ndarray  # uint8
-    rank: np.ndarray  # int64
+    rank: np.ndarray  # int32 (int64 for tensors of 2**31 elements or more)
     lo: int
     hi: int
 
@@ -193,7 +193,9 @@ def _diff_ranks(new: np.ndarray, old: np.ndarray,
     offsets = np.concatenate([[0], np.cumsum(counts)])
     m = int(offsets[-1])
     pos, new_at, old_at = np.empty(m, np.int64), np.empty(m, np.uint16), np.empty(m, np.uint16)
-    cls, rank = np.empty(m, np.uint8), np.empty(m, np.int64)
+    # Ranks are below numel: int32 for tensors under 2**31 elements (every one of a 0.6B model), 4 bytes per changed
+    # element less to write -- into fresh pages that fault in -- than int64.
+    cls, rank = np.empty(m, np.uint8), np.empty(m, np.int32 if new.size < 2**31 else np.int64)
 
     def one(i: int) -> bool:
         (s, e), a, b = bounds[i], offsets[i], offsets[i + 1]
@@ -619,6 +621,9 @@ _MAX_MSYM = 17  # magnitude buckets: 1, 2, 3 exact, then [2**b, 2**(b+1)) for b 
 _FREQ_SCALE = 65535
 
 
+_ZERO_RESIDUAL = "ctx encoding stores changed elements only; a residual of 0 is not a change"
+
+
 class _BaseClasses:
     """The exponent classes of one base tensor: class sizes, and ranks of elements inside their class.
 
@@ -732,44 +737,42 @@ class _BaseClasses:
         if got != numel:
             raise FormatError(f"base context has {got} elements, the tensor has {numel}")
 
-    def ranks(self, positions: np.ndarray, base_at: np.ndarray, residual: np.ndarray):
-        """For sorted, unique, in-range `positions` (base values `base_at` there, int16 `residual`): the changed
-        elements in class-major order (ranks ascending inside each class) as ``(starts, rank, res, sym, hist)`` --
-        class c's are ``starts[c]:starts[c+1]``; sym/hist as `codec_kernels.residual_symbols` says. `starts` is
-        None when a residual is 0."""
+    def ranks(self, positions: np.ndarray, base_at: np.ndarray, new_at: np.ndarray, rank: np.ndarray,
+              res: np.ndarray) -> np.ndarray:
+        """For sorted, unique, in-range `positions` (base values `base_at`, new values `new_at` there): the changed
+        elements in class-major order (ranks ascending inside each class), written into `rank` (int64) and `res`
+        (their int16 residuals ``new - base``, wrapping), both ``positions.size`` long. Returns `starts`: class c's
+        are ``starts[c]:starts[c+1]``."""
         K = _kernels()
-        n = positions.size
-        rank, res = np.empty(n, np.int64), np.empty(n, np.int16)
-        sym = np.empty(n, np.int32)
-        hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
+        if self.known is not None and self.known.lo == self.lo and self.known.hi == self.hi and (
+                self.known.positions is positions or np.array_equal(self.known.positions, positions)):
+            # Ranked by diff_bits while it read the base: only the O(changed) reordering is left, and it computes
+            # the residuals on the way (no position-order residual array).
+            return K.class_major(self.known.cls, self.known.rank, new_at, base_at, _N_CLASSES, rank,
+                                 res.view(np.uint16))
+        residual = (new_at - base_at).view(np.int16)  # uint16 wraps
         if self._torch is not None:
             cls, rank_pos = self._ranks_device(positions)
             order = np.argsort(cls, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(np.bincount(cls, minlength=_N_CLASSES))])
             rank[:], res[:] = rank_pos[order], residual[order]
-        elif self.known is not None and self.known.lo == self.lo and self.known.hi == self.hi and (
-                self.known.positions is positions or np.array_equal(self.known.positions, positions)):
-            # Ranked by diff_bits while it read the base: only the O(changed) reordering is left.
-            starts = K.to_class_major(self.known.cls, self.known.rank, residual, _N_CLASSES, rank, res)
-        else:
-            edges = [s for s, _ in self._bounds] + [self._bounds[-1][1] if self._bounds else 0]
-            cuts = np.searchsorted(positions, edges)
-            # Where each chunk's changed elements of each class go: class after class, chunk after chunk inside one.
-            k = np.zeros((len(self._bounds), _N_CLASSES), np.int64)
-            for i in range(len(self._bounds)):
-                K.class_counts(base_at[cuts[i]: cuts[i + 1]], self._table, k[i])
-            starts = np.concatenate([[0], np.cumsum(k.sum(axis=0))])
-            slots = starts[:-1] + np.cumsum(k, axis=0) - k
+            return np.concatenate([[0], np.cumsum(np.bincount(cls, minlength=_N_CLASSES))])
+        edges = [s for s, _ in self._bounds] + [self._bounds[-1][1] if self._bounds else 0]
+        cuts = np.searchsorted(positions, edges)
+        # Where each chunk's changed elements of each class go: class after class, chunk after chunk inside one.
+        k = np.zeros((len(self._bounds), _N_CLASSES), np.int64)
+        for i in range(len(self._bounds)):
+            K.class_counts(base_at[cuts[i]: cuts[i + 1]], self._table, k[i])
+        starts = np.concatenate([[0], np.cumsum(k.sum(axis=0))])
+        slots = starts[:-1] + np.cumsum(k, axis=0) - k
 
-            def one(i: int) -> None:
-                (s, e), a, b = self._bounds[i], cuts[i], cuts[i + 1]
-                if a < b:
-                    K.class_ranks(self._b[s:e], self._table, self._before[i], positions[a:b] - s, residual[a:b],
-                                  slots[i], rank, res)
+        def one(i: int) -> None:
+            (s, e), a, b = self._bounds[i], cuts[i], cuts[i + 1]
+            if a < b:
+                K.class_ranks(self._b[s:e], self._table, self._before[i], positions[a:b] - s, residual[a:b],
+                              slots[i], rank, res)
 
-            K.run_chunks(one, len(self._bounds))
-        ok = K.residual_symbols(starts, res, sym, hist)
-        return (None if ok < 0 else starts), rank, res, sym, hist
+        K.run_chunks(one, len(self._bounds))
+        return starts
 
     def positions(self, fl: "_ClassFlags", residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The changed elements of a counted host tensor (class sizes checked against the delta's header) from their
@@ -947,9 +950,14 @@ class _RangeCoder:
     name = "range"
     row_cols = 2
 
-    def encode(self, sym: np.ndarray, spans: list[tuple[int, int]], hist: np.ndarray, classes: list[int]):
+    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int]):
         import constriction
 
+        K = _kernels()
+        sym = np.empty(res.size, np.int32)
+        hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
+        if K.residual_symbols(starts, res, sym, hist) < 0:
+            raise ValueError(_ZERO_RESIDUAL)
         cols, tables, words = [], [], []
         for c, (a, b) in zip(classes, spans):
             counts = hist[c]
@@ -963,7 +971,7 @@ class _RangeCoder:
             cols.append([int(freq.size), int(w.size)])
             tables.append(freq.astype("<u2").view(np.uint8))
             words.append(w)
-        return cols, [*tables, *words], {}
+        return cols, [*tables, *words], {}, K.pack_low_bits(sym, res)
 
     def section_bytes(self, rows: list[list[int]], n: int, params: dict) -> int:
         if not all(2 <= r[7] <= 2 * _MAX_MSYM and r[7] % 2 == 0 and r[8] >= 0 for r in rows):
@@ -1014,16 +1022,21 @@ class _ZstdCoder:
     row_cols = 0
     level = 1  # measured on real 0.6B symbols: levels 1, 3 and 5 within 2 % in size; 1 encodes fastest
 
-    def encode(self, sym: np.ndarray, spans: list[tuple[int, int]], hist: np.ndarray, classes: list[int]):
-        from shared import codec_coder
-
-        signs, buckets = np.zeros((sym.size + 7) // 8, np.uint8), np.empty(sym.size, np.uint8)
-        codec_coder.split_symbols(sym, signs, buckets)
+    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int]):
+        n = res.size
+        # Sign bits, bucket bytes and extra bits in one pass over the residuals (`residual_streams`: a third of the
+        # time of the symbol / split / pack passes it replaced, which also wrote and read an int32 per element).
+        signs, buckets = np.empty((n + 7) // 8, np.uint8), np.empty(n, np.uint8)
+        extra = np.empty((15 * n + 7) // 8, np.uint8)  # room for 15 extra bits per residual (pages never written
+        # are never faulted in)
+        x = _kernels().residual_streams(res, signs, buckets, extra)
+        if x < 0:
+            raise ValueError(_ZERO_RESIDUAL)
         # A compressor per call: zstandard's (de)compressor objects must not be shared between threads, and the
         # encode pool codes several tensors at once.
         frame = zstandard.ZstdCompressor(level=self.level, write_content_size=False, write_checksum=False).compress(
             buckets.data)
-        return [[] for _ in classes], [signs, np.frombuffer(frame, np.uint8)], {"z": len(frame)}
+        return [[] for _ in classes], [signs, np.frombuffer(frame, np.uint8)], {"z": len(frame)}, extra[:x]
 
     def section_bytes(self, rows: list[list[int]], n: int, params: dict) -> int:
         try:
@@ -1091,46 +1104,39 @@ class ContextEncoding:
         base_bits = np.ascontiguousarray(base_bits, dtype=np.uint16)
         if new_bits.shape != positions.shape or base_bits.shape != positions.shape:
             raise ValueError("positions, new and base values must have the same length")
-        if positions.size and (int(positions[0]) < 0 or int(positions[-1]) >= numel
-                               or not bool(np.all(positions[1:] > positions[:-1]))):
+        known = base_context.ranks if isinstance(base_context, BaseBits) else None
+        # Positions that diff_bits found and ranked (the very array it returned) are sorted, unique and in range by
+        # construction; any others are checked (a pass over them: ~1 ns per element).
+        if positions.size and (known is None or known.positions is not positions) and (
+                int(positions[0]) < 0 or int(positions[-1]) >= numel
+                or not bool(np.all(positions[1:] > positions[:-1]))):
             raise ValueError("positions must be sorted, unique and inside the tensor")
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        starts, ranks, res, sym, hist = classes.ranks(positions, base_bits,
-                                                      (new_bits - base_bits).view(np.int16))  # uint16 wraps
-        if starts is None:
-            raise ValueError("ctx encoding stores changed elements only; a residual of 0 is not a change")
-        extra = K.pack_low_bits(sym, res)
-        rows, pos_streams, spans = [], [], []
-        present = [int(c) for c in np.flatnonzero(np.diff(starts))]
-        for c in present:
-            a, b = int(starts[c]), int(starts[c + 1])
-            n_c, k_c = int(classes.counts[c]), b - a
-            r = ranks[a:b]
-            if k_c == n_c:
-                mode, coded = _MODE_ALL, None
-            elif 2 * k_c > n_c:
-                mode, coded = _MODE_UNCHANGED, K.complement(r, n_c)
-            else:
-                mode, coded = _MODE_CHANGED, r
-            if coded is None:
-                rk, unary, rem = 0, np.zeros(0, np.uint8), np.zeros(0, np.uint8)
-            else:
-                rk = _rice_k(coded, from_sorted=True)
-                unary, rem = K.rice_encode(coded, rk, True)
-            rows.append([c, n_c, k_c, mode, rk, int(unary.size), int(rem.size)])
-            pos_streams += [unary, rem]
-            spans.append((a, b))
-        params = {"n": int(positions.size), "x": int(extra.size), "p": [lo, hi], "c": rows}
+        ranks, res = np.empty(positions.size, np.int64), np.empty(positions.size, np.int16)
+        starts = classes.ranks(positions, base_bits, new_bits, ranks, res)
+        # Every class's position streams in one compiled call (a class where most changed codes its unchanged
+        # ranks, one that changed entirely codes nothing): per-class Python calls were ~14 per tensor.
+        present = np.flatnonzero(starts[1:] != starts[:-1])
+        meta = np.empty((present.size, 4), np.int64)
+        spare = np.empty(int(max((classes.counts[c] - (starts[c + 1] - starts[c]) for c in present), default=0)),
+                         np.int64)  # the largest complement coded
+        pos_streams = K.rice_classes(ranks, starts, classes.counts, present, meta, _MAX_K, spare)
+        sizes = np.diff(starts)[present]
+        rows = np.column_stack([present, classes.counts[present], sizes, meta]).tolist()
+        spans = [(int(starts[c]), int(starts[c + 1])) for c in present]
+        present = present.tolist()
+        params = {"n": int(positions.size), "p": [lo, hi], "c": rows}
         if self.coder != _UNNAMED_CODER:  # files of the first coder have no "r": writing it for them would not
             params["r"] = self.coder      # reproduce their bytes
         if not rows:
-            return EncodedTensor({"": np.zeros(0, np.uint8)}, params)
-        cols, section, coder_params = _RESIDUAL_CODERS[self.coder].encode(sym, spans, hist, present)
+            return EncodedTensor({"": np.zeros(0, np.uint8)}, {"n": 0, "x": 0} | params)
+        cols, section, coder_params, extra = _RESIDUAL_CODERS[self.coder].encode(res, starts, spans, present)
         for row, extra_cols in zip(rows, cols):
             row += extra_cols
-        return EncodedTensor({"": np.concatenate([*pos_streams, *section, extra])}, params | coder_params)
+        params = {"n": params["n"], "x": int(extra.size)} | params  # the key order of the files written before
+        return EncodedTensor({"": np.concatenate([pos_streams, *section, extra])}, params | coder_params)
 
     def decode(self, arrays, params, numel, *, base_context=None):
         if base_context is None:

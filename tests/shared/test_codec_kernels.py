@@ -76,7 +76,8 @@ def changed_at(n: int, seed: int, density: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ encode side
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
 @pytest.mark.parametrize("density", [0.0, 0.04, 1.0])
-def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density):
+@pytest.mark.parametrize("rank_dtype", [np.int64, np.int32])  # int32: what codec's detection passes below 2**31
+def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density, rank_dtype):
     n = b.size
     pos = changed_at(n, 11, density) if density < 1 else np.arange(n)
     new = b.copy()
@@ -84,7 +85,7 @@ def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density):
     start = np.random.default_rng(5).integers(0, 1000, 256)  # class elements in earlier chunks
     cls = classes(b, lo, hi)
     out = [np.full(n, -7, np.int64), np.zeros(n, np.uint16), np.zeros(n, np.uint16), np.zeros(n, np.uint8),
-           np.full(n, -7, np.int64)]
+           np.full(n, -7, rank_dtype)]
     k = K.diff_ranks(new, b, 1000, clamp_table(lo, hi), start, *out)
     assert k == pos.size
     np.testing.assert_array_equal(out[0][:k], pos + 1000)
@@ -370,6 +371,138 @@ def test_a_table_that_is_not_the_pooling_clamp_is_refused():
     with pytest.raises(ValueError, match="class table"):
         K.diff_ranks(b, b, 0, table, np.zeros(256, np.int64), *(np.zeros(100, t) for t in
                                                                     (np.int64, np.uint16, np.uint16, np.uint8, np.int64)))
+
+
+# ------------------------------------------------------------------------------- the ctx encoder's O(changed) passes
+def _old_symbols(res: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signs, buckets, extra) as the three passes that `residual_streams` replaced computed them."""
+    from shared import codec_coder
+
+    sym, hist = np.empty(res.size, np.int32), np.zeros((1, 34), np.int64)
+    assert K.residual_symbols(np.array([0, res.size], np.int64), res, sym, hist) == 0
+    signs, buckets = np.zeros((res.size + 7) // 8, np.uint8), np.empty(res.size, np.uint8)
+    codec_coder.split_symbols(sym, signs, buckets)
+    return signs, buckets, K.pack_low_bits(sym, res)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 65535, 65535 + 5])
+def test_residual_streams_match_the_passes_they_replaced(n):
+    """Every nonzero int16 residual (all magnitude buckets, both signs, -32768) in a shuffled order, at lengths that
+    end mid-byte and mid-word of the sign and extra-bit streams."""
+    rng = np.random.default_rng(n)
+    every = np.concatenate([np.arange(-32768, 0), np.arange(1, 32768)]).astype(np.int16)
+    res = rng.permutation(np.resize(every, n)).astype(np.int16)
+    signs = np.full((n + 7) // 8, 0xAA, np.uint8)  # garbage: every byte must be written
+    buckets, extra = np.full(n, 0xAA, np.uint8), np.full((15 * n + 7) // 8 + 1, 0xAA, np.uint8)
+    x = K.residual_streams(res, signs, buckets, extra)
+    want = _old_symbols(res)
+    np.testing.assert_array_equal(signs, want[0])
+    np.testing.assert_array_equal(buckets, want[1])
+    np.testing.assert_array_equal(extra[:x], want[2])
+
+
+def test_residual_streams_refuse_a_zero_residual():
+    res = np.array([1, -3, 0, 5], np.int16)
+    assert K.residual_streams(res, np.zeros(1, np.uint8), np.zeros(4, np.uint8), np.zeros(8, np.uint8)) == -1
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 1001])
+@pytest.mark.parametrize("rank_dtype", [np.int32, np.int64])
+def test_class_major_is_a_stable_counting_sort_with_residuals(n, rank_dtype):
+    rng = np.random.default_rng(n)
+    cls = rng.choice(np.array([0, 3, 4, 200, 255], np.uint8), n)  # long runs of one class and rare ones
+    cls[: n // 3] = 4
+    rank = rng.integers(0, 2**31 - 1, n).astype(rank_dtype)
+    new_at, old_at = rng.integers(0, 2**16, n).astype(np.uint16), rng.integers(0, 2**16, n).astype(np.uint16)
+    rank_out, res_out = np.full(n, -1, np.int64), np.zeros(n, np.uint16)
+    starts = K.class_major(cls, rank, new_at, old_at, 256, rank_out, res_out)
+    order = np.argsort(cls, kind="stable")
+    np.testing.assert_array_equal(starts, np.concatenate([[0], np.cumsum(np.bincount(cls, minlength=256))]))
+    np.testing.assert_array_equal(rank_out, rank[order])
+    np.testing.assert_array_equal(res_out, (new_at - old_at)[order])  # uint16 wraps
+
+
+def _old_position_streams(rank, starts, counts, cls_ids):
+    """What `rice_classes` replaced: per class `complement`, `codec._rice_k` (numpy's float log2) and `rice_encode`."""
+    from shared.codec import _rice_k
+
+    meta, out = [], []
+    for c in cls_ids:
+        a, b = starts[c], starts[c + 1]
+        n_c, k_c = counts[c], b - a
+        if k_c == n_c:
+            meta.append([2, 0, 0, 0])
+            continue
+        mode, coded = (1, K.complement(rank[a:b], n_c)) if 2 * k_c > n_c else (0, rank[a:b])
+        k = _rice_k(coded, from_sorted=True)
+        unary, rem = K.rice_encode(coded, k, True)
+        meta.append([mode, k, unary.size, rem.size])
+        out += [unary, rem]
+    return np.array(meta, np.int64).reshape(-1, 4), np.concatenate([np.zeros(0, np.uint8), *out])
+
+
+def _classes_of(sizes: list[int], picks: list[np.ndarray]):
+    """(rank, starts, counts, cls_ids) for classes 0.. of the given sizes whose changed ranks are `picks`."""
+    counts = np.zeros(256, np.int64)
+    counts[: len(sizes)] = sizes
+    lens = np.zeros(256, np.int64)
+    lens[: len(picks)] = [p.size for p in picks]
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    rank = np.concatenate([np.zeros(0, np.int64), *[np.asarray(p, np.int64) for p in picks]])
+    return rank, starts, counts, np.flatnonzero(lens)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rice_classes_match_the_per_class_calls(seed):
+    """Random classes of every mode (changed ranks, their complement, all changed), gap scales from dense to sparse,
+    runs that end mid-byte and mid-word."""
+    rng = np.random.default_rng(seed)
+    sizes, picks = [], []
+    for _ in range(int(rng.integers(1, 12))):
+        n_c = int(rng.choice([1, 2, 3, 63, 64, 65, 500, 5000, 100_000]))
+        frac = float(rng.choice([0.001, 0.01, 0.2, 0.49, 0.5, 0.51, 0.9, 1.0]))
+        pick = np.flatnonzero(rng.random(n_c) < frac)
+        if frac == 1.0:
+            pick = np.arange(n_c)
+        sizes.append(n_c)
+        picks.append(pick)
+    rank, starts, counts, cls_ids = _classes_of(sizes, picks)
+    meta = np.full((cls_ids.size, 4), -9, np.int64)
+    got = K.rice_classes(rank, starts, counts, cls_ids, meta, 62, np.empty(max(sizes), np.int64))
+    want_meta, want = _old_position_streams(rank, starts, counts, cls_ids)
+    np.testing.assert_array_equal(meta, want_meta)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_rice_classes_long_quotients_and_wide_remainders():
+    """Quotients of 32 zeros and more (a far outlier among dense ranks: the unary stream's run loop), and k above
+    32 (gaps near 2**40 in a class too large to build: only its size is given) -- the two paths past the fast ones."""
+    dense = np.concatenate([np.arange(0, 3000, 3), [10**7, 10**7 + 1, 3 * 10**8]])
+    wide = np.array([0, 2**40 - 5, 2**41, 2**41 + 2**39, 2**43 - 1], np.int64)
+    rank, starts, counts, cls_ids = _classes_of([4 * 10**8, 2**44], [dense, wide])
+    meta = np.zeros((2, 4), np.int64)
+    got = K.rice_classes(rank, starts, counts, cls_ids, meta, 62, np.empty(1, np.int64))
+    want_meta, want = _old_position_streams(rank, starts, counts, cls_ids)
+    assert meta[1, 1] > 32
+    np.testing.assert_array_equal(meta, want_meta)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 100, 1023, 1024, 1025])
+def test_rice_classes_pick_the_k_of_the_float_formula_at_power_of_two_means(m):
+    """k0 is computed with integers; the old code took floor(log2(mean + 1.0)) in floats. Means right at and one
+    step either side of 2**j - 1 (where the two could disagree) pick the same k."""
+    for j in range(0, 20):
+        for last in ((m << j) - 2, (m << j) - 1, m << j):
+            if last < m - 1:
+                continue
+            vals = np.concatenate([np.arange(m - 1), [last]]).astype(np.int64)  # mean gap + 1 = (last + 1) / m
+            rank, starts, counts, cls_ids = _classes_of([4 * (last + 1)], [vals])
+            meta = np.zeros((1, 4), np.int64)
+            got = K.rice_classes(rank, starts, counts, cls_ids, meta, 62, np.empty(1, np.int64))
+            want_meta, want = _old_position_streams(rank, starts, counts, cls_ids)
+            assert meta.tolist() == want_meta.tolist(), (m, j, last)
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.skipif(os.environ.get("DWS_KERNELS_CPU") is not None, reason="already the re-run")
