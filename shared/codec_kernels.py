@@ -1158,16 +1158,7 @@ def rice_decode(unary, rem, n, k, clz8, gaps):
 @njit(nogil=True, cache=True)
 def complement(sorted_ranks, n):
     """0..n-1 without the (sorted, unique, in-range) `sorted_ranks`."""
-    out = np.empty(n - sorted_ranks.size, np.int64)
-    k = 0
-    j = 0
-    for r in range(n):
-        if j < sorted_ranks.size and sorted_ranks[j] == r:
-            j += 1
-        else:
-            out[k] = r
-            k += 1
-    return out
+    return _complement_into(sorted_ranks, n, np.empty(n - sorted_ranks.size, np.int64))
 
 
 @njit(nogil=True, cache=True)
