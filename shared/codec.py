@@ -818,7 +818,7 @@ class _BaseClasses:
 
         def part(i: int) -> bool:
             if i == 0:
-                return K.flag_positions(self._b[:half], self.lo, self.hi, fl.flags, fl.state(before * 0), fl.zero,
+                return K.flag_positions(self._b[:half], self.lo, self.hi, fl.flags, fl.state(np.zeros_like(before)), fl.zero,
                                         fl.vstart.copy(), residual, 0, False, pos[:first], out[:first]) == first
             return K.flag_positions(self._b[half:], self.lo, self.hi, fl.flags, state, fl.zero, fl.vstart + pre,
                                     residual, half, True, pos[first:], out[first:]) == residual.size - first

@@ -774,16 +774,6 @@ def class_major(cls, rank, new_at, old_at, n_classes, rank_out, res_out):
     return starts
 
 
-@intrinsic
-def _log2(typingctx, m):
-    """floor(log2(m)) of a positive int64 (63 - lzcnt)."""
-    def codegen(context, builder, signature, args):
-        z = builder.ctlz(args[0], ir.Constant(ir.IntType(1), 1))
-        return builder.sub(ir.Constant(_I64, 63), z)
-
-    return types.int64(types.int64), codegen
-
-
 @njit(nogil=True, cache=True)
 def residual_streams(res, signs, buckets, extra):
     """The ctx zstd coder's inputs in one sequential pass over the class-major int16 residuals -- what
@@ -805,7 +795,7 @@ def residual_streams(res, signs, buckets, extra):
                 return -1
             buckets[i] = m - 1
         else:
-            w = _log2(m)
+            w = 63 - _leading_zeros(np.uint64(m))  # floor(log2(m))
             buckets[i] = w + 1
             acc = (acc << w) | (m - (np.int64(1) << w))
             nacc += w
@@ -834,12 +824,11 @@ def residual_streams(res, signs, buckets, extra):
     return o
 
 
-@njit(nogil=True, cache=True)
-def rice_cost(gaps, k_lo, k_hi, from_sorted):
-    """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k), the smallest on ties, in one
-    pass over `gaps` (five plain accumulators: the loop vectorizes). With `from_sorted`, `gaps` holds sorted unique
-    values v whose Rice gaps ``v_i - v_{i-1} - 1`` (v_{-1} = -1) are the gaps, computed on the fly: no gap array (a page-faulting allocation the size of
-    the changed elements) is ever written."""
+@njit(nogil=True, cache=True, inline="always")
+def _rice_sums(gaps, k_lo, from_sorted):
+    """sum(g >> (k_lo + t)) for t = 0..4 over `gaps` in one pass (five plain accumulators: the loop vectorizes). With
+    `from_sorted`, `gaps` holds sorted unique values v whose Rice gaps ``v_i - v_{i-1} - 1`` (v_{-1} = -1) are the
+    gaps, computed on the fly: no gap array (a page-faulting allocation the size of the changed elements)."""
     s0 = s1 = s2 = s3 = s4 = np.int64(0)
     prev = np.int64(-1)
     for i in range(gaps.size):
@@ -852,32 +841,26 @@ def rice_cost(gaps, k_lo, k_hi, from_sorted):
         s2 += g >> 2
         s3 += g >> 3
         s4 += g >> 4
-    sums = (s0, s1, s2, s3, s4)
-    best_k = k_lo
-    best = -1
-    for t in range(k_hi - k_lo + 1):
-        bits = gaps.size * (k_lo + t + 1) + sums[t]
-        if best < 0 or bits < best:
-            best_k = k_lo + t
-            best = bits
-    return best_k
+    return s0, s1, s2, s3, s4
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _rice_sums(vals, k_lo):
-    """sum(g >> (k_lo + t)) for t = 0..4 over the Rice gaps g of sorted unique `vals` (as `rice_cost`)."""
-    s0 = s1 = s2 = s3 = s4 = np.int64(0)
-    prev = np.int64(-1)
-    for i in range(vals.size):
-        v = vals[i]
-        g = (v - prev - 1) >> k_lo
-        prev = v
-        s0 += g
-        s1 += g >> 1
-        s2 += g >> 2
-        s3 += g >> 3
-        s4 += g >> 4
-    return s0, s1, s2, s3, s4
+def _cheapest_k(n, k_lo, k_hi, sums):
+    """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k) (`_rice_sums`), the smallest on
+    ties, and that k's sum(g >> k) (the unary stream's zeros)."""
+    best_k, best, q = k_lo, -1, np.int64(0)
+    for t in range(k_hi - k_lo + 1):
+        bits = n * (k_lo + t + 1) + sums[t]
+        if best < 0 or bits < best:
+            best_k, best, q = k_lo + t, bits, sums[t]
+    return best_k, q
+
+
+@njit(nogil=True, cache=True)
+def rice_cost(gaps, k_lo, k_hi, from_sorted):
+    """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k), the smallest on ties, in one
+    pass over `gaps` (or, with `from_sorted`, over the Rice gaps of the sorted unique values it holds)."""
+    return _cheapest_k(gaps.size, k_lo, k_hi, _rice_sums(gaps, k_lo, from_sorted))[0]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -977,12 +960,7 @@ def rice_classes(rank, starts, counts, cls_ids, meta, max_k, spare):
         while (m << (k0 + 1)) <= vals[m - 1] + 1:
             k0 += 1
         k_lo, k_hi = max(0, k0 - 2), min(max_k, k0 + 2)
-        sums = _rice_sums(vals, k_lo)
-        best_k, best, q = k_lo, -1, np.int64(0)
-        for t in range(k_hi - k_lo + 1):
-            bits = m * (k_lo + t + 1) + sums[t]
-            if best < 0 or bits < best:
-                best_k, best, q = k_lo + t, bits, sums[t]
+        best_k, q = _cheapest_k(m, k_lo, k_hi, _rice_sums(vals, k_lo, True))
         meta[i, 1] = best_k
         meta[i, 2] = (m + q + 7) // 8
         meta[i, 3] = (m * best_k + 7) // 8

@@ -117,18 +117,19 @@ def diff_state(new: Mapping[str, Any], old: Mapping[str, Any], *, encoding: str 
         return TensorChange.between(tuple(new[name].shape), new[name], old[name], encoding=encoding)
 
     if len(names) > 1 and _workers(workers) > 1:
-        # Largest first (the result keeps `new`'s order): a big tensor started last would run alone at the end.
-        order = sorted(names, key=lambda n: -_numel(new[n]))
         with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-diff") as pool:
-            done = dict(zip(order, pool.map(one, order)))
-        found = [done[n] for n in names]
+            found = _largest_first(pool, one, names, lambda n: int(np.prod(new[n].shape)))
     else:
         found = [one(n) for n in names]
     return {n: ch for n, ch in zip(names, found) if ch is not None}
 
 
-def _numel(t: Any) -> int:
-    return int(np.prod(t.shape))
+def _largest_first(pool: ThreadPoolExecutor, fn, names: list[str], size) -> list:
+    """`fn` over `names` on `pool`, the largest (by `size`) started first -- a big tensor started last (a tied
+    embedding sorts after the layers) would run alone while the other threads idle -- results in `names`' order."""
+    order = sorted(names, key=lambda n: -size(n))
+    done = dict(zip(order, pool.map(fn, order)))
+    return [done[n] for n in names]
 
 
 @dataclass
@@ -162,12 +163,9 @@ def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int
     candidates = (encoding, *FALLBACKS.get(encoding, ()))
     names = [n for n in sorted(changes) if changes[n].positions.size]
     if len(names) > 1 and _workers(workers) > 1:
-        # Largest first, the file keeps the sorted order: a tied embedding sorts after the layers, and coded last it
-        # ran alone while the other threads idled (measured at 0.6B, 2 threads: see encode_delta's README row).
-        order = sorted(names, key=lambda n: -changes[n].positions.size)
-        with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-encode") as pool:
-            done = dict(zip(order, pool.map(lambda n: _encode_tensor(changes[n], candidates, verify), order)))
-        coded = [done[n] for n in names]
+        with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-encode") as pool:  # the file keeps its order
+            coded = _largest_first(pool, lambda n: _encode_tensor(changes[n], candidates, verify), names,
+                                   lambda n: changes[n].positions.size)
     else:
         coded = [_encode_tensor(changes[n], candidates, verify) for n in names]
     arrays: dict[str, torch.Tensor] = {}
