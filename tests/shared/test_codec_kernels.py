@@ -95,6 +95,24 @@ def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density, ran
     np.testing.assert_array_equal(out[4][:k], start[cls[pos]] + ranks_in_class(cls)[pos])
 
 
+@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
+@pytest.mark.parametrize("density", [0.0, 0.04, 0.5, 1.0])
+def test_diff_bits_matches_per_element_definition(name, b, lo, hi, density):
+    """The compact detection's block walk: every change (block edges, the partial last block), nothing written past
+    the count."""
+    n = b.size
+    pos = changed_at(n, 12, density) if density < 1 else np.arange(n)
+    new = b.copy()
+    new[pos] ^= np.uint16(0x8000)  # a sign flip: a change in the top bit of the element
+    out = [np.full(n + 1, -7, np.int64), np.full(n + 1, 7, np.uint16), np.full(n + 1, 7, np.uint16)]
+    k = K.diff_bits(new, b, 1000, *out)
+    assert k == pos.size
+    np.testing.assert_array_equal(out[0][:k], pos + 1000)
+    np.testing.assert_array_equal(out[1][:k], new[pos])
+    np.testing.assert_array_equal(out[2][:k], b[pos])
+    assert out[0][k] == -7 and out[1][k] == 7 and out[2][k] == 7
+
+
 def test_diff_ranks_with_too_little_room_stops_at_the_end_of_its_outputs():
     b = weights(1000, 1)
     new = b ^ np.uint16(1)  # all 1000 changed
