@@ -108,7 +108,8 @@ def _memory(width: int):
 
 _ld64, _st64 = _memory(64)
 _ld16, _st16 = _memory(16)
-_ld8, _ = _memory(8)
+_ld8, _st8 = _memory(8)
+_ld32, _st32 = _memory(32)
 
 
 def _splat(builder, value, n):
@@ -731,13 +732,20 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
     class's elements (``start[c]`` of them precede this chunk) -- the ctx encoder's whole O(numel) work in the same
     read, block by block: one vector compare finds a block's changes, the class masks (`_count_block`) count its
     classes and rank them. Returns the count, or -1 when there are more changes than `pos` has room for (a tensor
-    that changed since its changes were counted: the outputs are never written past their end)."""
+    that changed since its changes were counted: a block whose changes do not all fit is not written, nor anything
+    past the outputs' end)."""
     new, old = np.ascontiguousarray(new), np.ascontiguousarray(old)
     lo, hi = _clamp_bounds(table)
     buf = np.empty(_W, np.uint8)
     np_, op, fp = new.ctypes.data, old.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
-    h = np.zeros(256, np.int64)
+    h = start.astype(np.int64)
     masks = np.zeros(256, np.uint64)
+    # Outputs and per-class state through raw addresses: indexed stores carry numba's negative-index wraparound
+    # (measured 0.45 -> 0.42 ns per element at 4 % changed, one thread).
+    pp, vp, wp, cp, rp = pos.ctypes.data, new_at.ctypes.data, old_at.ctypes.data, cls.ctypes.data, rank.ctypes.data
+    hp, mp = h.ctypes.data, masks.ctypes.data
+    wide = rank.itemsize == 8
+    room = pos.size
     k = 0
     n = new.size
     j = 0
@@ -750,17 +758,22 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
                 if new[j + u] != old[j + u]:
                     changed |= _ONE << np.uint64(u)
         _count_block(buf, fp, _classes(old, op, j, lo, hi, buf, fp), lo, hi, h, masks)
+        if k + _popcount(changed) > room:
+            return -1
         while changed:
             u = _lowest(changed)
             changed &= changed - _ONE
-            if k == pos.size:
-                return -1
-            c = buf[u]
-            pos[k] = j + u + offset
-            new_at[k] = new[j + u]
-            old_at[k] = old[j + u]
-            cls[k] = c
-            rank[k] = start[c] + h[c] - _popcount_from(masks[c], u)
+            c = np.int64(_ld8(fp, u)) & 0xFF  # the load is signed: class 255 would read as -1
+            r = _ld64(hp, c) - _popcount_from(np.uint64(_ld64(mp, c)), u)
+            i = j + u
+            _st64(pp, k, i + offset)
+            _st16(vp, k, _ld16(np_, i))
+            _st16(wp, k, _ld16(op, i))
+            _st8(cp, k, c)
+            if wide:
+                _st64(rp, k, r)
+            else:
+                _st32(rp, k, r)
             k += 1
         j += _W
     return k
