@@ -721,8 +721,13 @@ class _BaseClasses:
         self.counts = m.sum(axis=0)
 
     def pooling_bounds(self, numel: int) -> tuple[int, int]:
-        """The classes to keep apart: pool the tails that together hold at most max(64, numel / 2048) elements."""
-        tail = max(64, numel >> 11)
+        """The classes to keep apart: pool each tail of exponents holding at most max(64, numel / 512) elements.
+
+        Every kept class costs both O(numel) passes a vector compare per 64 elements, whatever it holds. Measured on
+        real AdamW deltas (86 M-parameter model; lr 1e-6, 3e-6, warm): tails of numel / 2048 kept 14 classes per
+        matrix, numel / 512 keeps 11 -- 0.2 % more bytes, decode 25-32 % faster; numel / 256 cost 0.6-1.2 % bytes
+        for one class less, numel / 128 2-5 %."""
+        tail = max(64, numel >> 9)
         nz = np.flatnonzero(self.raw_counts)
         if nz.size == 0:
             return 0, _N_CLASSES - 1

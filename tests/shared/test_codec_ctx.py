@@ -44,6 +44,22 @@ def _change(base: np.ndarray, new: np.ndarray, shape) -> TensorChange:
     return TensorChange(tuple(shape), pos, new[pos], base[pos], base=base)
 
 
+@pytest.mark.parametrize("held,pooled", [(128, True), (129, False)])
+def test_exponent_tails_of_at_most_numel_over_512_elements_share_a_class(held, pooled):
+    """The pooling rule (the header records its bounds): a tail of exponents holding at most max(64, numel / 512)
+    elements is pooled into its neighbour class; one element more and it keeps a class of its own."""
+    numel = 1 << 16  # tail: 128 elements
+    base = np.full(numel, 0x3C00 | 5, np.uint16)  # exponent 120 ...
+    base[:held] = 0x3200  # ... but `held` elements at exponent 100, below every other
+    base[-50:] = 0x4000  # and 50 at exponent 128: always pooled
+    new = base.copy()
+    new[::7] += 1
+    for detect in (False, True):  # the encoder's own count, and the detection's ranks
+        ch = TensorChange.between((numel,), new, base, encoding="ctx") if detect else _change(base, new, (numel,))
+        out = get_encoding("ctx").encode(ch.positions, ch.new_bits, ch.base_bits, numel, base_context=ch.base)
+        assert out.params["p"] == ([120, 120] if pooled else [100, 120])
+
+
 def test_ctx_beats_compact_where_small_weights_change_more():
     base = _weights(400_000, 0)
     new = _step(base, 3e-6, 1)
