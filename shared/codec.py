@@ -475,7 +475,10 @@ def _rice_k(gaps: np.ndarray, *, from_sorted: bool = False) -> int:
 def rice_encode(gaps: np.ndarray, k: int, *, from_sorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Two packed bit streams: unary quotients (q zeros then a one) and k-bit remainders (MSB first). With
     `from_sorted`, `gaps` holds sorted unique values, coded as their gaps."""
-    return _kernels().rice_encode(np.ascontiguousarray(gaps, dtype=np.int64), int(k), from_sorted)
+    values = np.ascontiguousarray(gaps, dtype=np.int64)
+    if not from_sorted:  # the values whose gaps these are
+        values = np.cumsum(values + 1) - 1
+    return _kernels().rice_encode(values, int(k))
 
 
 def rice_decode(unary: np.ndarray, rem: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -531,17 +534,20 @@ class CompactEncoding:
     def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         k = _rice_k(positions, from_sorted=True)
+        n = positions.size
+        if np.shape(new_bits) != (n,) or np.shape(base_bits) != (n,):
+            raise ValueError("positions, new and base values must have the same length")
         unary, rem = rice_encode(positions, k, from_sorted=True)
-        residual = (new_bits.astype(np.uint16) - base_bits.astype(np.uint16)).view(np.int16).astype(np.int32)
-        mag = np.abs(residual)
-        if mag.size and int(mag.min()) == 0:
+        signs, big = np.empty((n + 7) // 8, np.uint8), np.empty((n + 7) // 8, np.uint8)
+        extra = np.empty(n, np.uint16)
+        m, top = _kernels().compact_streams(np.ascontiguousarray(new_bits, np.uint16),
+                                            np.ascontiguousarray(base_bits, np.uint16), signs, big, extra)
+        if m < 0:
             raise ValueError("compact encoding stores changed elements only; a residual of 0 is not a change")
-        signs = np.packbits(residual < 0)
-        big = mag > 1
-        extra = (mag[big] - 2).astype(np.uint16)  # |residual| - 2, only where it exceeds one ulp
-        width = 1 if extra.size == 0 or int(extra.max()) < 256 else 2
+        extra = extra[:m]  # |residual| - 2, only where it exceeds one ulp
+        width = 1 if top < 256 else 2
         extra_bytes = extra.astype(np.uint8) if width == 1 else extra.view(np.uint8).reshape(-1, 2).T.reshape(-1)
-        ztail = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(np.packbits(big).tobytes() + extra_bytes.tobytes())
+        ztail = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(big.tobytes() + extra_bytes.tobytes())
         blob = np.concatenate([unary, rem, signs, np.frombuffer(ztail, dtype=np.uint8)])
         return EncodedTensor({"": blob}, {"n": int(positions.size), "k": k, "u": int(unary.size), "r": int(rem.size),
                                           "w": width})

@@ -900,10 +900,10 @@ def _word_out(out, o, word, nbytes):
 
 @njit(nogil=True, cache=True, inline="always")
 def _rice_write(vals, k, unary, rem):
-    """`rice_encode(vals, k, from_sorted=True)` into `unary` and `rem` of exactly the right sizes (every byte
-    written), both streams filled a 64-bit word at a time in registers: the only chains between elements are a bit
-    counter and the word being filled (measured 1.9-2.0 ns per element at k = 1..4, against 2.3-2.7 for
-    `rice_encode`'s byte-array writes, which also allocate and zero their arrays and count the quotients first)."""
+    """The Rice streams of sorted unique `vals` (`rice_encode`) into `unary` and `rem` of exactly the right sizes
+    (every byte written), both streams filled a 64-bit word at a time in registers: the only chains between elements
+    are a bit counter and the word being filled (measured 1.9-2.0 ns per element at k = 1..4, against 2.3-2.7 for the
+    byte-array writer it replaced, which also zeroed its arrays and or-ed each bit into place)."""
     cw = 0  # unary: the word the current bit falls in
     word = np.int64(0)
     ubit = np.int64(-1)
@@ -1042,56 +1042,61 @@ def _flush(out, o, acc, nacc):
 
 
 @njit(nogil=True, cache=True)
-def rice_encode(gaps, k, from_sorted):
-    """Unary quotients (q zeros then a one) and k-bit remainders, each MSB first and zero-padded to whole bytes --
-    the bytes ``np.packbits`` of the two bit sequences gives. With `from_sorted`, `gaps` holds sorted unique values
-    and is coded as their Rice gaps (computed on the fly, as in `rice_cost`)."""
-    n = gaps.size
-    if from_sorted:
-        ubits = rice_quotient_bits(gaps, k) + n
-    else:
-        ubits = 0
-        for i in range(n):
-            ubits += (gaps[i] >> k) + 1
-    unary = np.zeros((ubits + 7) // 8, np.uint8)
-    bit = -1
-    prev = np.int64(-1)
-    for i in range(n):
-        g = gaps[i]
-        if from_sorted:
-            g, prev = g - prev - 1, g
-        bit += (g >> k) + 1
-        unary[bit >> 3] |= np.uint8(0x80 >> (bit & 7))
-    rem = np.zeros((n * k + 7) // 8, np.uint8)
-    if k == 0:
-        return unary, rem
-    o, acc, nacc = 0, 0, 0
-    prev = np.int64(-1)
-    if k <= 56:  # the accumulator holds < 8 pending bits + k
-        mask = (np.int64(1) << k) - 1
-        for i in range(n):
-            g = gaps[i]
-            if from_sorted:
-                g, prev = g - prev - 1, g
-            acc = (acc << k) | (g & mask)
-            nacc += k
-            while nacc >= 8:
-                nacc -= 8
-                rem[o] = (acc >> nacc) & 0xFF
-                o += 1
-            acc &= (np.int64(1) << nacc) - 1
-    else:
-        for i in range(n):
-            g = gaps[i]
-            if from_sorted:
-                g, prev = g - prev - 1, g
-            w = k
-            while w > 0:
-                take = min(w, 32)
-                o, acc, nacc = _put(rem, o, acc, nacc, g >> (w - take), take)
-                w -= take
-    _flush(rem, o, acc, nacc)
+def rice_encode(values, k):
+    """The Rice streams of sorted unique `values` (coded as their gaps, ``v[i] - v[i-1] - 1``): unary quotients (q
+    zeros then a one) and k-bit remainders, each MSB first and zero-padded to whole bytes -- the bytes ``np.packbits``
+    of the two bit sequences gives. Sized from `rice_quotient_bits`, then written a word at a time (`_rice_write`)."""
+    n = values.size
+    unary = np.empty((rice_quotient_bits(values, k) + n + 7) // 8, np.uint8)
+    rem = np.empty((n * k + 7) // 8, np.uint8)
+    _rice_write(values, k, unary, rem)
     return unary, rem
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _compact_byte(np_, op, xp, o, count, m, top, zero):
+    """`compact_streams` for the `count` (<= 8) elements from o: (sign byte, big byte, m, top, zero)."""
+    sb = 0
+    bb = 0
+    for t in range(count):
+        r = np.int64(np.int16(np.uint16(_ld16(np_, o + t)) - np.uint16(_ld16(op, o + t))))
+        mag = abs(r)
+        zero |= r == 0
+        is_big = mag > 1
+        sb |= np.int64(r < 0) << (7 - t)
+        bb |= np.int64(is_big) << (7 - t)
+        _st16(xp, m, mag - 2)  # overwritten by the next big one unless this one is big
+        m += is_big
+        top = max(top, (mag - 2) * is_big)
+    return sb, bb, m, top, zero
+
+
+@njit(nogil=True, cache=True)
+def compact_streams(new_at, old_at, signs, big, extra):
+    """The compact encoding's residual streams in one pass over the changed elements' new and old bits: each residual
+    ``new - old`` (int16, wrapping), its sign bit into `signs` and ``|residual| > 1`` into `big` (both bitmaps MSB
+    first, as ``np.packbits``), and ``|residual| - 2`` of the big ones, in order, into `extra` (uint16, as long as
+    the inputs). Returns (how many big, the largest extra), or (-1, 0) at a residual of 0 (not a change).
+    Branch-free, eight elements per byte built in registers: a branch on each random sign bit measured 5 ns per
+    element, this 1.8 (the numpy expressions it replaced, with their temporaries, ~3.7)."""
+    new_at, old_at = np.ascontiguousarray(new_at), np.ascontiguousarray(old_at)
+    np_, op, xp = new_at.ctypes.data, old_at.ctypes.data, extra.ctypes.data
+    n = new_at.size
+    whole = n - n % 8
+    m = 0
+    top = 0
+    zero = False
+    for o in range(0, whole, 8):  # a constant 8 per byte: unrolled
+        sb, bb, m, top, zero = _compact_byte(np_, op, xp, o, 8, m, top, zero)
+        signs[o >> 3] = sb
+        big[o >> 3] = bb
+    if whole < n:
+        sb, bb, m, top, zero = _compact_byte(np_, op, xp, whole, n - whole, m, top, zero)
+        signs[whole >> 3] = sb
+        big[whole >> 3] = bb
+    if zero:
+        return -1, 0
+    return m, top
 
 
 @njit(nogil=True, cache=True)

@@ -70,3 +70,18 @@ class Service:
 
     def stop(self) -> None:
         stop_process_group(self.proc, timeout=30)
+
+
+def rice_reference(values, k: int):
+    """The Rice streams of sorted unique `values` by definition, in numpy (what `shared.codec.rice_encode` must
+    write): each gap ``v[i] - v[i-1] - 1`` as ``gap >> k`` zeros and a one, and its low k bits MSB first, each
+    stream packed MSB first and zero-padded to whole bytes."""
+    import numpy as np
+
+    v = np.asarray(values, np.int64)
+    gaps = np.diff(v, prepend=-1) - 1
+    q = gaps >> k
+    unary = np.zeros(int(q.sum()) + v.size, np.uint8)
+    unary[np.cumsum(q + 1) - 1] = 1
+    rem = ((gaps[:, None] >> np.arange(k - 1, -1, -1, dtype=np.int64)) & 1).astype(np.uint8).reshape(-1)
+    return np.packbits(unary), np.packbits(rem)

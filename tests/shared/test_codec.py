@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dws_testing import rice_reference
 from shared.codec import ENCODINGS, StreamedTensor, get_encoding, rice_decode, rice_encode
 from shared.errors import FormatError
 from shared.formats import TensorChange, bits, encode_delta, read_patch_file
@@ -95,6 +97,46 @@ def test_rice_streams_roundtrip_extremes():
         for k in ks:
             u, r = rice_encode(gaps, k)
             assert np.array_equal(rice_decode(u, r, gaps.size, k), gaps)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 9, 31, 57, 62])
+@pytest.mark.parametrize("n", [0, 1, 7, 64, 65, 1000])
+def test_rice_encode_writes_the_rice_code_by_definition(k, n):
+    """The word-at-a-time writer against the numpy definition: remainders straddling words, quotients of 64 zeros
+    and more (k = 0 with wide gaps), the last partial byte of both streams."""
+    rng = np.random.default_rng(n * 100 + k)
+    gaps = rng.integers(0, 1 << min(k + 3, 62), n) if k < 59 else rng.integers(0, 1 << 62, n) >> 1
+    if n and k == 0:
+        gaps[: n // 2] = rng.integers(0, 300, n // 2)  # unary runs across whole words
+    values = np.cumsum(gaps + 1) - 1
+    for got, want in zip(rice_encode(values, k, from_sorted=True), rice_reference(values, k)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_compact_residual_streams_match_their_definition():
+    """The compact encoder's one-pass residual kernel writes the streams numpy's expressions defined: sign bits,
+    the |residual| > 1 bitmap, |residual| - 2 one byte wide or (any above 255) two, low bytes first."""
+    base = np.array([0x3C00, 0x0000, 0x8000, 0x7F80, 0x0001, 0x3C00, 0x1234, 0xFFFF], np.uint16)
+    for steps in ([1, -1, 2, -2, 3, 255, 257, -258], [1, -1, 1, 1, -1, 1, -1, 1], [32767, -32768, 1, 2, 5, -9, 1, 1]):
+        new = (base.astype(np.int64) + steps).astype(np.uint16)
+        pos = np.arange(base.size, dtype=np.int64) * 3
+        out = get_encoding("compact").encode(pos, new, base, 100)
+        residual = (new - base).view(np.int16).astype(np.int32)
+        mag = np.abs(residual)
+        extra = (mag[mag > 1] - 2).astype(np.uint16)
+        width = 1 if extra.size == 0 or int(extra.max()) < 256 else 2
+        extra_bytes = extra.astype(np.uint8) if width == 1 else extra.view(np.uint8).reshape(-1, 2).T.reshape(-1)
+        u, r = out.params["u"], out.params["r"]
+        blob = out.arrays[""]
+        np.testing.assert_array_equal(blob[u + r: u + r + 1], np.packbits(residual < 0))
+        tail = zstandard.ZstdDecompressor().decompress(blob[u + r + 1:].tobytes())
+        assert tail == np.packbits(mag > 1).tobytes() + extra_bytes.tobytes() and out.params["w"] == width
+        dec = get_encoding("compact").decode(out.arrays, out.params, 100)
+        np.testing.assert_array_equal(dec.resolve(base), new)
+    with pytest.raises(ValueError, match="residual of 0"):
+        get_encoding("compact").encode(pos, base, base, 100)
+    with pytest.raises(ValueError, match="same length"):
+        get_encoding("compact").encode(pos, new[:-1], base, 100)
 
 
 def test_compact_rejects_out_of_range_positions():

@@ -5,7 +5,7 @@
 class's positions in one call (`rice_classes`). These tests rebuild each tensor's
 payload and params from the *definitions* -- ranks counted per element with numpy, the class-major order a stable
 argsort, then the kernels the old encoder called one class at a time (`complement`, `_rice_k`'s float formula,
-`rice_encode`, `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
+the Rice code's definition (`rice_reference`), `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
 encoder paths (ranks found by the detection, ranks found from the base alone), for adversarial bit patterns, every
 residual bucket, one element, all changed and several chunks. Also: a delta file does not depend on how many threads
 wrote it, and tensors coded on several threads at once each get their own result.
@@ -22,6 +22,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dws_testing import rice_reference
 from shared import codec, codec_coder
 from shared import codec_kernels as K
 from shared.codec import BaseBits, _BaseClasses, _rice_k, diff_bits, get_encoding
@@ -93,7 +94,7 @@ def reference_encode(positions: np.ndarray, new_at: np.ndarray, base_at: np.ndar
             continue
         mode, coded = (1, K.complement(rank_cm[a:b], n_c)) if 2 * k_c > n_c else (0, rank_cm[a:b])
         k = _rice_k(coded, from_sorted=True)
-        unary, rem = K.rice_encode(coded, k, True)
+        unary, rem = rice_reference(coded, k)
         rows.append([int(c), n_c, k_c, mode, k, int(unary.size), int(rem.size)])
         streams += [unary, rem]
     signs, buckets = np.zeros((sym.size + 7) // 8, np.uint8), np.empty(sym.size, np.uint8)

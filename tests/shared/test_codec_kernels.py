@@ -19,6 +19,7 @@ import numba
 import numpy as np
 import pytest
 
+from dws_testing import rice_reference
 from shared import codec_kernels as K
 
 W = 64  # the kernels' block
@@ -265,7 +266,7 @@ def test_flag_walk_stops_once_its_outputs_are_full_unless_counting():
 
 def rice_rows(sizes: dict[int, int], ranks: dict[int, np.ndarray], *, k=None):
     """Header rows + streams as the ctx encoder writes them (the mode picked the same way)."""
-    from shared.codec import rice_encode, _rice_k
+    from shared.codec import _rice_k
 
     rows, streams = [], []
     for c, n_c in sizes.items():
@@ -280,7 +281,7 @@ def rice_rows(sizes: dict[int, int], ranks: dict[int, np.ndarray], *, k=None):
             rk, un, rem = 0, np.zeros(0, np.uint8), np.zeros(0, np.uint8)
         else:
             rk = _rice_k(coded, from_sorted=True) if k is None else k
-            un, rem = rice_encode(coded, rk, from_sorted=True)
+            un, rem = rice_reference(coded, rk)
         rows.append([c, n_c, r.size, mode, rk, un.size, rem.size])
         streams += [un, rem]
     return np.array(rows, np.int64).reshape(-1, 7), np.concatenate([*streams, np.zeros(8, np.uint8)])
@@ -442,7 +443,8 @@ def test_class_major_is_a_stable_counting_sort_with_residuals(n, rank_dtype):
 
 
 def _old_position_streams(rank, starts, counts, cls_ids):
-    """What `rice_classes` replaced: per class `complement`, `codec._rice_k` (numpy's float log2) and `rice_encode`."""
+    """What `rice_classes` replaced: per class `complement`, `codec._rice_k` (numpy's float log2) and the Rice code
+    (here its definition, `rice_reference`)."""
     from shared.codec import _rice_k
 
     meta, out = [], []
@@ -454,7 +456,7 @@ def _old_position_streams(rank, starts, counts, cls_ids):
             continue
         mode, coded = (1, K.complement(rank[a:b], n_c)) if 2 * k_c > n_c else (0, rank[a:b])
         k = _rice_k(coded, from_sorted=True)
-        unary, rem = K.rice_encode(coded, k, True)
+        unary, rem = rice_reference(coded, k)
         meta.append([mode, k, unary.size, rem.size])
         out += [unary, rem]
     return np.array(meta, np.int64).reshape(-1, 4), np.concatenate([np.zeros(0, np.uint8), *out])
