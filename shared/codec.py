@@ -751,7 +751,7 @@ class _BaseClasses:
     def ranks(self, positions: np.ndarray, base_at: np.ndarray, new_at: np.ndarray, rank: np.ndarray,
               res: np.ndarray) -> np.ndarray:
         """For sorted, unique, in-range `positions` (base values `base_at`, new values `new_at` there): the changed
-        elements in class-major order (ranks ascending inside each class), written into `rank` (int64) and `res`
+        elements in class-major order (ranks ascending inside each class), written into `rank` (int32 or int64) and `res`
         (their int16 residuals ``new - base``, wrapping), both ``positions.size`` long. Returns `starts`: class c's
         are ``starts[c]:starts[c+1]``."""
         K = _kernels()
@@ -1125,14 +1125,16 @@ class ContextEncoding:
         classes = _BaseClasses(base_context, numel)
         lo, hi = classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        ranks, res = np.empty(positions.size, np.int64), np.empty(positions.size, np.int16)
+        # int32 ranks below 2**31 elements: 4 bytes per changed element less to write (into fresh pages) and read.
+        ranks = np.empty(positions.size, np.int32 if numel < 2**31 else np.int64)
+        res = np.empty(positions.size, np.int16)
         starts = classes.ranks(positions, base_bits, new_bits, ranks, res)
         # Every class's position streams in one compiled call (a class where most changed codes its unchanged
         # ranks, one that changed entirely codes nothing): per-class Python calls were ~14 per tensor.
         present = np.flatnonzero(starts[1:] != starts[:-1])
         meta = np.empty((present.size, 4), np.int64)
         spare = np.empty(int(max((classes.counts[c] - (starts[c + 1] - starts[c]) for c in present), default=0)),
-                         np.int64)  # the largest complement coded
+                         ranks.dtype)  # the largest complement coded
         pos_streams = K.rice_classes(ranks, starts, classes.counts, present, meta, _MAX_K, spare)
         sizes = np.diff(starts)[present]
         rows = np.column_stack([present, classes.counts[present], sizes, meta]).tolist()
