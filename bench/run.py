@@ -15,7 +15,8 @@ no table costs); bit-exactness of compact and ctx after applying through the Fol
 often a residual's sign repeats the previous version's at the same position (the Adam-momentum context ctx does not
 use: the estimate of what it would save is reported). Timings (medians over repeats, with min/max) on the last delta
 of each scenario: one full-model `torch.ne` pass (the memory-bandwidth floor), change detection + encode for compact
-and ctx, decode (+ resolve onto the base) for both. Where CUDA is available the detection also runs on the GPU.
+and ctx, decode (+ resolve onto the base) for both, side by side in rounds (each ratio to `torch.ne` is the median
+of the rounds' ratios). Where CUDA is available the detection also runs on the GPU.
 Results go to a JSON file and a PNG; a table is printed.
 """
 
@@ -112,6 +113,25 @@ def timed(fn, repeats: int) -> dict:
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": repeats}
+
+
+def timed_rounds(fns: dict, repeats: int, *, reference: str) -> dict:
+    """`timed` for several functions side by side: each round runs every one once, in order, and each gets, next to
+    its own statistics, the median over rounds of its time over `reference`'s in the same round. This machine's speed
+    drifts by tens of percent within a minute (its memory state: fresh pages cost 0.4-7 us each); a ratio of two
+    medians taken minutes apart carried that drift, a per-round ratio cancels what lasts longer than a round."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ref = times[reference]
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "n": repeats,
+                   f"over_{reference}": statistics.median(t / r for t, r in zip(ts, ref))}
+            for name, ts in times.items()}
 
 
 def _entropy_bits(values: np.ndarray) -> float:
@@ -222,9 +242,8 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
                 d.resolve(base_bits[name][d.positions] if d.needs_base else None)
         return run
 
-    out["time"] = {"ne_pass": timed(ne_pass, repeats),
-                   **{f"detect_encode_{k}": timed(detect_encode(k), repeats) for k in CODECS},
-                   **{f"decode_{k}": timed(decode(k), repeats) for k in CODECS}}
+    out["time"] = timed_rounds({"ne_pass": ne_pass, **{f"detect_encode_{k}": detect_encode(k) for k in CODECS},
+                                **{f"decode_{k}": decode(k) for k in CODECS}}, repeats, reference="ne_pass")
     return out, signs
 
 
@@ -380,6 +399,14 @@ def summarize(res: dict) -> list[dict]:
         timed_d = [d for d in ds if "time" in d]
         med = lambda f, xs=ds: statistics.median(f(d) for d in xs)  # noqa: E731
         t = lambda key: med(lambda d: d["time"][key]["median_s"], timed_d) if timed_d else math.nan  # noqa: E731
+
+        def over_ne(key: str) -> float:
+            """The per-round ratio (`timed_rounds`); results written before it: the ratio of the medians."""
+            if not timed_d:
+                return math.nan
+            return med(lambda d: d["time"][key].get("over_ne_pass", d["time"][key]["median_s"]
+                                                     / d["time"]["ne_pass"]["median_s"]), timed_d)
+
         repeats = [d["sign_repeat"] for d in ds if d.get("sign_repeat")]
         rows.append({
             "scenario": sc["scenario"], "density_pct": 100 * med(lambda d: d["density"]),
@@ -389,8 +416,8 @@ def summarize(res: dict) -> list[dict]:
             "ne_ms": 1e3 * t("ne_pass"),
             **{f"encode_{k}_ms": 1e3 * t(f"detect_encode_{k}") for k in CODECS},
             **{f"decode_{k}_ms": 1e3 * t(f"decode_{k}") for k in CODECS},
-            **{f"encode_{k}_over_ne": t(f"detect_encode_{k}") / t("ne_pass") for k in CODECS},
-            **{f"decode_{k}_over_ne": t(f"decode_{k}") / t("ne_pass") for k in CODECS},
+            **{f"encode_{k}_over_ne": over_ne(f"detect_encode_{k}") for k in CODECS},
+            **{f"decode_{k}_over_ne": over_ne(f"decode_{k}") for k in CODECS},
             "sign_repeat_bits_saved": statistics.median(r["bits_saved_per_changed"] for r in repeats) if repeats
             else None,
             "bit_exact": all(all(d["bit_exact"].values()) for d in ds),
@@ -420,7 +447,8 @@ def table(rows: list[dict], gpu: dict | None) -> str:
                      f" ({r['decode_compact_over_ne']:.1f}×) | {r['decode_ctx_ms']:.0f} ({r['decode_ctx_over_ne']:.1f}×) |"
                      f" {'-' if sr is None else f'{sr:.3f}'} |")
     lines.append("")
-    lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU)")
+    lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU; ×ne: the median of"
+                 " each round's ratio, every function timed once per round)")
     if gpu and gpu.get("available"):
         lines.append(f"GPU ({gpu['device']}): torch.ne pass {gpu['ne_pass']['median_s'] * 1e3:.2f} ms, detect + copy to "
                      f"host {gpu['detect_to_host']['median_s'] * 1e3:.2f} ms, detect + encode compact "

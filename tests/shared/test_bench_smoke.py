@@ -29,6 +29,11 @@ def test_bench_quick_runs_and_reports_every_format(tmp_path):
                               "conditional_floor"}
             assert b["entropy_floor"] <= b["compact"] < b["trl_raw"] < b["full_bf16"]
             assert b["conditional_floor"] <= b["entropy_floor"] and b["conditional_floor"] <= b["ctx"] < b["trl_raw"]
+    timed = [d["time"] for sc in res["scenarios"] for d in sc["deltas"] if "time" in d]
+    assert timed, "the last delta of a scenario is timed"
+    for t in timed:  # side by side: every function's ratio to torch.ne is taken round by round
+        assert t["ne_pass"]["over_ne_pass"] == 1.0
+        assert all(t[k]["over_ne_pass"] > 0 and t[k]["median_s"] > 0 for k in t)
     assert any(sc["warmup_steps"] for sc in res["scenarios"]), "the warm scenario must be part of the run"
     assert "| scenario |" in proc.stdout
     assert "GPU rows: no GPU" in proc.stdout or "GPU (" in proc.stdout
