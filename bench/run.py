@@ -447,8 +447,8 @@ def table(rows: list[dict], gpu: dict | None) -> str:
                      f" ({r['decode_compact_over_ne']:.1f}×) | {r['decode_ctx_ms']:.0f} ({r['decode_ctx_over_ne']:.1f}×) |"
                      f" {'-' if sr is None else f'{sr:.3f}'} |")
     lines.append("")
-    lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU; ×ne: the median of"
-                 " each round's ratio, every function timed once per round)")
+    lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU; ×ne: the median"
+                 " of each round's ratio, every function timed once per round)")
     if gpu and gpu.get("available"):
         lines.append(f"GPU ({gpu['device']}): torch.ne pass {gpu['ne_pass']['median_s'] * 1e3:.2f} ms, detect + copy to "
                      f"host {gpu['detect_to_host']['median_s'] * 1e3:.2f} ms, detect + encode compact "

@@ -148,7 +148,8 @@ def diff_bits(new: np.ndarray, old: np.ndarray, *,
     """Change detection in one parallel read of both tensors (flat uint16 bits, same length): the positions (int64,
     sorted) where they differ, the new and old values there, and the base to hand the encoders. With `context`
     (the encoding reads the base: ctx) a first pass counts the base's exponents and the diff pass ranks every
-    changed element in its class on the way, returned inside a `BaseBits`; without, the base is `old` itself."""
+    changed element in its class on the way, returned inside a `BaseBits`; without (or when nothing changed), the
+    base is `old` itself."""
     K = _kernels()
     new, old = bf16_bits(new).reshape(-1), bf16_bits(old).reshape(-1)
     if new.size != old.size:
@@ -187,6 +188,8 @@ def _diff_ranks(new: np.ndarray, old: np.ndarray,
         counts[i] = K.exponent_histogram_changes(new[s:e], old[s:e], hist[i])
 
     K.run_chunks(count, len(bounds))
+    if not counts.any():  # nothing changed (a model's norms, often): no classes to pool, nothing to rank
+        return np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16), old
     classes = _BaseClasses(BaseBits(old, hist, chunk), new.size)
     lo, hi = classes.pooling_bounds(new.size)
     classes.pool(lo, hi)
@@ -660,7 +663,8 @@ class _BaseClasses:
 
     def __init__(self, base: Any, numel: int, *, count_now: bool = True):
         """`count_now=False` (the decoder): a host tensor of at most `walk_max` elements is not counted here; its
-        `counts` stay None until `walk` returns them."""
+        `counts` stay None until `walk` returns them. Classes exist once the caller has set the pooling bounds
+        (`pool`): every caller does so next, so none is pooled twice."""
         self._torch = None
         self.known = base.ranks if isinstance(base, BaseBits) else None
         device = getattr(getattr(base, "device", None), "type", None)
@@ -700,8 +704,7 @@ class _BaseClasses:
             hist = _kernels().exponent_histogram
             _kernels().run_chunks(lambda i: hist(self._b[slice(*self._bounds[i])], raw[i]), len(self._bounds))
         self._chunk_raw = raw
-        self.raw_counts = self._chunk_raw.sum(axis=0)
-        self.pool(0, _N_CLASSES - 1)
+        self.raw_counts = self._chunk_raw.sum(axis=0)  # classes and counts exist once `pool` has set the bounds
 
     def _exps(self, i: int):
         s, e = self._bounds[i]
@@ -751,9 +754,9 @@ class _BaseClasses:
     def ranks(self, positions: np.ndarray, base_at: np.ndarray, new_at: np.ndarray, rank: np.ndarray,
               res: np.ndarray) -> np.ndarray:
         """For sorted, unique, in-range `positions` (base values `base_at`, new values `new_at` there): the changed
-        elements in class-major order (ranks ascending inside each class), written into `rank` (int32 or int64) and `res`
-        (their int16 residuals ``new - base``, wrapping), both ``positions.size`` long. Returns `starts`: class c's
-        are ``starts[c]:starts[c+1]``."""
+        elements in class-major order (ranks ascending inside each class), written into `rank` (int32 or int64) and
+        `res` (their int16 residuals ``new - base``, wrapping), both ``positions.size`` long. Returns `starts`: class
+        c's are ``starts[c]:starts[c+1]``."""
         K = _kernels()
         if self.known is not None and self.known.lo == self.lo and self.known.hi == self.hi and (
                 self.known.positions is positions or np.array_equal(self.known.positions, positions)):

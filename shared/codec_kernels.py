@@ -695,12 +695,25 @@ def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out
     return k
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _changes(new, old, np_, op, j):
+    """The mask of the block at j where `new` and `old` (uint16; `np_`, `op` their addresses) differ: one vector
+    compare, or element by element for the last, partial block (a whole-block load would read past the arrays)."""
+    if j + _W <= new.size:
+        return _diff_mask(np_, op, j)
+    changed = np.uint64(0)
+    for u in range(new.size - j):
+        if new[j + u] != old[j + u]:
+            changed |= _ONE << np.uint64(u)
+    return changed
+
+
 @njit(nogil=True, cache=True)
 def diff_bits(new, old, offset, pos, new_at, old_at):
     """Where `new` and `old` (uint16) differ: fills pos/new_at/old_at (each len(new) long) with the positions
     (+ `offset`) and both values, returns the count. Block by block: one vector compare gives a block's changes as a
-    bit mask, and only its set bits are visited (measured 0.14 vs 0.83 ns per element at 4 % changed, one thread,
-    against a branch-free scalar loop that stored every element and advanced on a change; `torch.ne` alone 0.42)."""
+    bit mask, and only its set bits are visited (measured 0.07-0.11 ns per element at 4 % changed, one thread; 0.83
+    for a branch-free scalar loop that stored every element and advanced on a change; `torch.ne` alone 0.2-0.4)."""
     new, old = np.ascontiguousarray(new), np.ascontiguousarray(old)
     np_, op = new.ctypes.data, old.ctypes.data
     pp, vp, wp = pos.ctypes.data, new_at.ctypes.data, old_at.ctypes.data
@@ -708,13 +721,7 @@ def diff_bits(new, old, offset, pos, new_at, old_at):
     k = 0
     j = 0
     while j < n:
-        if j + _W <= n:
-            changed = _diff_mask(np_, op, j)
-        else:
-            changed = np.uint64(0)
-            for u in range(n - j):
-                if new[j + u] != old[j + u]:
-                    changed |= _ONE << np.uint64(u)
+        changed = _changes(new, old, np_, op, j)
         while changed:
             i = j + _lowest(changed)
             changed &= changed - _ONE
@@ -750,13 +757,7 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
     n = new.size
     j = 0
     while j < n:
-        if j + _W <= n:
-            changed = _diff_mask(np_, op, j)
-        else:
-            changed = np.uint64(0)
-            for u in range(n - j):
-                if new[j + u] != old[j + u]:
-                    changed |= _ONE << np.uint64(u)
+        changed = _changes(new, old, np_, op, j)
         _count_block(buf, fp, _classes(old, op, j, lo, hi, buf, fp), lo, hi, h, masks)
         if k + _popcount(changed) > room:
             return -1

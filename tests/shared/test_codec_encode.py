@@ -2,10 +2,10 @@
 
 `ContextEncoding.encode` now reorders the changed elements class-major while computing their residuals
 (`class_major`), makes the sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every
-class's positions in one call (`rice_classes`). These tests rebuild each tensor's
-payload and params from the *definitions* -- ranks counted per element with numpy, the class-major order a stable
-argsort, then the kernels the old encoder called one class at a time (`complement`, `_rice_k`'s float formula,
-the Rice code's definition (`rice_reference`), `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
+class's positions in one call (`rice_classes`). These tests rebuild each tensor's payload and params from the
+*definitions* -- ranks counted per element with numpy, the class-major order a stable argsort, then the kernels the
+old encoder called one class at a time (`complement`, `_rice_k`'s float formula, the Rice code's definition
+(`rice_reference`), `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
 encoder paths (ranks found by the detection, ranks found from the base alone), for adversarial bit patterns, every
 residual bucket, one element, all changed and several chunks. Also: a delta file does not depend on how many threads
 wrote it, and tensors coded on several threads at once each get their own result.
