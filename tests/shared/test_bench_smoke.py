@@ -39,3 +39,19 @@ def test_bench_quick_runs_and_reports_every_format(tmp_path):
     assert "GPU rows: no GPU" in proc.stdout or "GPU (" in proc.stdout
     if plot:
         assert plot.stat().st_size > 1000
+
+
+def test_synthetic_side_by_side_runs_and_reports_ratios(tmp_path):
+    """bench/synthetic.py (the codec against torch.ne on a synthetic delta, no training) runs small and reports each
+    function's per-round ratio; bad arguments get a usage error, not a traceback."""
+    out = tmp_path / "synthetic.json"
+    cmd = [sys.executable, str(REPO / "bench/synthetic.py"), "--layers", "1", "--vocab", "512", "--repeats", "1"]
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert 0 < res["changed"] < res["total"]
+    assert set(res["time"]) == {"ne_pass", "detect_encode_compact", "detect_encode_ctx", "decode_compact",
+                                "decode_ctx"}
+    assert all(t["over_ne_pass"] > 0 for t in res["time"].values()) and "x torch.ne" in proc.stdout
+    bad = subprocess.run([*cmd, "--lr", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--lr > 0" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,106 @@
+"""Codec cost on a synthetic delta, side by side with `torch.ne`, in a fresh process: a quick check of a codec change.
+
+`bench/run.py` times the codec on real AdamW deltas inside the process that trained them (the model, its gradients
+and AdamW's moments resident: that is where a publisher runs). This script needs no training: every matrix of a
+Qwen3-0.6B-shaped model (or `--layers` of them) is N(0, 0.02) weights, the next version adds N(0, `--lr`) to each
+(about 4 % of bf16 weights change at 1.2e-6), norms stay unchanged (they do under AdamW at these rates: their ulp at
+1.0 is 2**-7). Each round times one `torch.ne` pass over the model, then detect + encode and decode for each
+encoding; every ratio is the median of the rounds' ratios (`run.timed_rounds`). Run it once per revision to compare:
+``python bench/synthetic.py`` in two checkouts, alternately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.run import timed_rounds  # noqa: E402
+from shared import codec  # noqa: E402
+from shared.formats import bits, diff_state, encode_delta, read_patch_file, resolve_context  # noqa: E402
+
+ENCODINGS = ("compact", "ctx")
+
+
+def shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Qwen3-0.6B's tensors (hidden 1024, 16/8 heads of 128, intermediate 3072), tied embedding first."""
+    out: dict[str, tuple[int, ...]] = {"embed": (vocab, 1024), "norm": (1024,)}
+    for i in range(layers):
+        out |= {f"{i}.q": (2048, 1024), f"{i}.k": (1024, 1024), f"{i}.v": (1024, 1024), f"{i}.o": (1024, 2048),
+                f"{i}.gate": (3072, 1024), f"{i}.up": (3072, 1024), f"{i}.down": (1024, 3072),
+                f"{i}.q_norm": (128,), f"{i}.k_norm": (128,), f"{i}.in_norm": (1024,), f"{i}.post_norm": (1024,)}
+    return out
+
+
+def versions(layers: int, vocab: int, lr: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    prev, cur = {}, {}
+    for name, shape in shapes(layers, vocab).items():
+        if len(shape) == 1:
+            prev[name] = torch.ones(shape, dtype=torch.bfloat16)
+            cur[name] = prev[name].clone()
+            continue
+        master = torch.randn(shape, generator=g) * 0.02
+        prev[name] = master.bfloat16()
+        cur[name] = (master + torch.randn(shape, generator=g) * lr).bfloat16()
+    return prev, cur
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/synthetic.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--lr", type=float, default=1.2e-6)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    if args.layers < 0 or args.vocab < 1 or args.repeats < 1 or args.lr <= 0:
+        ap.error("--layers >= 0, --vocab >= 1, --repeats >= 1 and --lr > 0")
+    prev, cur = versions(args.layers, args.vocab, args.lr, args.seed)
+    total = sum(t.numel() for t in cur.values())
+    codec.warm_up()
+    base = {name: bits(t).reshape(-1) for name, t in prev.items()}
+    tmp = Path(tempfile.mkdtemp(prefix="dws-synthetic-"))
+    changed = 0
+    for enc in ENCODINGS:
+        changes = diff_state(cur, prev, encoding=enc)
+        changed = sum(ch.positions.size for ch in changes.values())
+        (tmp / f"{enc}.safetensors").write_bytes(encode_delta(changes, version=1, base=0, total=total, encoding=enc))
+
+    def ne_pass():
+        for name, c in cur.items():
+            torch.ne(c.view(torch.int16), prev[name].view(torch.int16))
+
+    def detect_encode(enc):
+        return lambda: encode_delta(diff_state(cur, prev, encoding=enc), version=1, base=0, total=total, encoding=enc)
+
+    def decode(enc):
+        def run():
+            pf = resolve_context(read_patch_file(tmp / f"{enc}.safetensors"), base)
+            for name, d in pf.tensors.items():
+                d.resolve(base[name][d.positions] if d.needs_base else None)
+        return run
+
+    fns = {"ne_pass": ne_pass, **{f"detect_encode_{e}": detect_encode(e) for e in ENCODINGS},
+           **{f"decode_{e}": decode(e) for e in ENCODINGS}}
+    res = timed_rounds(fns, args.repeats, reference="ne_pass")
+    print(f"synthetic: {total:,} weights, {changed:,} changed ({100 * changed / max(total, 1):.2f} %), "
+          f"{torch.get_num_threads()} threads, medians of {args.repeats} rounds")
+    for name, r in res.items():
+        print(f"  {name:22s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "changed": int(changed), "total": int(total),
+                                              "time": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
