@@ -540,6 +540,8 @@ class CompactEncoding:
         n = positions.size
         if np.shape(new_bits) != (n,) or np.shape(base_bits) != (n,):
             raise ValueError("positions, new and base values must have the same length")
+        if n and int(positions[-1]) >= numel:  # (sorted and unique: rice_encode checks that on its way)
+            raise ValueError("positions must be sorted, unique and inside the tensor")
         unary, rem = rice_encode(positions, k, from_sorted=True)
         signs, big = np.empty((n + 7) // 8, np.uint8), np.empty((n + 7) // 8, np.uint8)
         extra = np.empty(n, np.uint16)

@@ -718,6 +718,8 @@ def diff_bits(new, old, offset, pos, new_at, old_at):
     np_, op = new.ctypes.data, old.ctypes.data
     pp, vp, wp = pos.ctypes.data, new_at.ctypes.data, old_at.ctypes.data
     n = new.size
+    if old.size != n or pos.size < n or new_at.size < n or old_at.size < n:
+        raise ValueError("diff_bits: inputs of one length, outputs as long")  # raw stores: no bounds checks
     k = 0
     j = 0
     while j < n:
@@ -753,6 +755,8 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
     hp, mp = h.ctypes.data, masks.ctypes.data
     wide = rank.itemsize == 8
     room = pos.size
+    if old.size != new.size or min(new_at.size, old_at.size, cls.size, rank.size) < room or start.size < 256:
+        raise ValueError("diff_ranks: inputs of one length, outputs as long as pos")  # raw stores: no bounds checks
     k = 0
     n = new.size
     j = 0
@@ -1046,9 +1050,17 @@ def _flush(out, o, acc, nacc):
 def rice_encode(values, k):
     """The Rice streams of sorted unique `values` (coded as their gaps, ``v[i] - v[i-1] - 1``): unary quotients (q
     zeros then a one) and k-bit remainders, each MSB first and zero-padded to whole bytes -- the bytes ``np.packbits``
-    of the two bit sequences gives. Sized from `rice_quotient_bits`, then written a word at a time (`_rice_write`)."""
+    of the two bit sequences gives. Sized first, then written a word at a time (`_rice_write`)."""
     n = values.size
-    unary = np.empty((rice_quotient_bits(values, k) + n + 7) // 8, np.uint8)
+    zeros = np.int64(0)
+    prev = np.int64(-1)
+    for i in range(n):  # `rice_quotient_bits`, checking what the sizes rely on: a gap below 0 would write outside
+        v = values[i]
+        if v <= prev:
+            raise ValueError("Rice-coded values must be sorted, unique and not negative")
+        zeros += (v - prev - 1) >> k
+        prev = v
+    unary = np.empty((zeros + n + 7) // 8, np.uint8)
     rem = np.empty((n * k + 7) // 8, np.uint8)
     _rice_write(values, k, unary, rem)
     return unary, rem
@@ -1083,6 +1095,8 @@ def compact_streams(new_at, old_at, signs, big, extra):
     new_at, old_at = np.ascontiguousarray(new_at), np.ascontiguousarray(old_at)
     np_, op, xp = new_at.ctypes.data, old_at.ctypes.data, extra.ctypes.data
     n = new_at.size
+    if old_at.size != n or extra.size < n or signs.size < (n + 7) // 8 or big.size < (n + 7) // 8:
+        raise ValueError("compact_streams: inputs of one length, outputs as long")  # raw stores: no bounds checks
     whole = n - n % 8
     m = 0
     top = 0

@@ -105,12 +105,24 @@ def test_rice_encode_writes_the_rice_code_by_definition(k, n):
     """The word-at-a-time writer against the numpy definition: remainders straddling words, quotients of 64 zeros
     and more (k = 0 with wide gaps), the last partial byte of both streams."""
     rng = np.random.default_rng(n * 100 + k)
-    gaps = rng.integers(0, 1 << min(k + 3, 62), n) if k < 59 else rng.integers(0, 1 << 62, n) >> 1
+    gaps = rng.integers(0, min(1 << min(k + 3, 62), (1 << 62) // max(n, 1)), n)  # their sum stays below 2**62
     if n and k == 0:
         gaps[: n // 2] = rng.integers(0, 300, n // 2)  # unary runs across whole words
     values = np.cumsum(gaps + 1) - 1
     for got, want in zip(rice_encode(values, k, from_sorted=True), rice_reference(values, k)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("positions", [[5, 3, 9], [3, 3, 9], [-1, 3, 9], [3, 9, 100]])
+def test_compact_refuses_positions_that_are_not_sorted_unique_and_inside(positions):
+    """The Rice writer sizes its streams from the gaps: unsorted, repeated or negative positions would make it write
+    outside them, so they are refused (as are positions past the tensor) with a clear error."""
+    pos = np.array(positions, np.int64)
+    new, base = np.full(3, 0x3C01, np.uint16), np.full(3, 0x3C00, np.uint16)
+    with pytest.raises(ValueError, match="sorted"):
+        get_encoding("compact").encode(pos, new, base, 100)
+    with pytest.raises(ValueError, match="sorted"):
+        rice_encode(pos, 2, from_sorted=True) if positions[-1] < 100 else rice_encode(np.array([-1]), 0)
 
 
 def test_compact_residual_streams_match_their_definition():

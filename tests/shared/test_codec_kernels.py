@@ -114,6 +114,24 @@ def test_diff_bits_matches_per_element_definition(name, b, lo, hi, density):
     assert out[0][k] == -7 and out[1][k] == 7 and out[2][k] == 7
 
 
+def test_kernels_with_raw_stores_refuse_outputs_shorter_than_their_inputs():
+    """diff_bits, diff_ranks and compact_streams store through raw addresses (no bounds checks): they check sizes
+    first."""
+    b = weights(200, 3)
+    new = b ^ np.uint16(1)
+    short = [np.zeros(100, t) for t in (np.int64, np.uint16, np.uint16)]
+    with pytest.raises(ValueError, match="as long"):
+        K.diff_bits(new, b, 0, *short)
+    with pytest.raises(ValueError, match="one length"):
+        K.diff_bits(new, b[:100], 0, *[np.zeros(200, t) for t in (np.int64, np.uint16, np.uint16)])
+    outs = [np.zeros(200, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int64)]
+    outs[3] = outs[3][:50]
+    with pytest.raises(ValueError, match="as long as pos"):
+        K.diff_ranks(new, b, 0, clamp_table(110, 125), np.zeros(256, np.int64), *outs)
+    with pytest.raises(ValueError, match="as long"):
+        K.compact_streams(new, b, np.zeros(25, np.uint8), np.zeros(25, np.uint8), np.zeros(199, np.uint16))
+
+
 def test_diff_ranks_with_too_little_room_stops_at_the_end_of_its_outputs():
     b = weights(1000, 1)
     new = b ^ np.uint16(1)  # all 1000 changed
