@@ -105,6 +105,10 @@ def diff(prev, cur) -> dict[str, TensorChange]:
     return out
 
 
+def _stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
 def timed(fn, repeats: int) -> dict:
     fn()  # warm-up
     times = []
@@ -112,7 +116,7 @@ def timed(fn, repeats: int) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": repeats}
+    return _stats(times)
 
 
 def timed_rounds(fns: dict, repeats: int, *, reference: str) -> dict:
@@ -129,8 +133,7 @@ def timed_rounds(fns: dict, repeats: int, *, reference: str) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     ref = times[reference]
-    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "n": repeats,
-                   f"over_{reference}": statistics.median(t / r for t, r in zip(ts, ref))}
+    return {name: _stats(ts) | {f"over_{reference}": statistics.median(t / r for t, r in zip(ts, ref))}
             for name, ts in times.items()}
 
 
@@ -220,6 +223,14 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
     if not timing:
         return out, signs
     del changes
+    out["time"] = codec_rounds(prev, cur, paths, version=version, repeats=repeats)
+    return out, signs
+
+
+def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int) -> dict:
+    """`timed_rounds` of one `torch.ne` pass over the model, the publisher's detect + encode and a replica's decode +
+    resolve for each of `CODECS` (`paths[encoding]`: the delta from `prev` to `cur` written in it)."""
+    total = sum(t.numel() for t in cur.values())
 
     def ne_pass():
         for name, c in cur.items():
@@ -242,9 +253,8 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
                 d.resolve(base_bits[name][d.positions] if d.needs_base else None)
         return run
 
-    out["time"] = timed_rounds({"ne_pass": ne_pass, **{f"detect_encode_{k}": detect_encode(k) for k in CODECS},
-                                **{f"decode_{k}": decode(k) for k in CODECS}}, repeats, reference="ne_pass")
-    return out, signs
+    return timed_rounds({"ne_pass": ne_pass, **{f"detect_encode_{k}": detect_encode(k) for k in CODECS},
+                         **{f"decode_{k}": decode(k) for k in CODECS}}, repeats, reference="ne_pass")
 
 
 def gpu_rows(prev, cur, repeats: int) -> dict:

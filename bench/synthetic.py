@@ -5,7 +5,7 @@ and AdamW's moments resident: that is where a publisher runs). This script needs
 Qwen3-0.6B-shaped model (or `--layers` of them) is N(0, 0.02) weights, the next version adds N(0, `--lr`) to each
 (about 4 % of bf16 weights change at 1.2e-6), norms stay unchanged (they do under AdamW at these rates: their ulp at
 1.0 is 2**-7). Each round times one `torch.ne` pass over the model, then detect + encode and decode for each
-encoding; every ratio is the median of the rounds' ratios (`run.timed_rounds`). Run it once per revision to compare:
+encoding; every ratio is the median of the rounds' ratios (`run.codec_rounds`, what `make bench` times). Run it once per revision to compare:
 ``python bench/synthetic.py`` in two checkouts, alternately.
 """
 
@@ -17,16 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import timed_rounds  # noqa: E402
+from bench.run import CODECS, codec_rounds  # noqa: E402
 from shared import codec  # noqa: E402
-from shared.formats import bits, diff_state, encode_delta, read_patch_file, resolve_context  # noqa: E402
-
-ENCODINGS = ("compact", "ctx")
+from shared.formats import diff_state, encode_delta  # noqa: E402
 
 
 def shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -67,31 +64,15 @@ def main(argv=None) -> int:
     prev, cur = versions(args.layers, args.vocab, args.lr, args.seed)
     total = sum(t.numel() for t in cur.values())
     codec.warm_up()
-    base = {name: bits(t).reshape(-1) for name, t in prev.items()}
     tmp = Path(tempfile.mkdtemp(prefix="dws-synthetic-"))
-    changed = 0
-    for enc in ENCODINGS:
+    paths, changed = {}, 0
+    for enc in CODECS:
         changes = diff_state(cur, prev, encoding=enc)
         changed = sum(ch.positions.size for ch in changes.values())
-        (tmp / f"{enc}.safetensors").write_bytes(encode_delta(changes, version=1, base=0, total=total, encoding=enc))
-
-    def ne_pass():
-        for name, c in cur.items():
-            torch.ne(c.view(torch.int16), prev[name].view(torch.int16))
-
-    def detect_encode(enc):
-        return lambda: encode_delta(diff_state(cur, prev, encoding=enc), version=1, base=0, total=total, encoding=enc)
-
-    def decode(enc):
-        def run():
-            pf = resolve_context(read_patch_file(tmp / f"{enc}.safetensors"), base)
-            for name, d in pf.tensors.items():
-                d.resolve(base[name][d.positions] if d.needs_base else None)
-        return run
-
-    fns = {"ne_pass": ne_pass, **{f"detect_encode_{e}": detect_encode(e) for e in ENCODINGS},
-           **{f"decode_{e}": decode(e) for e in ENCODINGS}}
-    res = timed_rounds(fns, args.repeats, reference="ne_pass")
+        paths[enc] = tmp / f"{enc}.safetensors"
+        paths[enc].write_bytes(encode_delta(changes, version=1, base=0, total=total, encoding=enc))
+    del changes
+    res = codec_rounds(prev, cur, paths, version=1, repeats=args.repeats)
     print(f"synthetic: {total:,} weights, {changed:,} changed ({100 * changed / max(total, 1):.2f} %), "
           f"{torch.get_num_threads()} threads, medians of {args.repeats} rounds")
     for name, r in res.items():

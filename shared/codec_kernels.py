@@ -1014,11 +1014,14 @@ def rice_classes(rank, starts, counts, cls_ids, meta, max_k, spare):
 
 @njit(nogil=True, cache=True)
 def rice_quotient_bits(values, k):
-    """sum(g >> k) over the Rice gaps g of sorted unique `values` (as `rice_cost`): the unary stream's zeros."""
+    """sum(g >> k) over the Rice gaps g of sorted unique `values` (as `rice_cost`): the unary stream's zeros.
+    Refuses values that are not sorted, unique and non-negative: a gap below 0 would size a stream too small."""
     s = np.int64(0)
     prev = np.int64(-1)
     for i in range(values.size):
         v = values[i]
+        if v <= prev:
+            raise ValueError("Rice-coded values must be sorted, unique and not negative")
         s += (v - prev - 1) >> k
         prev = v
     return s
@@ -1050,17 +1053,10 @@ def _flush(out, o, acc, nacc):
 def rice_encode(values, k):
     """The Rice streams of sorted unique `values` (coded as their gaps, ``v[i] - v[i-1] - 1``): unary quotients (q
     zeros then a one) and k-bit remainders, each MSB first and zero-padded to whole bytes -- the bytes ``np.packbits``
-    of the two bit sequences gives. Sized first, then written a word at a time (`_rice_write`)."""
+    of the two bit sequences gives. Sized by `rice_quotient_bits` (which refuses values the writer would write
+    outside its streams for), then written a word at a time (`_rice_write`)."""
     n = values.size
-    zeros = np.int64(0)
-    prev = np.int64(-1)
-    for i in range(n):  # `rice_quotient_bits`, checking what the sizes rely on: a gap below 0 would write outside
-        v = values[i]
-        if v <= prev:
-            raise ValueError("Rice-coded values must be sorted, unique and not negative")
-        zeros += (v - prev - 1) >> k
-        prev = v
-    unary = np.empty((zeros + n + 7) // 8, np.uint8)
+    unary = np.empty((rice_quotient_bits(values, k) + n + 7) // 8, np.uint8)
     rem = np.empty((n * k + 7) // 8, np.uint8)
     _rice_write(values, k, unary, rem)
     return unary, rem
