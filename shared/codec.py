@@ -38,8 +38,9 @@ Encodings (a registry, like vLLM's weight-transfer backends; the name is stored 
       12-21 ns per element to decode, holding the GIL) still decode.
   Encoding and decoding read the *whole* base tensor (its exponents), O(numel) per changed tensor: compiled passes
   (`codec_kernels`) that count every element's class, chunk by chunk on every core. The encoder's pass can be the
-  change detection itself: `diff_bits(new, old, context=True)` ranks each changed element while it finds it and
-  hands the encoder a `BaseBits` (base bits + exponent histogram + ranks), so encoding reads nothing model-sized.
+  change detection itself: `diff_bits(new, old, context=True)` (`diff_many` for a model) ranks each changed element
+  while it finds it, in the same single read of both versions, and hands the encoder a `BaseBits` (base bits + class
+  sizes + ranks and residuals), so encoding reads nothing model-sized.
   ``warm_up()`` loads the compiled code (numba's on-disk cache) before a process's first publish or sync.
 
 Base-context decode API (what a replica calls):
@@ -73,6 +74,7 @@ from typing import Any, Protocol
 import numpy as np
 import zstandard
 
+from shared import codec_buffers as _buffers
 from shared.errors import FormatError
 
 ZSTD_LEVEL = 3
@@ -105,23 +107,30 @@ def bf16_from_bits(a: np.ndarray):
 
 @dataclass(frozen=True)
 class ClassRanks:
-    """Each changed element's exponent class (pooled to ``[lo, hi]``) and rank in its class, in position order:
-    what `diff_bits(context=True)` finds while it reads the base, so the ctx encoder need not read it again."""
+    """What `diff_bits(context=True)` finds while it reads the base, so the ctx encoder need not read it again: the
+    changed elements' ranks in their exponent class (pooled to ``[lo, hi]``) and residuals ``new - base`` (int16,
+    wrapping), chunk by chunk in each chunk's class-major order -- chunk i's class c at ``seg[i, c]``, ``cnt[i, c]``
+    of them (`codec_kernels.gather_classes` makes the whole tensor's class-major order)."""
 
-    positions: np.ndarray
-    cls: np.ndarray  # uint8
+    positions: np.ndarray  # the arrays diff_bits returned: their residuals are only valid with them
+    new_at: np.ndarray
+    old_at: np.ndarray
     rank: np.ndarray  # int32 (int64 for tensors of 2**31 elements or more)
+    res: np.ndarray  # int16
+    seg: np.ndarray  # int64 [chunks, 256]
+    cnt: np.ndarray  # int64 [chunks, 256]
     lo: int
     hi: int
 
 
 @dataclass(frozen=True)
 class BaseBits:
-    """A base tensor's flat uint16 bits with what `diff_bits` counted while reading them: the exponent histogram
-    (per `_BaseClasses.chunk` elements) and, with ``context=True``, the changed elements' class ranks."""
+    """A base tensor's flat uint16 bits with what `diff_bits(context=True)` counted while reading them: the class
+    sizes per `_BaseClasses.chunk` elements (exponents pooled to the ranks' ``[lo, hi]``) and the changed elements'
+    class ranks."""
 
     bits: np.ndarray
-    histogram: np.ndarray  # int64 [chunks, 256]
+    histogram: np.ndarray  # int64 [chunks, 256]: class sizes (exponents, or classes once pooled)
     chunk: int
     ranks: ClassRanks | None = None
 
@@ -130,100 +139,158 @@ class BaseBits:
 
 
 _SCRATCH = threading.local()
+# The detection's sample (`_Diff`): runs of _SAMPLE_RUN elements of every _SAMPLE_STRIDE (spread, not a prefix: a
+# matrix's rows differ in scale), all of a tensor under _SAMPLE_ALL_BELOW elements.
+_SAMPLE_RUN = 1024
+_SAMPLE_STRIDE = 1 << 16
+_SAMPLE_ALL_BELOW = 1 << 18
 
 
-def _scratch(n: int) -> tuple[np.ndarray, ...]:
-    """This thread's chunk-sized output buffers for the compact path of `diff_bits` (positions, new, old), reused:
-    a chunk writes only its few changed elements, and fresh model-sized buffers would fault in (and zero) a whole
-    huge page per chunk and array for them -- measured up to seconds per 0.6B model when memory is fragmented."""
+def _scratch(n: int, *, ranked: bool = False) -> tuple[np.ndarray, ...]:
+    """This thread's chunk-sized output buffers for one chunk of `diff_bits` (positions, new, old; `ranked` adds
+    classes and chunk-local ranks), reused: a chunk writes only its few changed elements, and fresh model-sized
+    buffers would fault in (and zero) a whole huge page per chunk and array for them -- measured up to seconds per
+    0.6B model when memory is fragmented."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None or bufs[0].size < n:
-        bufs = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16))
+        bufs = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.uint8),
+                np.empty(n, np.int32))  # chunk-local ranks: below the chunk size
         _SCRATCH.bufs = bufs
-    return bufs
+    return tuple(a[:n] for a in bufs[: 5 if ranked else 3])
 
 
 def diff_bits(new: np.ndarray, old: np.ndarray, *,
               context: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, BaseBits | np.ndarray]:
     """Change detection in one parallel read of both tensors (flat uint16 bits, same length): the positions (int64,
     sorted) where they differ, the new and old values there, and the base to hand the encoders. With `context`
-    (the encoding reads the base: ctx) a first pass counts the base's exponents and the diff pass ranks every
-    changed element in its class on the way, returned inside a `BaseBits`; without (or when nothing changed), the
-    base is `old` itself."""
+    (the encoding reads the base: ctx) every changed element is also ranked in its class on the way, returned inside
+    a `BaseBits`; without (or when nothing changed), the base is `old` itself. `diff_many` for a whole model."""
+    return diff_many([(new, old)], context=context)[0]
+
+
+def diff_many(pairs: list[tuple[Any, Any]], *, context: bool = False) -> list[tuple]:
+    """`diff_bits` of every (new, old) pair, their chunks as one queue on the kernel pool: a model's tensors are one
+    to a few chunks each (the embedding ~150), so a pool per tensor left cores idle between tensors -- measured at
+    0.6B, the kernels busy 40 % (compact) to 65 % (ctx) of the detection's wall time when tensors were diffed on a
+    pool of their own and their chunks on another."""
+    diffs = [_Diff(new, old, context=context) for new, old in pairs]
+    todo = [(d, i) for d in diffs for i in range(len(d.bounds))]  # each tensor's chunks in order: see `_Diff.chunk`
     K = _kernels()
-    new, old = bf16_bits(new).reshape(-1), bf16_bits(old).reshape(-1)
-    if new.size != old.size:
-        raise ValueError(f"cannot diff {new.size} elements against {old.size}")
-    chunk = _BaseClasses.chunk
-    bounds = [(s, min(s + chunk, new.size)) for s in range(0, new.size, chunk)]
-    if context:
-        return _diff_ranks(new, old, bounds)
-
-    def one(i: int) -> tuple[np.ndarray, ...]:
-        s, e = bounds[i]
-        pos, new_at, old_at = (a[: e - s] for a in _scratch(chunk))
-        k = K.diff_bits(new[s:e], old[s:e], s, pos, new_at, old_at)
-        return pos[:k].copy(), new_at[:k].copy(), old_at[:k].copy()
-
-    parts = K.run_chunks(one, len(bounds))
-    if not parts:
-        parts = [(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16))]
-    positions, new_at, old_at = [p[0] for p in zip(*parts)] if len(parts) == 1 else _gather_parts(parts)
-    return positions, new_at, old_at, old
-
-
-def _diff_ranks(new: np.ndarray, old: np.ndarray,
-                bounds: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, BaseBits]:
-    """`diff_bits(context=True)`: a first parallel pass counts the base's exponents and the changes of every chunk,
-    so the ranking pass writes each chunk's changes straight into its slice of the final arrays (no per-chunk
-    copies to concatenate: those moved every changed element's 21 bytes twice, ~0.3-0.5 s of thread time at
-    0.6B and 10 % density)."""
-    K = _kernels()
-    chunk = _BaseClasses.chunk
-    hist = np.zeros((len(bounds), _N_CLASSES), np.int64)
-    counts = np.zeros(len(bounds), np.int64)
-
-    def count(i: int) -> None:
-        s, e = bounds[i]
-        counts[i] = K.exponent_histogram_changes(new[s:e], old[s:e], hist[i])
-
-    K.run_chunks(count, len(bounds))
-    if not counts.any():  # nothing changed (a model's norms, often): no classes to pool, nothing to rank
-        return np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16), old
-    classes = _BaseClasses(BaseBits(old, hist, chunk), new.size)
-    lo, hi = classes.pooling_bounds(new.size)
-    classes.pool(lo, hi)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    m = int(offsets[-1])
-    pos, new_at, old_at = np.empty(m, np.int64), np.empty(m, np.uint16), np.empty(m, np.uint16)
-    # Ranks are below numel: int32 for tensors under 2**31 elements (every one of a 0.6B model), 4 bytes per changed
-    # element less to write -- into fresh pages that fault in -- than int64.
-    cls, rank = np.empty(m, np.uint8), np.empty(m, np.int32 if new.size < 2**31 else np.int64)
-
-    def one(i: int) -> bool:
-        (s, e), a, b = bounds[i], offsets[i], offsets[i + 1]
-        got = K.diff_ranks(new[s:e], old[s:e], s, classes._table, classes._before[i], pos[a:b], new_at[a:b],
-                           old_at[a:b], cls[a:b], rank[a:b])
-        return got != b - a
-
-    if any(K.run_chunks(one, len(bounds))):
-        raise ValueError("the tensors changed while they were being compared")
-    return pos, new_at, old_at, BaseBits(old, hist, chunk, ClassRanks(pos, cls, rank, lo, hi))
-
-
-def _gather_parts(parts: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
-    """Each field of the chunks' results, concatenated -- by the kernel pool's threads, chunk by chunk: one
-    np.concatenate per field is a single-threaded copy of every changed element's 21 bytes into fresh (faulting)
-    pages, measured ~0.3 s of a 0.6B detection at 10 % density while the other core idled."""
-    offsets = np.concatenate([[0], np.cumsum([p[0].size for p in parts])])
-    out = [np.empty(int(offsets[-1]), a.dtype) for a in parts[0]]
-
-    def one(i: int) -> None:
-        for dst, src in zip(out, parts[i]):
-            dst[offsets[i]: offsets[i + 1]] = src  # numpy's copy loop releases the GIL
-
-    _kernels().run_chunks(one, len(parts))
+    K.run_chunks(lambda j: todo[j][0].sample(todo[j][1]), len(todo))
+    for d in diffs:
+        d.allocate()
+    K.run_chunks(lambda j: todo[j][0].chunk(todo[j][1]), len(todo))
+    out = []
+    for d in diffs:
+        if d.overflowed():  # more changes than the sample promised room for: again, with the exact room
+            d.allocate(exact=True)
+            K.run_chunks(d.chunk, len(d.bounds))
+            if d.overflowed():
+                raise ValueError("the tensors changed while they were being compared")
+        out.append(d.result())
     return out
+
+
+class _Diff:
+    """One tensor's change detection, chunk by chunk, in one read of both versions.
+
+    Each chunk is diffed (with `context`: and ranked *locally*, among its own class elements) into this thread's
+    scratch; then, in chunk order, it takes its slot in the tensor's outputs (and the class sizes of the chunks
+    before it) and copies its changes there (`codec_kernels.ranked_out` makes the ranks global; the scratch is still
+    in cache). No pass counts first -- the ctx detection's counting pass cost a full read of both versions, 90 of
+    230 ms of kernel time at 0.6B -- and no per-chunk results are joined afterwards. What a chunk cannot know ahead
+    comes from a 1/64 sample read before (`sample`; all of a tensor under 2**18 elements): the outputs' size, with
+    room to spare (a tensor that outgrows it runs again with the exact size it counted), and for ctx the pooling
+    bounds the ranks depend on -- any bounds decode, the header carries them; a sample only risks a slightly larger
+    file.
+
+    Chunks of one tensor wait for their predecessor's slot (`chunk`), never for anything queued after them: the
+    kernel pool takes tasks first in, first out, so a chunk's predecessor is always already running or done."""
+
+    def __init__(self, new: Any, old: Any, *, context: bool):
+        self.new, self.old = bf16_bits(new).reshape(-1), bf16_bits(old).reshape(-1)
+        if self.new.size != self.old.size:
+            raise ValueError(f"cannot diff {self.new.size} elements against {self.old.size}")
+        self.context = context
+        self.numel = numel = self.new.size
+        chunk = _BaseClasses.chunk
+        self.bounds = [(s, min(s + chunk, numel)) for s in range(0, numel, chunk)]
+        self.shist = np.zeros((len(self.bounds), _N_CLASSES), np.int64)
+        self.sampled = np.zeros((len(self.bounds), 2), np.int64)  # elements read, changes among them
+
+    def sample(self, i: int) -> None:
+        s, e = self.bounds[i]
+        # Runs of 1024 elements of every 65536 (small tensors: all): a stride through memory would pay a cache and
+        # TLB miss per sampled block -- measured 8 ns per sampled element for 64 of every 4096.
+        stride = _SAMPLE_STRIDE if self.numel >= _SAMPLE_ALL_BELOW else _SAMPLE_RUN
+        self.sampled[i] = _kernels().sample_histogram_changes(self.new[s:e], self.old[s:e], _SAMPLE_RUN, stride,
+                                                              self.shist[i])
+
+    def allocate(self, *, exact: bool = False) -> None:
+        nch, numel = len(self.bounds), self.numel
+        if exact:
+            self.room = int(self.turn["off"])
+        else:
+            read, seen = (int(x) for x in self.sampled.sum(axis=0))
+            self.room = min(numel, int(1.25 * seen * numel / max(read, 1)) + 4096)
+            if self.context:
+                self.lo, self.hi = _pooling_bounds(self.shist.sum(axis=0) * numel // max(read, 1), numel)
+                self.table = np.clip(np.arange(_N_CLASSES), self.lo, self.hi).astype(np.uint8)
+        room = self.room
+        self.pos, self.new_at, self.old_at = (_buffers.empty(room, t) for t in (np.int64, np.uint16, np.uint16))
+        if self.context:
+            # Ranks are below numel: int32 for tensors under 2**31 elements (every one of a 0.6B model), 4 bytes per
+            # changed element less to write than int64.
+            self.rank = _buffers.empty(room, np.int32 if numel < 2**31 else np.int64)
+            self.res = _buffers.empty(room, np.int16)
+            self.hist, self.seg, self.cnt = (np.zeros((nch, _N_CLASSES), np.int64) for _ in range(3))
+        self.turn = {"next": 0, "off": 0, "before": np.zeros(_N_CLASSES, np.int64)}
+        self.ordered = threading.Condition()
+
+    def chunk(self, i: int) -> None:
+        K = _kernels()
+        s, e = self.bounds[i]
+        scratch = _scratch(_BaseClasses.chunk, ranked=self.context)
+        k = 0
+        try:
+            if self.context:
+                k = K.diff_ranks(self.new[s:e], self.old[s:e], s, self.table, self.hist[i], *scratch)
+            else:
+                k = K.diff_bits(self.new[s:e], self.old[s:e], s, *scratch)
+        finally:
+            # Every chunk takes its turn, even one that failed: the chunks after it wait for it.
+            with self.ordered:
+                self.ordered.wait_for(lambda: self.turn["next"] == i)
+                off = self.turn["off"]
+                self.turn["off"] += max(k, 0)
+                if self.context:
+                    before = self.turn["before"].copy()
+                    self.turn["before"] += self.hist[i]
+                self.turn["next"] = i + 1
+                self.ordered.notify_all()
+        if k < 0:  # more changes than the chunk has elements: only if it changed meanwhile
+            raise ValueError("the tensors changed while they were being compared")
+        if k == 0 or off + k > self.room:
+            return
+        if self.context:
+            K.ranked_out(*(a[:k] for a in scratch), before, off, self.pos, self.new_at, self.old_at, self.rank,
+                         self.res, self.seg[i], self.cnt[i])
+        else:
+            for dst, src in zip((self.pos, self.new_at, self.old_at), scratch):
+                dst[off: off + k] = src[:k]  # numpy's copy loop releases the GIL
+
+    def overflowed(self) -> bool:
+        return self.turn["off"] > self.room
+
+    def result(self) -> tuple:
+        m = int(self.turn["off"])
+        if m == 0:  # nothing changed (a model's norms, often)
+            return np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16), self.old
+        pos, new_at, old_at = self.pos[:m], self.new_at[:m], self.old_at[:m]
+        if not self.context:
+            return pos, new_at, old_at, self.old
+        ranks = ClassRanks(pos, new_at, old_at, self.rank[:m], self.res[:m], self.seg, self.cnt, self.lo, self.hi)
+        return pos, new_at, old_at, BaseBits(self.old, self.hist, _BaseClasses.chunk, ranks)
 
 
 def warm_up() -> float:
@@ -635,6 +702,25 @@ _FREQ_SCALE = 65535
 _ZERO_RESIDUAL = "ctx encoding stores changed elements only; a residual of 0 is not a change"
 
 
+def _pooling_bounds(counts: np.ndarray, numel: int) -> tuple[int, int]:
+    """The classes to keep apart: pool each tail of exponents holding at most max(64, numel / 512) elements.
+
+    Every kept class costs both O(numel) passes a vector compare per 64 elements, whatever it holds. Measured on
+    real AdamW deltas (86 M-parameter model; lr 1e-6, 3e-6, warm): tails of numel / 2048 kept 14 classes per
+    matrix, numel / 512 keeps 11 -- 0.2 % more bytes, decode 25-32 % faster; numel / 256 cost 0.6-1.2 % bytes
+    for one class less, numel / 128 2-5 %. On the 0.6B bench's deltas numel / 512 cost 1.9 % at lr 1e-6 (a
+    freshly initialised model's many tiny weights), 0.3-0.7 % at 3e-6 and 0.03 % warm."""
+    tail = max(64, numel >> 9)
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return 0, _N_CLASSES - 1
+    low = np.cumsum(counts)
+    high = np.cumsum(counts[::-1])[::-1]
+    lo = int(np.flatnonzero(low > tail)[0]) if (low > tail).any() else int(nz[-1])
+    hi = int(np.flatnonzero(high > tail)[-1]) if (high > tail).any() else int(nz[0])
+    return (lo, hi) if lo <= hi else (int(nz[0]), int(nz[-1]))
+
+
 class _BaseClasses:
     """The exponent classes of one base tensor: class sizes, and ranks of elements inside their class.
 
@@ -732,22 +818,8 @@ class _BaseClasses:
         self.counts = m.sum(axis=0)
 
     def pooling_bounds(self, numel: int) -> tuple[int, int]:
-        """The classes to keep apart: pool each tail of exponents holding at most max(64, numel / 512) elements.
-
-        Every kept class costs both O(numel) passes a vector compare per 64 elements, whatever it holds. Measured on
-        real AdamW deltas (86 M-parameter model; lr 1e-6, 3e-6, warm): tails of numel / 2048 kept 14 classes per
-        matrix, numel / 512 keeps 11 -- 0.2 % more bytes, decode 25-32 % faster; numel / 256 cost 0.6-1.2 % bytes
-        for one class less, numel / 128 2-5 %. On the 0.6B bench's deltas numel / 512 cost 1.9 % at lr 1e-6 (a
-        freshly initialised model's many tiny weights), 0.3-0.7 % at 3e-6 and 0.03 % warm."""
-        tail = max(64, numel >> 9)
-        nz = np.flatnonzero(self.raw_counts)
-        if nz.size == 0:
-            return 0, _N_CLASSES - 1
-        low = np.cumsum(self.raw_counts)
-        high = np.cumsum(self.raw_counts[::-1])[::-1]
-        lo = int(np.flatnonzero(low > tail)[0]) if (low > tail).any() else int(nz[-1])
-        hi = int(np.flatnonzero(high > tail)[-1]) if (high > tail).any() else int(nz[0])
-        return (lo, hi) if lo <= hi else (int(nz[0]), int(nz[-1]))
+        """`_pooling_bounds` of this base's exponent counts."""
+        return _pooling_bounds(self.raw_counts, numel)
 
     @staticmethod
     def _check_size(got: int, numel: int) -> None:
@@ -761,12 +833,13 @@ class _BaseClasses:
         `res` (their int16 residuals ``new - base``, wrapping), both ``positions.size`` long. Returns `starts`: class
         c's are ``starts[c]:starts[c+1]``."""
         K = _kernels()
-        if self.known is not None and self.known.lo == self.lo and self.known.hi == self.hi and (
-                self.known.positions is positions or np.array_equal(self.known.positions, positions)):
-            # Ranked by diff_bits while it read the base: only the O(changed) reordering is left, and it computes
-            # the residuals on the way (no position-order residual array).
-            return K.class_major(self.known.cls, self.known.rank, new_at, base_at, _N_CLASSES, rank,
-                                 res.view(np.uint16))
+        kn = self.known
+        if kn is not None and kn.lo == self.lo and kn.hi == self.hi and all(
+                a is b or np.array_equal(a, b)
+                for a, b in ((kn.positions, positions), (kn.new_at, new_at), (kn.old_at, base_at))):
+            # Ranked by diff_bits while it read the base, residuals too: only joining its chunks' class runs is
+            # left (a copy, run by run).
+            return K.gather_classes(kn.seg, kn.cnt, kn.rank, kn.res, rank, res)
         residual = (new_at - base_at).view(np.int16)  # uint16 wraps
         if self._torch is not None:
             cls, rank_pos = self._ranks_device(positions)
@@ -799,8 +872,8 @@ class _BaseClasses:
         nchunks = len(self._bounds)
         pre = fl.prefix(np.vstack([self._before, self.counts[None, :]]))
         offsets = np.concatenate([[0], np.cumsum((pre[1:] - pre[:-1]).sum(axis=1))])
-        pos = np.empty(residual.size, np.int64)
-        out = np.empty(residual.size, np.uint16)
+        pos = _buffers.empty(residual.size, np.int64)
+        out = _buffers.empty(residual.size, np.uint16)
 
         def one(i: int) -> bool:
             (s, e), a, b = self._bounds[i], offsets[i], offsets[i + 1]
@@ -829,8 +902,8 @@ class _BaseClasses:
         # class-size check refuses such a base afterwards).
         pre = fl.prefix(np.minimum(before, fl.size)[None, :])[0]
         first = int(pre.sum())
-        pos = np.empty(residual.size, np.int64)
-        out = np.empty(residual.size, np.uint16)
+        pos = _buffers.empty(residual.size, np.int64)
+        out = _buffers.empty(residual.size, np.uint16)
         state = fl.state(before)
 
         def part(i: int) -> bool:
@@ -1043,9 +1116,8 @@ class _ZstdCoder:
         n = res.size
         # Sign bits, bucket bytes and extra bits in one pass over the residuals (`residual_streams`: a third of the
         # time of the symbol / split / pack passes it replaced, which also wrote and read an int32 per element).
-        signs, buckets = np.empty((n + 7) // 8, np.uint8), np.empty(n, np.uint8)
-        extra = np.empty((15 * n + 7) // 8, np.uint8)  # room for 15 extra bits per residual (pages never written
-        # are never faulted in)
+        signs, buckets = _buffers.empty((n + 7) // 8, np.uint8), _buffers.empty(n, np.uint8)
+        extra = _buffers.empty((15 * n + 7) // 8, np.uint8)  # room for 15 extra bits per residual
         x = _kernels().residual_streams(res, signs, buckets, extra)
         if x < 0:
             raise ValueError(_ZERO_RESIDUAL)
@@ -1079,7 +1151,7 @@ def _join_residuals(buckets: np.ndarray, signs: np.ndarray, extra: np.ndarray, n
     """Both residual coders' last step: bucket bytes + sign bits + the extra-bit stream as n int16 residuals."""
     from shared import codec_coder
 
-    residual = np.empty(n, np.int16)
+    residual = _buffers.empty(n, np.int16)
     status = codec_coder.bucket_residuals(buckets, signs, np.ascontiguousarray(extra), _MAX_MSYM, residual)
     if status == codec_coder.BAD_BUCKET:
         raise FormatError(f"ctx delta bucket stream holds a bucket above {_MAX_MSYM}")
@@ -1129,11 +1201,12 @@ class ContextEncoding:
                 or not bool(np.all(positions[1:] > positions[:-1]))):
             raise ValueError("positions must be sorted, unique and inside the tensor")
         classes = _BaseClasses(base_context, numel)
-        lo, hi = classes.pooling_bounds(numel)
+        # Ranked on the way: its bounds (its histogram holds class sizes under them), else the base's own.
+        lo, hi = (known.lo, known.hi) if known is not None else classes.pooling_bounds(numel)
         classes.pool(lo, hi)
         # int32 ranks below 2**31 elements: 4 bytes per changed element less to write (into fresh pages) and read.
-        ranks = np.empty(positions.size, np.int32 if numel < 2**31 else np.int64)
-        res = np.empty(positions.size, np.int16)
+        ranks = _buffers.empty(positions.size, np.int32 if numel < 2**31 else np.int64)
+        res = _buffers.empty(positions.size, np.int16)
         starts = classes.ranks(positions, base_bits, new_bits, ranks, res)
         # Every class's position streams in one compiled call (a class where most changed codes its unchanged
         # ranks, one that changed entirely codes nothing): per-class Python calls were ~14 per tensor.

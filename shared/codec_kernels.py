@@ -259,11 +259,14 @@ def _count_changes(new, old, j, e):
     return k
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _histogram(b, out, new, changes):
-    """`exponent_histogram`, and with `changes` (a constant: LLVM drops the unused branch) how many elements of
-    `new` differ from `b`, counted in the same blocks."""
-    b, new = np.ascontiguousarray(b), np.ascontiguousarray(new)
+@njit(nogil=True, cache=True)
+def exponent_histogram(b, out):
+    """out[e] += number of elements of `b` (uint16 bf16 bits) whose exponent field is e. Block by block with one
+    class mask per exponent of a _WINDOW-wide window, placed where a sample of the first elements has the most (a
+    weight matrix's exponents sit in ~10 neighbours); elements outside it are counted one by one, and a tensor whose
+    sample leaves more than 1/16 outside is counted element by element throughout (measured 0.35 ns per element
+    that way, 0.22 with the masks)."""
+    b = np.ascontiguousarray(b)
     n = b.size
     spill = np.zeros((4, 256), np.int64)
     head = min(n, 4096)
@@ -276,14 +279,11 @@ def _histogram(b, out, new, changes):
         if inside > best:
             lo, best = a, inside
     j = head
-    k = 0
     if 16 * (head - best) <= head:
         buf = np.empty(_W, np.uint8)
-        bp, np_, fp = b.ctypes.data, new.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
+        bp, fp = b.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
         h = np.zeros(256, np.int64)
         while j + _W <= n:
-            if changes:
-                k += _popcount(_diff_mask(np_, bp, j))
             _block_classes(bp, j, 0, 255, fp)
             inside = np.uint64(0)
             for e in range(lo, lo + _WINDOW):
@@ -301,27 +301,26 @@ def _histogram(b, out, new, changes):
     _count_exponents(b, j, n, spill)
     for e in range(256):
         out[e] += spill[0, e] + spill[1, e] + spill[2, e] + spill[3, e]
-    if changes:
-        k += _count_changes(new, b, 0, head) + _count_changes(new, b, j, n)
-    return k
 
 
 @njit(nogil=True, cache=True)
-def exponent_histogram(b, out):
-    """out[e] += number of elements of `b` (uint16 bf16 bits) whose exponent field is e. Block by block with one
-    class mask per exponent of a _WINDOW-wide window, placed where a sample of the first elements has the most (a
-    weight matrix's exponents sit in ~10 neighbours); elements outside it are counted one by one, and a tensor whose
-    sample leaves more than 1/16 outside is counted element by element throughout (measured 0.35 ns per element
-    that way, 0.22 with the masks)."""
-    _histogram(b, out, b, False)
-
-
-@njit(nogil=True, cache=True)
-def exponent_histogram_changes(new, old, out):
-    """`exponent_histogram` of `old` that also returns how many elements of `new` differ from it: the exact count
-    lets the ranking pass write each chunk's changes straight into the final arrays. Counted in the histogram's
-    blocks (one vector compare each) instead of a second pass over both tensors."""
-    return _histogram(old, out, new, True)
+def sample_histogram_changes(new, old, run, stride, out):
+    """The detection's look ahead: over the first `run` elements of every `stride` of `old` (all of them with
+    ``run == stride``), out[e] += the elements of exponent e; returns (elements read, how many differ in `new`).
+    Four interleaved counters per exponent (`_count_exponents`: a run of one exponent would otherwise wait on one
+    counter -- measured 5 ns per element that way)."""
+    n = min(new.size, old.size)
+    h = np.zeros((4, 256), np.int64)
+    k = 0
+    read = 0
+    for j in range(0, n, stride):
+        e = min(j + run, n)
+        _count_exponents(old, j, e, h)
+        k += _count_changes(new, old, j, e)
+        read += e - j
+    for x in range(256):
+        out[x] += h[0, x] + h[1, x] + h[2, x] + h[3, x]
+    return read, k
 
 
 @njit(nogil=True, cache=True)
@@ -736,33 +735,34 @@ def diff_bits(new, old, offset, pos, new_at, old_at):
 
 
 @njit(nogil=True, cache=True)
-def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
+def diff_ranks(new, old, offset, table, counts, pos, new_at, old_at, cls, rank):
     """`diff_bits` that also gives each changed element its class ``table[exponent of old]`` and its rank among the
-    class's elements (``start[c]`` of them precede this chunk) -- the ctx encoder's whole O(numel) work in the same
-    read, block by block: one vector compare finds a block's changes, the class masks (`_count_block`) count its
-    classes and rank them. Returns the count, or -1 when there are more changes than `pos` has room for (a tensor
-    that changed since its changes were counted: a block whose changes do not all fit is not written, nor anything
-    past the outputs' end)."""
+    class's elements -- the ctx encoder's whole O(numel) work in the same read, block by block: one vector compare
+    finds a block's changes, the class masks (`_count_block`) count its classes and rank them. `counts` (int64, 256)
+    holds each class's elements before this chunk on entry (the ranks' base: zeros for chunk-local ranks) and after
+    it on return. Returns the count, or -1 when there are more changes than `pos` has room for (a block whose changes
+    do not all fit is not written, nor anything past the outputs' end)."""
     new, old = np.ascontiguousarray(new), np.ascontiguousarray(old)
     lo, hi = _clamp_bounds(table)
     buf = np.empty(_W, np.uint8)
     np_, op, fp = new.ctypes.data, old.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
-    h = start.astype(np.int64)
     masks = np.zeros(256, np.uint64)
     # Outputs and per-class state through raw addresses: indexed stores carry numba's negative-index wraparound
     # (measured 0.45 -> 0.42 ns per element at 4 % changed, one thread).
     pp, vp, wp, cp, rp = pos.ctypes.data, new_at.ctypes.data, old_at.ctypes.data, cls.ctypes.data, rank.ctypes.data
-    hp, mp = h.ctypes.data, masks.ctypes.data
+    hp, mp = counts.ctypes.data, masks.ctypes.data
     wide = rank.itemsize == 8
     room = pos.size
-    if old.size != new.size or min(new_at.size, old_at.size, cls.size, rank.size) < room or start.size < 256:
+    if old.size != new.size or min(new_at.size, old_at.size, cls.size, rank.size) < room:
         raise ValueError("diff_ranks: inputs of one length, outputs as long as pos")  # raw stores: no bounds checks
+    if counts.size < 256 or counts.itemsize != 8 or not counts.flags.c_contiguous:
+        raise ValueError("diff_ranks: counts must be 256 contiguous int64")
     k = 0
     n = new.size
     j = 0
     while j < n:
         changed = _changes(new, old, np_, op, j)
-        _count_block(buf, fp, _classes(old, op, j, lo, hi, buf, fp), lo, hi, h, masks)
+        _count_block(buf, fp, _classes(old, op, j, lo, hi, buf, fp), lo, hi, counts, masks)
         if k + _popcount(changed) > room:
             return -1
         while changed:
@@ -785,25 +785,61 @@ def diff_ranks(new, old, offset, table, start, pos, new_at, old_at, cls, rank):
 
 
 @njit(nogil=True, cache=True)
-def class_major(cls, rank, new_at, old_at, n_classes, rank_out, res_out):
-    """Scatter the ctx encoder's ranked changes (position order) into class-major order, ranks staying ascending
-    inside each class (a stable counting sort), computing each residual on the way: res_out gets ``new_at - old_at``
-    (mod 2**16; the caller reads it as int16) -- no position-order residual array is written. Returns `starts`
-    (class c's elements are ``starts[c]:starts[c+1]``)."""
-    cnt = np.zeros((4, n_classes), np.int64)  # interleaved: runs of one class would wait on one counter
-    n = cls.size
-    for i in range(n):
-        cnt[i & 3, cls[i]] += 1
-    starts = np.zeros(n_classes + 1, np.int64)
-    for c in range(n_classes):
-        starts[c + 1] = starts[c] + cnt[0, c] + cnt[1, c] + cnt[2, c] + cnt[3, c]
-    slot = starts[:n_classes].copy()
-    for i in range(n):
-        c = cls[i]
+def ranked_out(pos_s, new_s, old_s, cls_s, rank_s, before, off, pos, new_at, old_at, rank_cm, res_cm, seg, cnt):
+    """One chunk's ranked changes (`diff_ranks` into scratch: position order, chunk-local ranks) into its slot of the
+    tensor's arrays, at `off`: positions and both values in position order, and each change's rank in its class
+    (``+ before[c]``, the class's elements in earlier chunks) and residual ``new - old`` (mod 2**16) in the chunk's
+    class-major order -- a counting sort of a few cache-resident elements. Class c's are then
+    ``rank_cm[seg[c]: seg[c] + cnt[c]]`` (`gather_classes` joins the chunks)."""
+    k = pos_s.size
+    if (off < 0 or off + k > min(pos.size, new_at.size, old_at.size, rank_cm.size, res_cm.size)
+            or min(new_s.size, old_s.size, cls_s.size, rank_s.size) < k or min(before.size, seg.size, cnt.size) < 256):
+        raise ValueError("ranked_out: the chunk does not fit its slot")
+    for c in range(256):
+        cnt[c] = 0
+    for i in range(k):
+        cnt[cls_s[i]] += 1
+    slot = np.empty(256, np.int64)
+    o = off
+    for c in range(256):
+        seg[c] = o
+        slot[c] = o
+        o += cnt[c]
+    for i in range(k):
+        pos[off + i] = pos_s[i]
+        new_at[off + i] = new_s[i]
+        old_at[off + i] = old_s[i]
+        c = cls_s[i]
         o = slot[c]
         slot[c] = o + 1
-        rank_out[o] = rank[i]
-        res_out[o] = (np.int64(new_at[i]) - np.int64(old_at[i])) & 0xFFFF
+        rank_cm[o] = rank_s[i] + before[c]
+        res_cm[o] = (np.int64(new_s[i]) - np.int64(old_s[i])) & 0xFFFF
+
+
+@njit(nogil=True, cache=True)
+def gather_classes(seg, cnt, rank_cm, res_cm, rank_out, res_out):
+    """The ctx encoder's class-major order from `ranked_out`'s chunks: class after class, each class's run of every
+    chunk in chunk order (ranks stay ascending), copied run by run. Returns `starts` (class c's elements are
+    ``starts[c]:starts[c+1]``)."""
+    nch = seg.shape[0]
+    starts = np.zeros(257, np.int64)
+    for c in range(256):
+        t = 0
+        for i in range(nch):
+            if cnt[i, c] < 0 or seg[i, c] < 0 or seg[i, c] + cnt[i, c] > min(rank_cm.size, res_cm.size):
+                raise ValueError("gather_classes: a run lies outside the ranked arrays")
+            t += cnt[i, c]
+        starts[c + 1] = starts[c] + t
+    if starts[256] > min(rank_out.size, res_out.size):
+        raise ValueError("gather_classes: the outputs are too short")
+    o = 0
+    for c in range(256):
+        for i in range(nch):
+            a = seg[i, c]
+            for t in range(cnt[i, c]):
+                rank_out[o + t] = rank_cm[a + t]
+                res_out[o + t] = res_cm[a + t]
+            o += cnt[i, c]
     return starts
 
 

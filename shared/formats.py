@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from shared.codec import ContextTensor, DecodedTensor, EncodedTensor, StreamedTensor, bf16_bits, bf16_from_bits, \
-    check_positions, diff_bits, get_encoding
+    check_positions, diff_bits, diff_many, get_encoding
 from shared.errors import FormatError
 
 DELTA_FORMAT = "dws-delta"
@@ -106,22 +106,13 @@ def _workers(workers: int | None) -> int:
     return max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
 
 
-def diff_state(new: Mapping[str, Any], old: Mapping[str, Any], *, encoding: str = "compact",
-               workers: int | None = None) -> dict[str, TensorChange]:
+def diff_state(new: Mapping[str, Any], old: Mapping[str, Any], *, encoding: str = "compact") -> dict[str, TensorChange]:
     """`TensorChange.between` for every tensor of `new` (bf16 tensors or their bits; `old` holds the same names),
-    on `workers` threads: a model's matrices are a few chunks each, so only diffing several at once keeps every
-    core busy (the kernels release the GIL). Tensors without a change are left out."""
+    all their chunks queued at once on the codec's kernel pool (`codec.diff_many`: one thread per core, the kernels
+    release the GIL). Tensors without a change are left out."""
     names = list(new)
-
-    def one(name: str) -> TensorChange | None:
-        return TensorChange.between(tuple(new[name].shape), new[name], old[name], encoding=encoding)
-
-    if len(names) > 1 and _workers(workers) > 1:
-        with ThreadPoolExecutor(_workers(workers), thread_name_prefix="dws-diff") as pool:
-            found = _largest_first(pool, one, names, lambda n: int(np.prod(new[n].shape)))
-    else:
-        found = [one(n) for n in names]
-    return {n: ch for n, ch in zip(names, found) if ch is not None}
+    found = diff_many([(new[n], old[n]) for n in names], context=get_encoding(encoding).needs_base_context)
+    return {n: TensorChange(tuple(new[n].shape), *f[:3], base=f[3]) for n, f in zip(names, found) if f[0].size}
 
 
 def _largest_first(pool: ThreadPoolExecutor, fn, names: list[str], size) -> list:

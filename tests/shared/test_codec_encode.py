@@ -1,7 +1,7 @@
 """The ctx encoder's fused passes write exactly the files of the per-class passes they replaced.
 
-`ContextEncoding.encode` now reorders the changed elements class-major while computing their residuals
-(`class_major`), makes the sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every
+`ContextEncoding.encode` now takes the changed elements class-major with their residuals (`gather_classes`, from
+the detection's ranked chunks; `class_ranks` when it ranks them from the base itself), makes the sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every
 class's positions in one call (`rice_classes`). These tests rebuild each tensor's payload and params from the
 *definitions* -- ranks counted per element with numpy, the class-major order a stable argsort, then the kernels the
 old encoder called one class at a time (`complement`, `_rice_k`'s float formula, the Rice code's definition
@@ -191,7 +191,7 @@ def test_delta_file_does_not_depend_on_the_number_of_threads(encoding):
     total = sum(t.size for t in new.values())
     files = []
     for workers in (1, 2, 4):
-        ch = diff_state(new, old, encoding=encoding, workers=workers)
+        ch = diff_state(new, old, encoding=encoding)
         assert list(ch) == ["a.small", "b.big", "c.mid", "z.embed"]  # new's order, unchanged tensors left out
         files.append(_parts(encode_delta(ch, version=2, base=1, total=total, encoding=encoding, workers=workers)))
     assert files[0] == files[1] == files[2]

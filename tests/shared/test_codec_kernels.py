@@ -84,16 +84,90 @@ def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density, ran
     new = b.copy()
     new[pos] ^= np.uint16(1)  # flip the low mantissa bit: always a change
     start = np.random.default_rng(5).integers(0, 1000, 256)  # class elements in earlier chunks
+    counts = start.copy()  # in: the ranks' base; out: plus this chunk's class sizes
     cls = classes(b, lo, hi)
     out = [np.full(n, -7, np.int64), np.zeros(n, np.uint16), np.zeros(n, np.uint16), np.zeros(n, np.uint8),
            np.full(n, -7, rank_dtype)]
-    k = K.diff_ranks(new, b, 1000, clamp_table(lo, hi), start, *out)
+    k = K.diff_ranks(new, b, 1000, clamp_table(lo, hi), counts, *out)
     assert k == pos.size
     np.testing.assert_array_equal(out[0][:k], pos + 1000)
     np.testing.assert_array_equal(out[1][:k], new[pos])
     np.testing.assert_array_equal(out[2][:k], b[pos])
     np.testing.assert_array_equal(out[3][:k], cls[pos])
     np.testing.assert_array_equal(out[4][:k], start[cls[pos]] + ranks_in_class(cls)[pos])
+    np.testing.assert_array_equal(counts, start + np.bincount(cls, minlength=256))
+
+
+def test_diff_ranks_refuses_counts_it_cannot_store_into():
+    """It stores the class counts through their address: anything but 256 contiguous int64 is refused."""
+    b = weights(300, 3)
+    outs = [np.zeros(300, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
+    for counts in (np.zeros(256, np.int32), np.zeros(255, np.int64), np.zeros(512, np.int64)[::2]):
+        with pytest.raises(ValueError, match="256 contiguous int64"):
+            K.diff_ranks(b ^ np.uint16(1), b, 0, clamp_table(110, 125), counts, *outs)
+
+
+@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
+def test_ranked_chunks_join_into_the_whole_tensors_class_major_order(name, b, lo, hi):
+    """The ctx detection's one pass, cut in chunks: each chunk ranked locally (`diff_ranks` from zero counts), copied
+    to its slot with its ranks made global (`ranked_out`), the chunks joined class by class (`gather_classes`) --
+    exactly the tensor's changed elements in class-major order with their global ranks and residuals."""
+    n = b.size
+    pos = changed_at(n, 21, 0.2)
+    new = b.copy()
+    new[pos] += np.uint16(3)  # wraps at 0xFFFF ("wide"): residual 3 either way
+    new[pos[::5]] -= np.uint16(700)
+    cls = classes(b, lo, hi)
+    table = clamp_table(lo, hi)
+    cuts = sorted({0, min(64, n), min(65, n), max(65, n // 2) if n > 65 else n, n})  # one element, uneven ones
+    m = pos.size
+    outs = [np.full(m, -1, np.int64), np.zeros(m, np.uint16), np.zeros(m, np.uint16), np.full(m, -1, np.int64),
+            np.zeros(m, np.int16)]
+    seg, cnt = np.zeros((len(cuts) - 1, 256), np.int64), np.zeros((len(cuts) - 1, 256), np.int64)
+    before, off = np.zeros(256, np.int64), 0
+    for i, (s, e) in enumerate(zip(cuts[:-1], cuts[1:])):
+        scratch = [np.zeros(e - s, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
+        counts = np.zeros(256, np.int64)
+        k = K.diff_ranks(new[s:e], b[s:e], s, table, counts, *scratch)
+        K.ranked_out(*(a[:k] for a in scratch), before, off, *outs, seg[i], cnt[i])
+        before += counts
+        off += k
+    assert off == m
+    np.testing.assert_array_equal(outs[0], pos)
+    np.testing.assert_array_equal(outs[1], new[pos])
+    np.testing.assert_array_equal(outs[2], b[pos])
+    rank_out, res_out = np.full(m, -1, np.int64), np.zeros(m, np.int16)
+    starts = K.gather_classes(seg, cnt, outs[3], outs[4], rank_out, res_out)
+    order = np.argsort(cls[pos], kind="stable")
+    np.testing.assert_array_equal(starts, np.concatenate([[0], np.cumsum(np.bincount(cls[pos], minlength=256))]))
+    np.testing.assert_array_equal(rank_out, ranks_in_class(cls)[pos][order])
+    np.testing.assert_array_equal(res_out, (new[pos] - b[pos]).view(np.int16)[order])
+
+
+def test_ranked_out_and_gather_classes_refuse_runs_outside_their_arrays():
+    scratch = [np.zeros(10, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
+    outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16, np.int64, np.int16)]
+    row = np.zeros(256, np.int64)
+    with pytest.raises(ValueError, match="does not fit its slot"):
+        K.ranked_out(*scratch, row, 6, *outs, row.copy(), row.copy())
+    seg, cnt = np.zeros((1, 256), np.int64), np.zeros((1, 256), np.int64)
+    cnt[0, 120] = 16
+    with pytest.raises(ValueError, match="outside the ranked arrays"):
+        K.gather_classes(seg, cnt, outs[3], outs[4], np.zeros(16, np.int64), np.zeros(16, np.int16))
+    cnt[0, 120] = 15
+    with pytest.raises(ValueError, match="too short"):
+        K.gather_classes(seg, cnt, outs[3], outs[4], np.zeros(14, np.int64), np.zeros(14, np.int16))
+
+
+@pytest.mark.parametrize("run,stride", [(64, 64), (64, 4096), (1000, 4096)])
+def test_sample_histogram_changes_reads_a_run_of_every_stride(run, stride):
+    b = weights(3 * 4096 + 100, 5)
+    new = b.copy()
+    new[::3] ^= np.uint16(1)
+    idx = np.concatenate([np.arange(j, min(j + run, b.size)) for j in range(0, b.size, stride)])
+    out = np.zeros(256, np.int64)
+    assert K.sample_histogram_changes(new, b, run, stride, out) == (idx.size, int((new[idx] != b[idx]).sum()))
+    np.testing.assert_array_equal(out, np.bincount((b[idx] >> 7) & 0xFF, minlength=256))
 
 
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
@@ -178,12 +252,6 @@ def test_exponent_histogram_matches_bincount(n, kind):
     out = np.arange(256, dtype=np.int64)  # adds to what is there
     K.exponent_histogram(b, out)
     np.testing.assert_array_equal(out, np.arange(256) + np.bincount((b >> 7) & 0xFF, minlength=256))
-    new = b.copy()
-    flip = rng.random(n) < 0.1
-    new[flip] ^= np.uint16(3)
-    out = np.zeros(256, np.int64)
-    assert K.exponent_histogram_changes(new, b, out) == int(flip.sum())
-    np.testing.assert_array_equal(out, np.bincount((b >> 7) & 0xFF, minlength=256))
 
 
 # ------------------------------------------------------------------------------------------------------ decode side
@@ -442,22 +510,6 @@ def test_residual_streams_match_the_passes_they_replaced(n):
 def test_residual_streams_refuse_a_zero_residual():
     res = np.array([1, -3, 0, 5], np.int16)
     assert K.residual_streams(res, np.zeros(1, np.uint8), np.zeros(4, np.uint8), np.zeros(8, np.uint8)) == -1
-
-
-@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 1001])
-@pytest.mark.parametrize("rank_dtype", [np.int32, np.int64])
-def test_class_major_is_a_stable_counting_sort_with_residuals(n, rank_dtype):
-    rng = np.random.default_rng(n)
-    cls = rng.choice(np.array([0, 3, 4, 200, 255], np.uint8), n)  # long runs of one class and rare ones
-    cls[: n // 3] = 4
-    rank = rng.integers(0, 2**31 - 1, n).astype(rank_dtype)
-    new_at, old_at = rng.integers(0, 2**16, n).astype(np.uint16), rng.integers(0, 2**16, n).astype(np.uint16)
-    rank_out, res_out = np.full(n, -1, np.int64), np.zeros(n, np.uint16)
-    starts = K.class_major(cls, rank, new_at, old_at, 256, rank_out, res_out)
-    order = np.argsort(cls, kind="stable")
-    np.testing.assert_array_equal(starts, np.concatenate([[0], np.cumsum(np.bincount(cls, minlength=256))]))
-    np.testing.assert_array_equal(rank_out, rank[order])
-    np.testing.assert_array_equal(res_out, (new_at - old_at)[order])  # uint16 wraps
 
 
 def _old_position_streams(rank, starts, counts, cls_ids):
