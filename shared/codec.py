@@ -594,12 +594,24 @@ class CompactEncoding:
     needs_base_context = False
 
     def size_lower_bound(self, positions: np.ndarray, numel: int) -> int:
-        """Bytes this encoding needs at least for these positions (exact Rice streams + one sign bit each): a writer
-        choosing the smallest encoding skips compact when another one already fits under this."""
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-        k = _rice_k(positions, from_sorted=True)
-        unary_bits = positions.size + int(_kernels().rice_quotient_bits(positions, k))
-        return (unary_bits + 7) // 8 + (positions.size * k + 7) // 8 + (positions.size + 7) // 8
+        """Bytes this encoding needs at least for these sorted positions -- its Rice streams under any k, plus one
+        sign bit each -- from their count and the last one alone: a writer choosing the smallest encoding skips
+        compact when another one already fits under this, without a pass over the positions (the exact streams'
+        size cost one: ~25 ms of thread time per 0.6B delta, to learn that ctx had won by 15-25 %).
+
+        The m gaps of sorted unique positions sum to G = last + 1 - m, and ``g >> k >= (g - 2**k + 1) / 2**k``, so
+        the streams take at least ``f(k) = m * (k + 1) + max(0, ceil((G - m * (2**k - 1)) / 2**k))`` bits; f is
+        convex in k (its steps ``m - (G - m) / 2**(k+1)`` grow), and bytes round up per stream."""
+        m = int(positions.size)
+        if m == 0:
+            return 0
+        total = int(positions[-1]) + 1 - m
+        best = None
+        for k in range(min(_MAX_K, max(total, 1).bit_length() + 1) + 1):
+            quotients = max(0, -(-(total - m * ((1 << k) - 1)) >> k))
+            size = (m + quotients + 7) // 8 + (m * k + 7) // 8
+            best = size if best is None else min(best, size)
+        return best + (m + 7) // 8
 
     def encode(self, positions, new_bits, base_bits, numel, *, base_context=None):
         positions = np.ascontiguousarray(positions, dtype=np.int64)
