@@ -110,7 +110,7 @@ class ClassRanks:
     """What `diff_bits(context=True)` finds while it reads the base, so the ctx encoder need not read it again: the
     changed elements' ranks in their exponent class (pooled to ``[lo, hi]``) and residuals ``new - base`` (int16,
     wrapping), chunk by chunk in each chunk's class-major order -- chunk i's class c at ``seg[i, c]``, ``cnt[i, c]``
-    of them (`codec_kernels.gather_classes` makes the whole tensor's class-major order)."""
+    of them (the encoder reads these runs class by class where they are: `_class_runs`)."""
 
     positions: np.ndarray  # the arrays diff_bits returned: their residuals are only valid with them
     new_at: np.ndarray
@@ -139,10 +139,12 @@ class BaseBits:
 
 
 _SCRATCH = threading.local()
-# The detection's sample (`_Diff`): runs of _SAMPLE_RUN elements of every _SAMPLE_STRIDE (spread, not a prefix: a
-# matrix's rows differ in scale), all of a tensor under _SAMPLE_ALL_BELOW elements.
-_SAMPLE_RUN = 1024
+# The detection's sample (`_Diff`): runs of _SAMPLE_RUN elements spread through the tensor (not a prefix: a matrix's
+# rows differ in scale), at least _SAMPLE_MIN elements of it and at most one run per _SAMPLE_STRIDE; all of a tensor
+# under _SAMPLE_ALL_BELOW elements.
+_SAMPLE_RUN = 256
 _SAMPLE_STRIDE = 1 << 16
+_SAMPLE_MIN = 1 << 15
 _SAMPLE_ALL_BELOW = 1 << 18
 
 
@@ -199,7 +201,8 @@ class _Diff:
     before it) and copies its changes there (`codec_kernels.ranked_out` makes the ranks global; the scratch is still
     in cache). No pass counts first -- the ctx detection's counting pass cost a full read of both versions, 90 of
     230 ms of kernel time at 0.6B -- and no per-chunk results are joined afterwards. What a chunk cannot know ahead
-    comes from a 1/64 sample read before (`sample`; all of a tensor under 2**18 elements): the outputs' size, with
+    comes from a sample read before (`sample`: 1/256 of a large tensor, at least 32 Ki elements, all of a tensor under
+    2**18): the outputs' size, with
     room to spare (a tensor that outgrows it runs again with the exact size it counted), and for ctx the pooling
     bounds the ranks depend on -- any bounds decode, the header carries them; a sample only risks a slightly larger
     file.
@@ -220,9 +223,12 @@ class _Diff:
 
     def sample(self, i: int) -> None:
         s, e = self.bounds[i]
-        # Runs of 1024 elements of every 65536 (small tensors: all): a stride through memory would pay a cache and
-        # TLB miss per sampled block -- measured 8 ns per sampled element for 64 of every 4096.
-        stride = _SAMPLE_STRIDE if self.numel >= _SAMPLE_ALL_BELOW else _SAMPLE_RUN
+        # Runs of 256 elements (shorter runs pay a cache and TLB miss per run -- measured 1.7 ns per sampled element
+        # for runs of 256 or 1024, 2.4 for 128, 8 for 64 of every 4096): at least 32 Ki elements of a tensor (its
+        # pooling tails are numel / 512: ~64 of them sampled), at most 1 / 256 of a large one.
+        stride = _SAMPLE_RUN
+        if self.numel >= _SAMPLE_ALL_BELOW:
+            stride = min(_SAMPLE_STRIDE, self.numel * _SAMPLE_RUN // _SAMPLE_MIN // _SAMPLE_RUN * _SAMPLE_RUN)
         self.sampled[i] = _kernels().sample_histogram_changes(self.new[s:e], self.old[s:e], _SAMPLE_RUN, stride,
                                                               self.shist[i])
 
@@ -838,20 +844,30 @@ class _BaseClasses:
         if got != numel:
             raise FormatError(f"base context has {got} elements, the tensor has {numel}")
 
-    def ranks(self, positions: np.ndarray, base_at: np.ndarray, new_at: np.ndarray, rank: np.ndarray,
-              res: np.ndarray) -> np.ndarray:
-        """For sorted, unique, in-range `positions` (base values `base_at`, new values `new_at` there): the changed
-        elements in class-major order (ranks ascending inside each class), written into `rank` (int32 or int64) and
-        `res` (their int16 residuals ``new - base``, wrapping), both ``positions.size`` long. Returns `starts`: class
-        c's are ``starts[c]:starts[c+1]``."""
+    def ranks(self, positions: np.ndarray, base_at: np.ndarray, new_at: np.ndarray,
+              numel: int) -> tuple[np.ndarray, ...]:
+        """For sorted, unique, in-range `positions` (base values `base_at`, new values `new_at` there): each changed
+        element's rank in its class and its int16 residual ``new - base`` (wrapping), class-major in runs -- returns
+        (rank, res, seg, cnt): part i's class c is ``rank[seg[i, c]: seg[i, c] + cnt[i, c]]`` (res likewise), the
+        parts in position order (`_class_runs` lists them class by class). The detection's ranks come as its chunks
+        left them; ranks found here are one part (``seg``/``cnt`` one row)."""
         K = _kernels()
         kn = self.known
         if kn is not None and kn.lo == self.lo and kn.hi == self.hi and all(
                 a is b or np.array_equal(a, b)
                 for a, b in ((kn.positions, positions), (kn.new_at, new_at), (kn.old_at, base_at))):
-            # Ranked by diff_bits while it read the base, residuals too: only joining its chunks' class runs is
-            # left (a copy, run by run).
-            return K.gather_classes(kn.seg, kn.cnt, kn.rank, kn.res, rank, res)
+            return kn.rank, kn.res, kn.seg, kn.cnt  # ranked by diff_bits while it read the base: nothing to do
+        # int32 ranks below 2**31 elements: 4 bytes per changed element less to write and read.
+        rank = _buffers.empty(positions.size, np.int32 if numel < 2**31 else np.int64)
+        res = _buffers.empty(positions.size, np.int16)
+        starts = self._class_major(positions, base_at, new_at, rank, res)
+        return rank, res, starts[None, :-1], np.diff(starts)[None, :]
+
+    def _class_major(self, positions: np.ndarray, base_at: np.ndarray, new_at: np.ndarray, rank: np.ndarray,
+                     res: np.ndarray) -> np.ndarray:
+        """`ranks` found from the base: written class-major into `rank` and `res`; returns `starts` (class c's are
+        ``starts[c]:starts[c+1]``)."""
+        K = _kernels()
         residual = (new_at - base_at).view(np.int16)  # uint16 wraps
         if self._torch is not None:
             cls, rank_pos = self._ranks_device(positions)
@@ -1052,10 +1068,17 @@ class _RangeCoder:
     name = "range"
     row_cols = 2
 
-    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int]):
+    def encode(self, res: np.ndarray, runs: np.ndarray, rs: np.ndarray, classes: list[int]):
         import constriction
 
         K = _kernels()
+        # Written only on request (tests reproducing the first files): the class runs joined, one span per class.
+        res = np.concatenate([res[a: a + n] for a, n in runs]) if len(runs) else res[:0]
+        ends = np.cumsum([int(runs[rs[i]: rs[i + 1], 1].sum()) for i in range(len(classes))], dtype=np.int64)
+        spans = list(zip([0, *ends[:-1].tolist()], ends.tolist()))
+        starts = np.zeros(_N_CLASSES + 1, np.int64)
+        for c, (a, b) in zip(classes, spans):
+            starts[c + 1:] += b - a
         sym = np.empty(res.size, np.int32)
         hist = np.zeros((_N_CLASSES, 2 * _MAX_MSYM), np.int64)
         if K.residual_symbols(starts, res, sym, hist) < 0:
@@ -1124,13 +1147,13 @@ class _ZstdCoder:
     row_cols = 0
     level = 1  # measured on real 0.6B symbols: levels 1, 3 and 5 within 2 % in size; 1 encodes fastest
 
-    def encode(self, res: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]], classes: list[int]):
-        n = res.size
+    def encode(self, res: np.ndarray, runs: np.ndarray, rs: np.ndarray, classes: list[int]):
+        n = int(runs[:, 1].sum())
         # Sign bits, bucket bytes and extra bits in one pass over the residuals (`residual_streams`: a third of the
         # time of the symbol / split / pack passes it replaced, which also wrote and read an int32 per element).
         signs, buckets = _buffers.empty((n + 7) // 8, np.uint8), _buffers.empty(n, np.uint8)
         extra = _buffers.empty((15 * n + 7) // 8, np.uint8)  # room for 15 extra bits per residual
-        x = _kernels().residual_streams(res, signs, buckets, extra)
+        x = _kernels().residual_streams(res, runs, signs, buckets, extra)
         if x < 0:
             raise ValueError(_ZERO_RESIDUAL)
         # A compressor per call: zstandard's (de)compressor objects must not be shared between threads, and the
@@ -1178,6 +1201,16 @@ _RESIDUAL_CODERS = {c.name: c for c in (_RangeCoder(), _ZstdCoder())}
 _UNNAMED_CODER = "range"
 
 
+def _class_runs(seg: np.ndarray, cnt: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The non-empty (start, length) runs of `_BaseClasses.ranks`' parts in class-major order -- class after class
+    of `present`, each class's parts in position order -- and where each class's runs start (``rs``: class
+    ``present[i]`` has ``runs[rs[i]:rs[i+1]]``): what the coders read instead of a joined copy."""
+    s, n = seg[:, present].T, cnt[:, present].T
+    keep = n > 0
+    runs = np.ascontiguousarray(np.stack([s[keep], n[keep]], axis=1), dtype=np.int64).reshape(-1, 2)
+    return runs, np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
+
+
 @register_encoding
 class ContextEncoding:
     """Codec v2: positions and residuals conditioned on each element's base exponent (see the module docstring).
@@ -1216,27 +1249,24 @@ class ContextEncoding:
         # Ranked on the way: its bounds (its histogram holds class sizes under them), else the base's own.
         lo, hi = (known.lo, known.hi) if known is not None else classes.pooling_bounds(numel)
         classes.pool(lo, hi)
-        # int32 ranks below 2**31 elements: 4 bytes per changed element less to write (into fresh pages) and read.
-        ranks = _buffers.empty(positions.size, np.int32 if numel < 2**31 else np.int64)
-        res = _buffers.empty(positions.size, np.int16)
-        starts = classes.ranks(positions, base_bits, new_bits, ranks, res)
+        rank, res, seg, cnt = classes.ranks(positions, base_bits, new_bits, numel)
         # Every class's position streams in one compiled call (a class where most changed codes its unchanged
         # ranks, one that changed entirely codes nothing): per-class Python calls were ~14 per tensor.
-        present = np.flatnonzero(starts[1:] != starts[:-1])
+        sizes_all = cnt.sum(axis=0)
+        present = np.flatnonzero(sizes_all)
+        runs, rs = _class_runs(seg, cnt, present)
         meta = np.empty((present.size, 4), np.int64)
-        spare = np.empty(int(max((classes.counts[c] - (starts[c + 1] - starts[c]) for c in present), default=0)),
-                         ranks.dtype)  # the largest complement coded
-        pos_streams = K.rice_classes(ranks, starts, classes.counts, present, meta, _MAX_K, spare)
-        sizes = np.diff(starts)[present]
-        rows = np.column_stack([present, classes.counts[present], sizes, meta]).tolist()
-        spans = [(int(starts[c]), int(starts[c + 1])) for c in present]
+        spare = np.empty(int(max((classes.counts[c] - sizes_all[c] for c in present), default=0)),
+                         rank.dtype)  # the largest complement coded
+        pos_streams = K.rice_classes(rank, runs, rs, classes.counts, present, meta, _MAX_K, spare)
+        rows = np.column_stack([present, classes.counts[present], sizes_all[present], meta]).tolist()
         present = present.tolist()
         params = {"n": int(positions.size), "p": [lo, hi], "c": rows}
         if self.coder != _UNNAMED_CODER:  # files of the first coder have no "r": writing it for them would not
             params["r"] = self.coder      # reproduce their bytes
         if not rows:
             return EncodedTensor({"": np.zeros(0, np.uint8)}, {"n": 0, "x": 0} | params)
-        cols, section, coder_params, extra = _RESIDUAL_CODERS[self.coder].encode(res, starts, spans, present)
+        cols, section, coder_params, extra = _RESIDUAL_CODERS[self.coder].encode(res, runs, rs, present)
         for row, extra_cols in zip(rows, cols):
             row += extra_cols
         params = {"n": params["n"], "x": int(extra.size)} | params  # the key order of the files written before

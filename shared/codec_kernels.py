@@ -790,7 +790,8 @@ def ranked_out(pos_s, new_s, old_s, cls_s, rank_s, before, off, pos, new_at, old
     tensor's arrays, at `off`: positions and both values in position order, and each change's rank in its class
     (``+ before[c]``, the class's elements in earlier chunks) and residual ``new - old`` (mod 2**16) in the chunk's
     class-major order -- a counting sort of a few cache-resident elements. Class c's are then
-    ``rank_cm[seg[c]: seg[c] + cnt[c]]`` (`gather_classes` joins the chunks)."""
+    ``rank_cm[seg[c]: seg[c] + cnt[c]]``: the encoder's passes read these runs where they are (`rice_classes`,
+    `residual_streams`), class after class, never a joined copy."""
     k = pos_s.size
     if (off < 0 or off + k > min(pos.size, new_at.size, old_at.size, rank_cm.size, res_cm.size)
             or min(new_s.size, old_s.size, cls_s.size, rank_s.size) < k or min(before.size, seg.size, cnt.size) < 256):
@@ -817,70 +818,51 @@ def ranked_out(pos_s, new_s, old_s, cls_s, rank_s, before, off, pos, new_at, old
 
 
 @njit(nogil=True, cache=True)
-def gather_classes(seg, cnt, rank_cm, res_cm, rank_out, res_out):
-    """The ctx encoder's class-major order from `ranked_out`'s chunks: class after class, each class's run of every
-    chunk in chunk order (ranks stay ascending), copied run by run. Returns `starts` (class c's elements are
-    ``starts[c]:starts[c+1]``)."""
-    nch = seg.shape[0]
-    starts = np.zeros(257, np.int64)
-    for c in range(256):
-        t = 0
-        for i in range(nch):
-            if cnt[i, c] < 0 or seg[i, c] < 0 or seg[i, c] + cnt[i, c] > min(rank_cm.size, res_cm.size):
-                raise ValueError("gather_classes: a run lies outside the ranked arrays")
-            t += cnt[i, c]
-        starts[c + 1] = starts[c] + t
-    if starts[256] > min(rank_out.size, res_out.size):
-        raise ValueError("gather_classes: the outputs are too short")
-    o = 0
-    for c in range(256):
-        for i in range(nch):
-            a = seg[i, c]
-            for t in range(cnt[i, c]):
-                rank_out[o + t] = rank_cm[a + t]
-                res_out[o + t] = res_cm[a + t]
-            o += cnt[i, c]
-    return starts
-
-
-@njit(nogil=True, cache=True)
-def residual_streams(res, signs, buckets, extra):
-    """The ctx zstd coder's inputs in one sequential pass over the class-major int16 residuals -- what
+def residual_streams(res, runs, signs, buckets, extra):
+    """The ctx zstd coder's inputs in one pass over the int16 residuals of `res` in `runs` ((start, length) rows in
+    class-major order: the detection's per-chunk class runs, read where they are) -- what
     `residual_symbols`, `codec_coder.split_symbols` and `pack_low_bits` give, without the int32 symbol array between
     them: signs gets each residual's sign bit (packed MSB first; ``(n + 7) // 8`` bytes), buckets its byte
     ``bucket - 1`` (`_symbol`'s bucket), extra the low ``bucket - 2`` bits of each magnitude of bucket >= 4 (MSB first,
     zero-padded; room for 15 bits per residual). Returns extra's bytes used, or -1 when a residual is 0."""
-    n = res.size
+    n = 0
+    for t in range(runs.shape[0]):
+        n += runs[t, 1]
+    if buckets.size < n or signs.size < (n + 7) // 8:
+        raise ValueError("residual_streams: outputs too short for the runs")
     o = 0
     acc = np.int64(0)
     nacc = 0
     sb = 0
-    for i in range(n):
-        r = np.int64(res[i])
-        neg = (r >> 63) & 1  # branch-free: signs are coin flips
-        m = (r ^ -neg) + neg
-        if m < 4:
-            if m == 0:
-                return -1
-            buckets[i] = m - 1
-        else:
-            w = 63 - _leading_zeros(np.uint64(m))  # floor(log2(m))
-            buckets[i] = w + 1
-            acc = (acc << w) | (m - (np.int64(1) << w))
-            nacc += w
-            if nacc >= 32:  # at most 31 + 15 bits pending: emit four bytes
-                nacc -= 32
-                v = acc >> nacc
-                extra[o] = (v >> 24) & 0xFF
-                extra[o + 1] = (v >> 16) & 0xFF
-                extra[o + 2] = (v >> 8) & 0xFF
-                extra[o + 3] = v & 0xFF
-                o += 4
-                acc &= (np.int64(1) << nacc) - 1
-        sb = (sb << 1) | neg
-        if (i & 7) == 7:
-            signs[i >> 3] = sb
-            sb = 0
+    i = -1
+    for t in range(runs.shape[0]):
+        for x in range(runs[t, 0], runs[t, 0] + runs[t, 1]):
+            i += 1
+            r = np.int64(res[x])
+            neg = (r >> 63) & 1  # branch-free: signs are coin flips
+            m = (r ^ -neg) + neg
+            if m < 4:
+                if m == 0:
+                    return -1
+                buckets[i] = m - 1
+            else:
+                w = 63 - _leading_zeros(np.uint64(m))  # floor(log2(m))
+                buckets[i] = w + 1
+                acc = (acc << w) | (m - (np.int64(1) << w))
+                nacc += w
+                if nacc >= 32:  # at most 31 + 15 bits pending: emit four bytes
+                    nacc -= 32
+                    v = acc >> nacc
+                    extra[o] = (v >> 24) & 0xFF
+                    extra[o + 1] = (v >> 16) & 0xFF
+                    extra[o + 2] = (v >> 8) & 0xFF
+                    extra[o + 3] = v & 0xFF
+                    o += 4
+                    acc &= (np.int64(1) << nacc) - 1
+            sb = (sb << 1) | neg
+            if (i & 7) == 7:
+                signs[i >> 3] = sb
+                sb = 0
     if n & 7:
         signs[n >> 3] = sb << (8 - (n & 7))
     while nacc >= 8:
@@ -894,23 +876,34 @@ def residual_streams(res, signs, buckets, extra):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _rice_sums(gaps, k_lo, from_sorted):
-    """sum(g >> (k_lo + t)) for t = 0..4 over `gaps` in one pass (five plain accumulators: the loop vectorizes). With
-    `from_sorted`, `gaps` holds sorted unique values v whose Rice gaps ``v_i - v_{i-1} - 1`` (v_{-1} = -1) are the
-    gaps, computed on the fly: no gap array (a page-faulting allocation the size of the changed elements)."""
+def _rice_sums(gaps, runs, k_lo, from_sorted):
+    """sum(g >> (k_lo + t)) for t = 0..4 over the elements of `gaps` in `runs` ((start, length) rows, in order) in
+    one pass (five plain accumulators: the loop vectorizes). With `from_sorted`, they are sorted unique values v whose
+    Rice gaps ``v_i - v_{i-1} - 1`` (v_{-1} = -1) are the gaps, computed on the fly across runs: no gap array (a
+    page-faulting allocation the size of the changed elements), no joined copy of the runs."""
     s0 = s1 = s2 = s3 = s4 = np.int64(0)
     prev = np.int64(-1)
-    for i in range(gaps.size):
-        g = gaps[i]
-        if from_sorted:  # loop-invariant: LLVM unswitches it
-            g, prev = g - prev - 1, g
-        g >>= k_lo
-        s0 += g
-        s1 += g >> 1
-        s2 += g >> 2
-        s3 += g >> 3
-        s4 += g >> 4
+    for r in range(runs.shape[0]):
+        for i in range(runs[r, 0], runs[r, 0] + runs[r, 1]):
+            g = np.int64(gaps[i])
+            if from_sorted:  # loop-invariant: LLVM unswitches it
+                g, prev = g - prev - 1, g
+            g >>= k_lo
+            s0 += g
+            s1 += g >> 1
+            s2 += g >> 2
+            s3 += g >> 3
+            s4 += g >> 4
     return s0, s1, s2, s3, s4
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _whole(a):
+    """One run over all of `a`."""
+    runs = np.empty((1, 2), np.int64)
+    runs[0, 0] = 0
+    runs[0, 1] = a.size
+    return runs
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -929,7 +922,7 @@ def _cheapest_k(n, k_lo, k_hi, sums):
 def rice_cost(gaps, k_lo, k_hi, from_sorted):
     """The k in [k_lo, k_hi] (at most 5 values) minimising n*(k+1) + sum(g >> k), the smallest on ties, in one
     pass over `gaps` (or, with `from_sorted`, over the Rice gaps of the sorted unique values it holds)."""
-    return _cheapest_k(gaps.size, k_lo, k_hi, _rice_sums(gaps, k_lo, from_sorted))[0]
+    return _cheapest_k(gaps.size, k_lo, k_hi, _rice_sums(gaps, _whole(gaps), k_lo, from_sorted))[0]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -940,8 +933,9 @@ def _word_out(out, o, word, nbytes):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _rice_write(vals, k, unary, rem):
-    """The Rice streams of sorted unique `vals` (`rice_encode`) into `unary` and `rem` of exactly the right sizes
+def _rice_write(vals, runs, k, unary, rem):
+    """The Rice streams of the sorted unique values of `vals` in `runs` ((start, length) rows, in order: the values
+    ascend across them; `rice_encode`) into `unary` and `rem` of exactly the right sizes
     (every byte written), both streams filled a 64-bit word at a time in registers: the only chains between elements
     are a bit counter and the word being filled (measured 1.9-2.0 ns per element at k = 1..4, against 2.3-2.7 for the
     byte-array writer it replaced, which also zeroed its arrays and or-ed each bit into place)."""
@@ -953,83 +947,103 @@ def _rice_write(vals, k, unary, rem):
     ro = 0
     mask = (np.int64(1) << k) - 1
     prev = np.int64(-1)
-    for i in range(vals.size):
-        v = vals[i]
-        g = v - prev - 1
-        prev = v
-        ubit += (g >> k) + 1
-        w = ubit >> 6
-        if w != cw:
-            _word_out(unary, cw * 8, word, 8)
-            for z in range(cw + 1, w):  # a quotient of 64 zeros or more
-                _word_out(unary, z * 8, np.int64(0), 8)
-            cw = w
-            word = np.int64(0)
-        word |= np.int64(1) << (63 - (ubit & 63))
-        if k:
-            val = g & mask
-            if rfill + k <= 64:
-                rw |= val << (64 - rfill - k)
-                rfill += k
-                if rfill == 64:
+    for r in range(runs.shape[0]):
+        for i in range(runs[r, 0], runs[r, 0] + runs[r, 1]):
+            v = np.int64(vals[i])
+            g = v - prev - 1
+            prev = v
+            ubit += (g >> k) + 1
+            w = ubit >> 6
+            if w != cw:
+                _word_out(unary, cw * 8, word, 8)
+                for z in range(cw + 1, w):  # a quotient of 64 zeros or more
+                    _word_out(unary, z * 8, np.int64(0), 8)
+                cw = w
+                word = np.int64(0)
+            word |= np.int64(1) << (63 - (ubit & 63))
+            if k:
+                val = g & mask
+                if rfill + k <= 64:
+                    rw |= val << (64 - rfill - k)
+                    rfill += k
+                    if rfill == 64:
+                        _word_out(rem, ro, rw, 8)
+                        ro += 8
+                        rw = np.int64(0)
+                        rfill = 0
+                else:  # split across two words (k <= 62: every shift below stays under 64)
+                    spill = k - (64 - rfill)
+                    rw |= val >> spill
                     _word_out(rem, ro, rw, 8)
                     ro += 8
-                    rw = np.int64(0)
-                    rfill = 0
-            else:  # split across two words (k <= 62: every shift below stays under 64)
-                spill = k - (64 - rfill)
-                rw |= val >> spill
-                _word_out(rem, ro, rw, 8)
-                ro += 8
-                rfill = spill
-                rw = val << (64 - spill)
+                    rfill = spill
+                    rw = val << (64 - spill)
     _word_out(unary, cw * 8, word, unary.size - cw * 8)
     _word_out(rem, ro, rw, rem.size - ro)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _complement_into(ranks, n, out):
-    """out[:n - ranks.size] = 0..n-1 without the sorted, unique, in-range `ranks` (as `complement`)."""
+def _complement_into(ranks, runs, n, out):
+    """out[:k] = 0..n-1 without the sorted, unique, in-range ranks of `ranks` in `runs` (as `complement`); returns k."""
     k = 0
-    j = 0
-    for r in range(n):
-        if j < ranks.size and ranks[j] == r:
-            j += 1
-        else:
-            out[k] = r
-            k += 1
-    return out[:k]
+    r = 0
+    for t in range(runs.shape[0]):
+        for i in range(runs[t, 0], runs[t, 0] + runs[t, 1]):
+            x = ranks[i]
+            while r < x:
+                out[k] = r
+                k += 1
+                r += 1
+            r = x + 1
+    while r < n:
+        out[k] = r
+        k += 1
+        r += 1
+    return k
 
 
 @njit(nogil=True, cache=True)
-def rice_classes(rank, starts, counts, cls_ids, meta, max_k, spare):
+def rice_classes(rank, runs, rs, counts, cls_ids, meta, max_k, spare):
     """Every class's position streams of a ctx tensor in one call -- per class what `complement`, ``codec._rice_k``
-    and `rice_encode` gave, without a Python call or an array per class. Class ``cls_ids[i]`` has its sorted changed
-    ranks at ``rank[starts[c]:starts[c+1]]`` and ``counts[c]`` elements; it codes nothing when all changed (mode 2),
-    its unchanged ranks (the complement, written into `spare`, which must hold the largest one) when more than half
-    did (mode 1), else its changed ranks (mode 0), as Rice gaps with the k of ``_rice_k``: the integer
+    and `rice_encode` gave, without a Python call or an array per class. Class ``c = cls_ids[i]`` has its sorted
+    changed ranks in the runs ``runs[rs[i]:rs[i+1]]`` of `rank` ((start, length) rows: the detection leaves each
+    chunk's class runs where they are, no joined copy) and ``counts[c]`` elements; it codes nothing when all changed
+    (mode 2), its unchanged ranks (the complement, written into `spare`, which must hold the largest one) when more
+    than half did (mode 1), else its changed ranks (mode 0), as Rice gaps with the k of ``_rice_k``: the integer
     floor(log2(mean gap + 1)) -- the float expression's value wherever the mean is not within 2**-33 (relative) of a
     power of two minus one, which no mean of integer gaps over fewer than 2**32 elements is -- then the cheapest of
     k0-2..k0+2 from one pass of five sums, which also give the unary stream's length (no quotient pass).
     meta[i] = (mode, k, unary bytes, remainder bytes); returns every class's unary then remainder bytes, class after
     class."""
     total = 0
+    one = np.empty((1, 2), np.int64)  # the complement: one run over `spare`
+    one[0, 0] = 0
     for i in range(cls_ids.size):
         c = cls_ids[i]
-        a, b = starts[c], starts[c + 1]
-        n_c, k_c = counts[c], b - a
+        n_c = counts[c]
+        k_c = 0
+        last = np.int64(-1)
+        for t in range(rs[i], rs[i + 1]):
+            k_c += runs[t, 1]
+            if runs[t, 1]:
+                last = np.int64(rank[runs[t, 0] + runs[t, 1] - 1])
         mode = 2 if k_c == n_c else (1 if 2 * k_c > n_c else 0)
         meta[i, 0] = mode
         if mode == 2:
             meta[i, 1] = meta[i, 2] = meta[i, 3] = 0
             continue
-        vals = _complement_into(rank[a:b], n_c, spare) if mode == 1 else rank[a:b]
-        m = vals.size
+        if mode == 1:
+            m = _complement_into(rank, runs[rs[i]: rs[i + 1]], n_c, spare)
+            one[0, 1] = m
+            vals, vruns, last = spare, one, np.int64(spare[m - 1])
+        else:
+            m = k_c
+            vals, vruns = rank, runs[rs[i]: rs[i + 1]]
         k0 = 0  # the mean gap + 1 of sorted values telescopes to (last + 1) / m
-        while (m << (k0 + 1)) <= vals[m - 1] + 1:
+        while (m << (k0 + 1)) <= last + 1:
             k0 += 1
         k_lo, k_hi = max(0, k0 - 2), min(max_k, k0 + 2)
-        best_k, q = _cheapest_k(m, k_lo, k_hi, _rice_sums(vals, k_lo, True))
+        best_k, q = _cheapest_k(m, k_lo, k_hi, _rice_sums(vals, vruns, k_lo, True))
         meta[i, 1] = best_k
         meta[i, 2] = (m + q + 7) // 8
         meta[i, 3] = (m * best_k + 7) // 8
@@ -1039,11 +1053,13 @@ def rice_classes(rank, starts, counts, cls_ids, meta, max_k, spare):
     for i in range(cls_ids.size):
         if meta[i, 0] == 2:
             continue
-        c = cls_ids[i]
-        a, b = starts[c], starts[c + 1]
-        vals = _complement_into(rank[a:b], counts[c], spare) if meta[i, 0] == 1 else rank[a:b]
+        if meta[i, 0] == 1:
+            one[0, 1] = _complement_into(rank, runs[rs[i]: rs[i + 1]], counts[cls_ids[i]], spare)
+            vals, vruns = spare, one
+        else:
+            vals, vruns = rank, runs[rs[i]: rs[i + 1]]
         u, x = meta[i, 2], meta[i, 3]
-        _rice_write(vals, meta[i, 1], out[o: o + u], out[o + u: o + u + x])
+        _rice_write(vals, vruns, meta[i, 1], out[o: o + u], out[o + u: o + u + x])
         o += u + x
     return out
 
@@ -1094,7 +1110,7 @@ def rice_encode(values, k):
     n = values.size
     unary = np.empty((rice_quotient_bits(values, k) + n + 7) // 8, np.uint8)
     rem = np.empty((n * k + 7) // 8, np.uint8)
-    _rice_write(values, k, unary, rem)
+    _rice_write(values, _whole(values), k, unary, rem)
     return unary, rem
 
 
@@ -1216,7 +1232,9 @@ def rice_decode(unary, rem, n, k, clz8, gaps):
 @njit(nogil=True, cache=True)
 def complement(sorted_ranks, n):
     """0..n-1 without the (sorted, unique, in-range) `sorted_ranks`."""
-    return _complement_into(sorted_ranks, n, np.empty(n - sorted_ranks.size, np.int64))
+    out = np.empty(n - sorted_ranks.size, np.int64)
+    _complement_into(sorted_ranks, _whole(sorted_ranks), n, out)
+    return out
 
 
 @njit(nogil=True, cache=True)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dws_testing import rice_reference
+from shared import codec
 from shared import codec_kernels as K
 
 W = 64  # the kernels' block
@@ -110,8 +111,8 @@ def test_diff_ranks_refuses_counts_it_cannot_store_into():
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
 def test_ranked_chunks_join_into_the_whole_tensors_class_major_order(name, b, lo, hi):
     """The ctx detection's one pass, cut in chunks: each chunk ranked locally (`diff_ranks` from zero counts), copied
-    to its slot with its ranks made global (`ranked_out`), the chunks joined class by class (`gather_classes`) --
-    exactly the tensor's changed elements in class-major order with their global ranks and residuals."""
+    to its slot with its ranks made global (`ranked_out`), the chunks' runs read class by class (as the encoder reads
+    them) -- exactly the tensor's changed elements in class-major order with their global ranks and residuals."""
     n = b.size
     pos = changed_at(n, 21, 0.2)
     new = b.copy()
@@ -136,27 +137,22 @@ def test_ranked_chunks_join_into_the_whole_tensors_class_major_order(name, b, lo
     np.testing.assert_array_equal(outs[0], pos)
     np.testing.assert_array_equal(outs[1], new[pos])
     np.testing.assert_array_equal(outs[2], b[pos])
-    rank_out, res_out = np.full(m, -1, np.int64), np.zeros(m, np.int16)
-    starts = K.gather_classes(seg, cnt, outs[3], outs[4], rank_out, res_out)
+    present = np.flatnonzero(cnt.sum(axis=0))
+    runs, rs = codec._class_runs(seg, cnt, present)
+    rank_out = np.concatenate([np.zeros(0, np.int64), *[outs[3][a: a + n] for a, n in runs]])
+    res_out = np.concatenate([np.zeros(0, np.int16), *[outs[4][a: a + n] for a, n in runs]])
     order = np.argsort(cls[pos], kind="stable")
-    np.testing.assert_array_equal(starts, np.concatenate([[0], np.cumsum(np.bincount(cls[pos], minlength=256))]))
+    np.testing.assert_array_equal(np.diff(rs), [(cnt[:, c] > 0).sum() for c in present])
     np.testing.assert_array_equal(rank_out, ranks_in_class(cls)[pos][order])
     np.testing.assert_array_equal(res_out, (new[pos] - b[pos]).view(np.int16)[order])
 
 
-def test_ranked_out_and_gather_classes_refuse_runs_outside_their_arrays():
+def test_ranked_out_refuses_a_chunk_outside_its_slot():
     scratch = [np.zeros(10, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
     outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16, np.int64, np.int16)]
     row = np.zeros(256, np.int64)
     with pytest.raises(ValueError, match="does not fit its slot"):
         K.ranked_out(*scratch, row, 6, *outs, row.copy(), row.copy())
-    seg, cnt = np.zeros((1, 256), np.int64), np.zeros((1, 256), np.int64)
-    cnt[0, 120] = 16
-    with pytest.raises(ValueError, match="outside the ranked arrays"):
-        K.gather_classes(seg, cnt, outs[3], outs[4], np.zeros(16, np.int64), np.zeros(16, np.int16))
-    cnt[0, 120] = 15
-    with pytest.raises(ValueError, match="too short"):
-        K.gather_classes(seg, cnt, outs[3], outs[4], np.zeros(14, np.int64), np.zeros(14, np.int16))
 
 
 @pytest.mark.parametrize("run,stride", [(64, 64), (64, 4096), (1000, 4096)])
@@ -500,7 +496,7 @@ def test_residual_streams_match_the_passes_they_replaced(n):
     res = rng.permutation(np.resize(every, n)).astype(np.int16)
     signs = np.full((n + 7) // 8, 0xAA, np.uint8)  # garbage: every byte must be written
     buckets, extra = np.full(n, 0xAA, np.uint8), np.full((15 * n + 7) // 8 + 1, 0xAA, np.uint8)
-    x = K.residual_streams(res, signs, buckets, extra)
+    x = K.residual_streams(res, one_run(res), signs, buckets, extra)
     want = _old_symbols(res)
     np.testing.assert_array_equal(signs, want[0])
     np.testing.assert_array_equal(buckets, want[1])
@@ -509,7 +505,25 @@ def test_residual_streams_match_the_passes_they_replaced(n):
 
 def test_residual_streams_refuse_a_zero_residual():
     res = np.array([1, -3, 0, 5], np.int16)
-    assert K.residual_streams(res, np.zeros(1, np.uint8), np.zeros(4, np.uint8), np.zeros(8, np.uint8)) == -1
+    assert K.residual_streams(res, one_run(res), np.zeros(1, np.uint8), np.zeros(4, np.uint8),
+                              np.zeros(8, np.uint8)) == -1
+
+
+def test_residual_streams_read_runs_where_they_are():
+    """Runs scattered through the array, in any order: the same streams as the residuals joined in run order; the
+    outputs must hold the runs' total."""
+    rng = np.random.default_rng(3)
+    res = rng.integers(1, 3000, 5000).astype(np.int16) * rng.choice(np.array([-1, 1], np.int16), 5000)
+    runs = np.array([[4000, 700], [10, 0], [0, 1], [1200, 2500], [3900, 100]], np.int64)
+    joined = np.concatenate([res[a: a + n] for a, n in runs])
+    outs = [np.zeros((joined.size + 7) // 8, np.uint8), np.zeros(joined.size, np.uint8), np.zeros(2 * joined.size,
+                                                                                                     np.uint8)]
+    ref = [np.zeros_like(o) for o in outs]
+    assert K.residual_streams(res, runs, *outs) == K.residual_streams(joined, one_run(joined), *ref)
+    for a, b in zip(outs, ref):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="too short"):
+        K.residual_streams(res, runs, outs[0], outs[1][:-1], outs[2])
 
 
 def _old_position_streams(rank, starts, counts, cls_ids):
@@ -530,6 +544,16 @@ def _old_position_streams(rank, starts, counts, cls_ids):
         meta.append([mode, k, unary.size, rem.size])
         out += [unary, rem]
     return np.array(meta, np.int64).reshape(-1, 4), np.concatenate([np.zeros(0, np.uint8), *out])
+
+
+def one_run(a: np.ndarray) -> np.ndarray:
+    return np.array([[0, a.size]], np.int64)
+
+
+def class_runs(starts: np.ndarray, cls_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One run per class (its contiguous ranks), as `rice_classes` takes them."""
+    runs = np.array([[starts[c], starts[c + 1] - starts[c]] for c in cls_ids], np.int64).reshape(-1, 2)
+    return runs, np.arange(cls_ids.size + 1, dtype=np.int64)
 
 
 def _classes_of(sizes: list[int], picks: list[np.ndarray]):
@@ -559,10 +583,31 @@ def test_rice_classes_match_the_per_class_calls(seed):
         picks.append(pick)
     rank, starts, counts, cls_ids = _classes_of(sizes, picks)
     meta = np.full((cls_ids.size, 4), -9, np.int64)
-    got = K.rice_classes(rank, starts, counts, cls_ids, meta, 62, np.empty(max(sizes), np.int64))
+    got = K.rice_classes(rank, *class_runs(starts, cls_ids), counts, cls_ids, meta, 62, np.empty(max(sizes), np.int64))
     want_meta, want = _old_position_streams(rank, starts, counts, cls_ids)
     np.testing.assert_array_equal(meta, want_meta)
     np.testing.assert_array_equal(got, want)
+    # Each class cut into runs laid out anywhere (the detection's per-chunk runs): the same streams.
+    pieces, runs, rs = [], [], [0]
+    at = 0
+    for c in cls_ids:
+        cuts = np.unique(np.concatenate([[starts[c], starts[c + 1]], rng.integers(starts[c], starts[c + 1] + 1, 3)]))
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            pieces.append(rank[a:b])
+        rs.append(rs[-1] + cuts.size - 1)
+    order = rng.permutation(len(pieces))  # stored in a shuffled order, listed in class-major order
+    offsets = np.zeros(len(pieces), np.int64)
+    stored = []
+    for i in order:
+        offsets[i] = at
+        stored.append(pieces[i])
+        at += pieces[i].size
+    runs = np.array([[offsets[i], pieces[i].size] for i in range(len(pieces))], np.int64).reshape(-1, 2)
+    meta2 = np.full_like(meta, -9)
+    got2 = K.rice_classes(np.concatenate([np.zeros(0, np.int64), *stored]), runs, np.array(rs, np.int64), counts,
+                          cls_ids, meta2, 62, np.empty(max(sizes), np.int64))
+    np.testing.assert_array_equal(meta2, want_meta)
+    np.testing.assert_array_equal(got2, want)
 
 
 def test_rice_classes_long_quotients_and_wide_remainders():
@@ -572,7 +617,7 @@ def test_rice_classes_long_quotients_and_wide_remainders():
     wide = np.array([0, 2**40 - 5, 2**41, 2**41 + 2**39, 2**43 - 1], np.int64)
     rank, starts, counts, cls_ids = _classes_of([4 * 10**8, 2**44], [dense, wide])
     meta = np.zeros((2, 4), np.int64)
-    got = K.rice_classes(rank, starts, counts, cls_ids, meta, 62, np.empty(1, np.int64))
+    got = K.rice_classes(rank, *class_runs(starts, cls_ids), counts, cls_ids, meta, 62, np.empty(1, np.int64))
     want_meta, want = _old_position_streams(rank, starts, counts, cls_ids)
     assert meta[1, 1] > 32
     np.testing.assert_array_equal(meta, want_meta)
@@ -590,7 +635,7 @@ def test_rice_classes_pick_the_k_of_the_float_formula_at_power_of_two_means(m):
             vals = np.concatenate([np.arange(m - 1), [last]]).astype(np.int64)  # mean gap + 1 = (last + 1) / m
             rank, starts, counts, cls_ids = _classes_of([4 * (last + 1)], [vals])
             meta = np.zeros((1, 4), np.int64)
-            got = K.rice_classes(rank, starts, counts, cls_ids, meta, 62, np.empty(1, np.int64))
+            got = K.rice_classes(rank, *class_runs(starts, cls_ids), counts, cls_ids, meta, 62, np.empty(1, np.int64))
             want_meta, want = _old_position_streams(rank, starts, counts, cls_ids)
             assert meta.tolist() == want_meta.tolist(), (m, j, last)
             np.testing.assert_array_equal(got, want)
