@@ -201,11 +201,10 @@ class _Diff:
     before it) and copies its changes there (`codec_kernels.ranked_out` makes the ranks global; the scratch is still
     in cache). No pass counts first -- the ctx detection's counting pass cost a full read of both versions, 90 of
     230 ms of kernel time at 0.6B -- and no per-chunk results are joined afterwards. What a chunk cannot know ahead
-    comes from a sample read before (`sample`: 1/256 of a large tensor, at least 32 Ki elements, all of a tensor under
-    2**18): the outputs' size, with
-    room to spare (a tensor that outgrows it runs again with the exact size it counted), and for ctx the pooling
-    bounds the ranks depend on -- any bounds decode, the header carries them; a sample only risks a slightly larger
-    file.
+    comes from a sample read before (`sample`: 1/256 of a large tensor, at least 32 Ki elements, all of a tensor
+    under 2**18): the outputs' size, with room to spare (a tensor that outgrows it runs again with the exact size it
+    counted), and for ctx the pooling bounds the ranks depend on -- any bounds decode, the header carries them; a
+    sample only risks a slightly larger file.
 
     Chunks of one tensor wait for their predecessor's slot (`chunk`), never for anything queued after them: the
     kernel pool takes tasks first in, first out, so a chunk's predecessor is always already running or done."""
