@@ -41,8 +41,9 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared import formats  # noqa: E402
 from shared.follower import apply_to_state  # noqa: E402
-from shared.formats import TensorChange, bits, diff_state, encode_delta, read_patch_file, resolve_context  # noqa: E402
+from shared.formats import TensorChange, bits, encode_delta, read_patch_file  # noqa: E402
 
 # --mid: the 4-layer, hidden-1024 transformer of issue 16's first measurements (~86 M parameters), for scenarios the
 # 0.6B run cannot fit on a shared machine in time.
@@ -227,34 +228,42 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
     return out, signs
 
 
-def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int) -> dict:
+def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=None) -> dict:
     """`timed_rounds` of one `torch.ne` pass over the model, the publisher's detect + encode and a replica's decode +
-    resolve for each of `CODECS` (`paths[encoding]`: the delta from `prev` to `cur` written in it)."""
+    resolve for each of `CODECS` (`paths[encoding]`: the delta from `prev` to `cur` written in it). `against`:
+    another implementation's `formats` module (`synthetic.py --against`), timed in the same rounds under names
+    ending in ``@against`` -- two revisions compared side by side in one process and memory state."""
     total = sum(t.numel() for t in cur.values())
 
     def ne_pass():
         for name, c in cur.items():
             torch.ne(c.view(torch.int16), prev[name].view(torch.int16))
 
-    def detect_encode(encoding):
-        def run():
-            # The publisher's detection (TensorChange.between: one parallel read of both versions; for ctx it also
-            # ranks each changed element in its exponent class), then its encode.
-            ch = diff_state(cur, prev, encoding=encoding)
-            encode_delta(ch, version=version, base=version - 1, total=total, encoding=encoding)
-        return run
-
     base_bits = {name: bits(t).reshape(-1) for name, t in prev.items()}
 
-    def decode(encoding):
-        def run():
-            pf = resolve_context(read_patch_file(paths[encoding]), base_bits)
-            for name, d in pf.tensors.items():  # as a replica resolves them (ctx decodes to new bits directly)
-                d.resolve(base_bits[name][d.positions] if d.needs_base else None)
-        return run
+    def codec_fns(fmt, suffix: str) -> dict:
+        def detect_encode(encoding):
+            def run():
+                # The publisher's detection (one read of both versions; for ctx it also ranks each changed element
+                # in its exponent class), then its encode.
+                ch = fmt.diff_state(cur, prev, encoding=encoding)
+                fmt.encode_delta(ch, version=version, base=version - 1, total=total, encoding=encoding)
+            return run
 
-    return timed_rounds({"ne_pass": ne_pass, **{f"detect_encode_{k}": detect_encode(k) for k in CODECS},
-                         **{f"decode_{k}": decode(k) for k in CODECS}}, repeats, reference="ne_pass")
+        def decode(encoding):
+            def run():
+                pf = fmt.resolve_context(fmt.read_patch_file(paths[encoding]), base_bits)
+                for name, d in pf.tensors.items():  # as a replica resolves them (ctx decodes to new bits directly)
+                    d.resolve(base_bits[name][d.positions] if d.needs_base else None)
+            return run
+
+        return {**{f"detect_encode_{k}{suffix}": detect_encode(k) for k in CODECS},
+                **{f"decode_{k}{suffix}": decode(k) for k in CODECS}}
+
+    fns = {"ne_pass": ne_pass, **codec_fns(formats, "")}
+    if against is not None:
+        fns |= codec_fns(against, "@against")
+    return timed_rounds(fns, repeats, reference="ne_pass")
 
 
 def gpu_rows(prev, cur, repeats: int) -> dict:

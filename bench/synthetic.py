@@ -5,14 +5,21 @@ and AdamW's moments resident: that is where a publisher runs). This script needs
 Qwen3-0.6B-shaped model (or `--layers` of them) is N(0, 0.02) weights, the next version adds N(0, `--lr`) to each
 (about 4 % of bf16 weights change at 1.2e-6), norms stay unchanged (they do under AdamW at these rates: their ulp at
 1.0 is 2**-7). Each round times one `torch.ne` pass over the model, then detect + encode and decode for each
-encoding; every ratio is the median of the rounds' ratios (`run.codec_rounds`, what `make bench` times). Run it once per revision to compare:
-``python bench/synthetic.py`` in two checkouts, alternately.
+encoding; every ratio is the median of the rounds' ratios (`run.codec_rounds`, what `make bench` times).
+
+To compare two revisions, time them in the same process: ``--against CHECKOUT`` imports that checkout's `shared`
+package under another name (``shared_against``: a copy with its imports of `shared` renamed) and times its detect +
+encode and decode in the same rounds (``...@against``), on the same states -- runs in two processes minutes apart
+differ by tens of percent on this VM whatever the code.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +57,21 @@ def versions(layers: int, vocab: int, lr: float, seed: int):
     return prev, cur
 
 
+def load_against(checkout: Path):
+    """`checkout`'s `shared.formats`, imported as ``shared_against.formats`` from a copy of its package whose imports
+    of `shared` are renamed (the two revisions' modules must not share names, or one would shadow the other)."""
+    src = Path(checkout) / "shared"
+    if not (src / "formats.py").is_file():
+        raise FileNotFoundError(f"{checkout} holds no shared/formats.py")
+    root = Path(tempfile.mkdtemp(prefix="dws-against-"))
+    dst = root / "shared_against"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in dst.rglob("*.py"):
+        f.write_text(re.sub(r"\b(from|import) shared\b", r"\1 shared_against", f.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("shared_against.formats")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench/synthetic.py", description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=28)
@@ -58,9 +80,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="also write the results as JSON here")
+    ap.add_argument("--against", default="", help="another checkout, timed in the same rounds (@against)")
     args = ap.parse_args(argv)
     if args.layers < 0 or args.vocab < 1 or args.repeats < 1 or args.lr <= 0:
         ap.error("--layers >= 0, --vocab >= 1, --repeats >= 1 and --lr > 0")
+    try:
+        against = load_against(Path(args.against)) if args.against else None
+    except (OSError, ImportError, SyntaxError) as exc:
+        ap.error(f"--against {args.against}: {exc}")
     prev, cur = versions(args.layers, args.vocab, args.lr, args.seed)
     total = sum(t.numel() for t in cur.values())
     codec.warm_up()
@@ -72,11 +99,13 @@ def main(argv=None) -> int:
         paths[enc] = tmp / f"{enc}.safetensors"
         paths[enc].write_bytes(encode_delta(changes, version=1, base=0, total=total, encoding=enc))
     del changes
-    res = codec_rounds(prev, cur, paths, version=1, repeats=args.repeats)
+    if against is not None:  # its kernels compile here (a fresh copy has no numba cache), not inside a timed round
+        importlib.import_module("shared_against.codec").warm_up()
+    res = codec_rounds(prev, cur, paths, version=1, repeats=args.repeats, against=against)
     print(f"synthetic: {total:,} weights, {changed:,} changed ({100 * changed / max(total, 1):.2f} %), "
           f"{torch.get_num_threads()} threads, medians of {args.repeats} rounds")
     for name, r in res.items():
-        print(f"  {name:22s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne")
+        print(f"  {name:30s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "changed": int(changed), "total": int(total),
                                               "time": res}, indent=1))

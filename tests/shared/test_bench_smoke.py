@@ -55,3 +55,19 @@ def test_synthetic_side_by_side_runs_and_reports_ratios(tmp_path):
     assert all(t["over_ne_pass"] > 0 for t in res["time"].values()) and "x torch.ne" in proc.stdout
     bad = subprocess.run([*cmd, "--lr", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--lr > 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_synthetic_times_another_checkout_in_the_same_rounds(tmp_path):
+    """--against CHECKOUT: that checkout's `shared` (here this very one) imported under another name, its detect +
+    encode and decode timed in the same rounds as ours; a path without the package is a usage error."""
+    out = tmp_path / "against.json"
+    cmd = [sys.executable, str(REPO / "bench/synthetic.py"), "--layers", "0", "--vocab", "512", "--repeats", "1"]
+    proc = subprocess.run([*cmd, "--against", str(REPO), "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    times = json.loads(out.read_text())["time"]
+    ours = {"detect_encode_compact", "detect_encode_ctx", "decode_compact", "decode_ctx"}
+    assert set(times) == {"ne_pass", *ours, *(f"{k}@against" for k in ours)}
+    assert all(t["over_ne_pass"] > 0 for t in times.values())
+    bad = subprocess.run([*cmd, "--against", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "holds no shared/formats.py" in bad.stderr and "Traceback" not in bad.stderr
