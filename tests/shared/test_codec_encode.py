@@ -1,8 +1,9 @@
 """The ctx encoder's fused passes write exactly the files of the per-class passes they replaced.
 
-`ContextEncoding.encode` now takes the changed elements class-major with their residuals (`gather_classes`, from
-the detection's ranked chunks; `class_ranks` when it ranks them from the base itself), makes the sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every
-class's positions in one call (`rice_classes`). These tests rebuild each tensor's payload and params from the
+`ContextEncoding.encode` now reads the changed elements' ranks and residuals class by class where the detection's
+chunks left them (runs; `class_ranks` puts them class-major when it ranks them from the base itself), makes the
+sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every class's positions in one
+call (`rice_classes`). These tests rebuild each tensor's payload and params from the
 *definitions* -- ranks counted per element with numpy, the class-major order a stable argsort, then the kernels the
 old encoder called one class at a time (`complement`, `_rice_k`'s float formula, the Rice code's definition
 (`rice_reference`), `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
