@@ -281,8 +281,7 @@ class _Diff:
             K.ranked_out(*(a[:k] for a in scratch), before, off, self.pos, self.new_at, self.old_at, self.rank,
                          self.res, self.seg[i], self.cnt[i])
         else:
-            for dst, src in zip((self.pos, self.new_at, self.old_at), scratch):
-                dst[off: off + k] = src[:k]  # numpy's copy loop releases the GIL
+            K.changes_out(*(a[:k] for a in scratch), off, self.pos, self.new_at, self.old_at)
 
     def overflowed(self) -> bool:
         return self.turn["off"] > self.room

@@ -147,6 +147,24 @@ def test_ranked_chunks_join_into_the_whole_tensors_class_major_order(name, b, lo
     np.testing.assert_array_equal(res_out, (new[pos] - b[pos]).view(np.int16)[order])
 
 
+@pytest.mark.parametrize("off", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("k", [0, 1, 3, 4, 5, 8, 9, 103])
+def test_changes_out_streams_every_element_into_its_slot(off, k):
+    """The compact copy-out's streaming stores: positions one by one, the uint16 arrays four at a time from the
+    first multiple of 4 -- every offset and length around those edges, nothing written outside the slot."""
+    rng = np.random.default_rng(off * 100 + k)
+    src = [rng.integers(0, 2**40, k), rng.integers(0, 2**16, k).astype(np.uint16),
+           rng.integers(0, 2**16, k).astype(np.uint16)]
+    n = off + k + 7
+    out = [np.full(n, -5, np.int64), np.full(n, 0xBEEF, np.uint16), np.full(n, 0xCAFE, np.uint16)]
+    K.changes_out(*src, off, *out)
+    for got, want, fill in zip(out, src, (-5, 0xBEEF, 0xCAFE)):
+        np.testing.assert_array_equal(got[off: off + k], want)
+        assert (got[:off] == fill).all() and (got[off + k:] == fill).all()
+    with pytest.raises(ValueError, match="does not fit its slot"):
+        K.changes_out(*src, n - k + 1, *out)
+
+
 def test_ranked_out_refuses_a_chunk_outside_its_slot():
     scratch = [np.zeros(10, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
     outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16, np.int64, np.int16)]
