@@ -849,7 +849,6 @@ class _BaseClasses:
         (rank, res, seg, cnt): part i's class c is ``rank[seg[i, c]: seg[i, c] + cnt[i, c]]`` (res likewise), the
         parts in position order (`_class_runs` lists them class by class). The detection's ranks come as its chunks
         left them; ranks found here are one part (``seg``/``cnt`` one row)."""
-        K = _kernels()
         kn = self.known
         if kn is not None and kn.lo == self.lo and kn.hi == self.hi and all(
                 a is b or np.array_equal(a, b)

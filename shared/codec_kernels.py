@@ -134,7 +134,7 @@ def _streaming(width: int):
     return store
 
 
-_stream64, _stream32 = _streaming(64), _streaming(32)
+_stream64 = _streaming(64)
 
 
 @intrinsic
