@@ -16,7 +16,9 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -33,6 +35,28 @@ log = logging.getLogger("dws.rollout.gateway")
 
 PROXIED = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")}
 MAX_BODY_BYTES = 4 << 20
+_SSE_EOL = re.compile(rb"\r\n|\r|\n")  # the only line ends Server-Sent Events know
+
+
+async def sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Split an SSE byte stream into lines (without their ends) at CRLF, CR or LF, wherever the chunks cut it.
+
+    Not httpx's `aiter_lines`: it splits like `str.splitlines`, also at U+2028, U+0085, U+001C..., which vLLM's
+    JSON carries unescaped inside generated text -- a data line cut there no longer parses, and the client gets it
+    cut too. A stream that ends without a line end still yields its last line.
+    """
+    buf = b""
+    async for chunk in chunks:
+        buf += chunk
+        start = 0
+        for m in _SSE_EOL.finditer(buf):
+            if m.end() == len(buf) and m.group() == b"\r":
+                break  # may be the first half of a CRLF the next chunk completes
+            yield buf[start:m.start()]
+            start = m.end()
+        buf = buf[start:]
+    if buf:
+        yield buf[:-1] if buf.endswith(b"\r") else buf
 
 
 @dataclass
@@ -223,22 +247,24 @@ def create_app(*, info: GatewayInfo, server: VllmServer | None, syncer: Syncer, 
     async def _relay_stream(resp: httpx.Response, v_start):
         seen = {v_start}
         try:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: ") and line[6:].strip() not in ("", "[DONE]"):
+            async for line in sse_lines(resp.aiter_bytes()):
+                if line.startswith(b"data: ") and line[6:].strip() not in (b"", b"[DONE]"):
                     try:
                         chunk = json.loads(line[6:])
+                    except ValueError:
+                        chunk = None
+                    if isinstance(chunk, dict):
                         v = syncer.state.served_version
                         seen.add(v)
                         chunk[MODEL_VERSION_FIELD] = v
                         if len(seen) > 1:
                             chunk[MODEL_VERSIONS_FIELD] = sorted(x for x in seen if x is not None)
-                        line = "data: " + json.dumps(chunk, separators=(",", ":"))
-                    except ValueError:
-                        pass
-                yield line + "\n"
+                        # ensure_ascii: U+2028 & co. leave escaped, so a client splitting like splitlines() is safe
+                        line = b"data: " + json.dumps(chunk, separators=(",", ":")).encode()
+                yield line + b"\n"
         except httpx.HTTPError:
             info.failed_requests += 1
-            yield 'data: {"error": {"message": "inference stream interrupted"}}\n\n'
+            yield b'data: {"error": {"message": "inference stream interrupted"}}\n\n'
         finally:
             await resp.aclose()
             info.in_flight -= 1

@@ -206,6 +206,24 @@ def test_requests_during_syncs_never_fail_and_carry_real_versions(world):
     assert gw.status()["failed_requests"] == 0
 
 
+def test_streamed_text_with_unicode_line_separators_reaches_the_client_whole(world):
+    """The echoed prompt carries U+2028, U+2029 and U+0085, which vLLM's JSON leaves unescaped: each SSE data line
+    the client gets still parses (the relay cuts lines at SSE's line ends only) and the text comes back intact."""
+    gw = world["gw"]
+    prompt = "the quick\u2028brown\u2029fox\x85jumps"
+    r = gw.http.post("/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                     json={"model": gw.model_name(), "prompt": prompt, "max_tokens": 4, "stream": True,
+                           "echo": True, "temperature": 0})
+    assert r.status_code == 200, r.text
+    data = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and len(data) >= 2, r.text
+    chunks = [json.loads(d) for d in data[:-1]]  # a line cut at a separator raises here
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text.startswith(prompt), text
+    assert all(isinstance(c[MODEL_VERSION_FIELD], int) for c in chunks)
+    assert "\u2028" not in r.text and "\x85" not in r.text, "the relay re-encodes each chunk with ASCII escapes"
+
+
 def test_corrupted_delta_keeps_last_good_version_then_recovers_from_anchor(world):
     gw = world["gw"]
     good = world["latest"]

@@ -135,3 +135,33 @@ def test_every_flag_names_its_variable_in_help(capsys):
                 "DWS_VERIFY", "DWS_TENSOR_PARALLEL_SIZE", "DWS_CACHE_DIR", "DWS_GPU_MEMORY_UTILIZATION",
                 "DWS_MAX_MODEL_LEN", "DWS_MAX_N", "DWS_SERVED_MODEL_NAME", "DWS_VLLM_ARGS", "DWS_VLLM_LOG", "DWS_UI"):
         assert f"[{var}]" in out, var
+
+
+# ---- the gateway's SSE line splitter ------------------------------------------------------------------------------
+def _split_sse(data: bytes, cuts: list[int]) -> list[bytes]:
+    import asyncio
+
+    from rollout_space.gateway import sse_lines
+
+    async def chunks():
+        edges = [0, *sorted(cuts), len(data)]
+        for a, b in zip(edges, edges[1:]):
+            yield data[a:b]
+
+    async def collect():
+        return [line async for line in sse_lines(chunks())]
+
+    return asyncio.run(collect())
+
+
+def test_sse_lines_cut_only_at_sse_line_ends_wherever_the_chunks_fall():
+    """vLLM's JSON carries U+2028, U+2029, U+0085 and U+001C.. unescaped inside generated text; a splitter that cuts
+    there (httpx's aiter_lines, str.splitlines) hands the client a data line that no longer parses."""
+    text = '{"text":"a\u2028b\u2029c\x85d\x1ce\x0bf\x0cg"}'
+    data = ("data: " + text + "\r\n\r\ndata: [DONE]\n\n: note\rlast").encode()
+    want = [b"data: " + text.encode(), b"", b"data: [DONE]", b"", b": note", b"last"]
+    assert _split_sse(data, []) == want
+    for i in range(len(data) + 1):  # every single cut, the CRLF split across two chunks included
+        assert _split_sse(data, [i]) == want, i
+    assert _split_sse(data, list(range(len(data)))) == want  # one byte per chunk
+    assert _split_sse(b"a\r", []) == [b"a"] and _split_sse(b"\r", []) == [b""] and _split_sse(b"", []) == []
