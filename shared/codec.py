@@ -67,6 +67,8 @@ Encodings that need no base decode in slices too (``decode_chunks``; `StreamedTe
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -178,7 +180,10 @@ def diff_many(pairs: list[tuple[Any, Any]], *, context: bool = False) -> list[tu
     diffs = [_Diff(new, old, context=context) for new, old in pairs]
     todo = [(d, i) for d in diffs for i in range(len(d.bounds))]  # each tensor's chunks in order: see `_Diff.chunk`
     K = _kernels()
-    K.run_chunks(lambda j: todo[j][0].sample(todo[j][1]), len(todo))
+    # The samples as one task per core: a task per tensor cost more in the pool's hand-offs (~15 us each, hundreds
+    # of tensors) than most of the samples themselves.
+    ways = min(len(diffs), os.cpu_count() or 1)
+    K.run_chunks(lambda g: [d.sample() for d in diffs[g::ways]], ways)
     for d in diffs:
         d.allocate()
     K.run_chunks(lambda j: todo[j][0].chunk(todo[j][1]), len(todo))
@@ -217,38 +222,37 @@ class _Diff:
         self.numel = numel = self.new.size
         chunk = _BaseClasses.chunk
         self.bounds = [(s, min(s + chunk, numel)) for s in range(0, numel, chunk)]
-        self.shist = np.zeros((len(self.bounds), _N_CLASSES), np.int64)
-        self.sampled = np.zeros((len(self.bounds), 2), np.int64)  # elements read, changes among them
+        self.shist = np.zeros(_N_CLASSES, np.int64)
+        self.sampled = (0, 0)  # elements read, changes among them
 
-    def sample(self, i: int) -> None:
-        s, e = self.bounds[i]
-        # Runs of 256 elements (shorter runs pay a cache and TLB miss per run -- measured 1.7 ns per sampled element
-        # for runs of 256 or 1024, 2.4 for 128, 8 for 64 of every 4096): at least 32 Ki elements of a tensor (its
-        # pooling tails are numel / 512: ~64 of them sampled), at most 1 / 256 of a large one.
+    def sample(self) -> None:
+        # Runs of 256 elements, the next two prefetched (`sample_histogram_changes`: without the prefetch each run
+        # paid its pages' misses, 4 ns per sampled element): at least 32 Ki elements of a tensor (its pooling tails
+        # are numel / 512: ~64 of them sampled), at most 1 / 256 of a large one.
         stride = _SAMPLE_RUN
         if self.numel >= _SAMPLE_ALL_BELOW:
             stride = min(_SAMPLE_STRIDE, self.numel * _SAMPLE_RUN // _SAMPLE_MIN // _SAMPLE_RUN * _SAMPLE_RUN)
-        self.sampled[i] = _kernels().sample_histogram_changes(self.new[s:e], self.old[s:e], _SAMPLE_RUN, stride,
-                                                              self.shist[i])
+        self.sampled = _kernels().sample_histogram_changes(self.new, self.old, _SAMPLE_RUN, stride, self.shist)
 
     def allocate(self, *, exact: bool = False) -> None:
         nch, numel = len(self.bounds), self.numel
         if exact:
             self.room = int(self.turn["off"])
         else:
-            read, seen = (int(x) for x in self.sampled.sum(axis=0))
+            read, seen = self.sampled
             self.room = min(numel, int(1.25 * seen * numel / max(read, 1)) + 4096)
             if self.context:
-                self.lo, self.hi = _pooling_bounds(self.shist.sum(axis=0) * numel // max(read, 1), numel)
-                self.table = np.clip(np.arange(_N_CLASSES), self.lo, self.hi).astype(np.uint8)
-        room = self.room
-        self.pos, self.new_at, self.old_at = (_buffers.empty(room, t) for t in (np.int64, np.uint16, np.uint16))
+                self.lo, self.hi = _pooling_bounds(self.shist * numel // max(read, 1), numel)
+                self.table = _class_table(self.lo, self.hi)
+        kinds = [np.int64, np.uint16, np.uint16]
         if self.context:
             # Ranks are below numel: int32 for tensors under 2**31 elements (every one of a 0.6B model), 4 bytes per
             # changed element less to write than int64.
-            self.rank = _buffers.empty(room, np.int32 if numel < 2**31 else np.int64)
-            self.res = _buffers.empty(room, np.int16)
-            self.hist, self.seg, self.cnt = (np.zeros((nch, _N_CLASSES), np.int64) for _ in range(3))
+            kinds += [np.int32 if numel < 2**31 else np.int64, np.int16]
+            self.hist, self.seg, self.cnt = np.zeros((3, nch, _N_CLASSES), np.int64)
+        self.pos, self.new_at, self.old_at, *ranked = _buffers.empty_many(self.room, kinds)
+        if self.context:
+            self.rank, self.res = ranked
         self.turn = {"next": 0, "off": 0, "before": np.zeros(_N_CLASSES, np.int64)}
         self.ordered = threading.Condition()
 
@@ -727,14 +731,26 @@ def _pooling_bounds(counts: np.ndarray, numel: int) -> tuple[int, int]:
     for one class less, numel / 128 2-5 %. On the 0.6B bench's deltas numel / 512 cost 1.9 % at lr 1e-6 (a
     freshly initialised model's many tiny weights), 0.3-0.7 % at 3e-6 and 0.03 % warm."""
     tail = max(64, numel >> 9)
-    nz = np.flatnonzero(counts)
+    low = np.cumsum(counts)  # elements at or below each exponent
+    # lo: the first exponent with more than `tail` at or below it; hi: the last with more than `tail` at or above it
+    # (fewer than total - tail below it). Two binary searches: called per tensor per version, hundreds of times.
+    lo = int(np.searchsorted(low, tail, side="right"))
+    hi = int(np.searchsorted(low - counts, int(low[-1]) - tail, side="left")) - 1
+    if lo < _N_CLASSES and 0 <= hi and lo <= hi:
+        return lo, hi
+    nz = np.flatnonzero(counts)  # a tensor (nearly) all in its tails
     if nz.size == 0:
         return 0, _N_CLASSES - 1
-    low = np.cumsum(counts)
-    high = np.cumsum(counts[::-1])[::-1]
-    lo = int(np.flatnonzero(low > tail)[0]) if (low > tail).any() else int(nz[-1])
-    hi = int(np.flatnonzero(high > tail)[-1]) if (high > tail).any() else int(nz[0])
+    lo = lo if lo < _N_CLASSES else int(nz[-1])
+    hi = hi if hi >= 0 else int(nz[0])
     return (lo, hi) if lo <= hi else (int(nz[0]), int(nz[-1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_table(lo: int, hi: int) -> np.ndarray:
+    """exponent -> class: ``clip(e, lo, hi)``, one array per bounds shared by every caller (never written: left
+    writeable only because numba compiles every kernel again for read-only arrays)."""
+    return np.clip(np.arange(_N_CLASSES), lo, hi).astype(np.uint8)
 
 
 class _BaseClasses:
@@ -821,7 +837,7 @@ class _BaseClasses:
         """Pool the exponents below `lo` into class `lo` and those above `hi` into `hi`: a class of a handful of
         elements costs more in header and frequency table than its context saves."""
         self.lo, self.hi = lo, hi
-        self._table = np.clip(np.arange(_N_CLASSES), lo, hi).astype(np.uint8)  # exponent -> class
+        self._table = _class_table(lo, hi)  # exponent -> class
         if self._chunk_raw is None:
             return  # not counted yet: `walk` counts
         raw, m = self._chunk_raw, self._chunk_raw.copy()

@@ -72,6 +72,18 @@ class Recycler:
                 self._trim()
             return self._lend(buf, n, dtype)
 
+    def empty_many(self, n: int, dtypes) -> list[np.ndarray]:
+        """Uninitialised arrays of `n` elements, one per dtype, carved from one loan (each starting on a 64-byte
+        line): a caller that needs several arrays of one length pays one loan, not one per array."""
+        dtypes = [np.dtype(t) for t in dtypes]
+        offsets, end = [], 0
+        for t in dtypes:
+            offsets.append(end)
+            end += -(-n * t.itemsize // 64) * 64
+        raw = self.empty(end + 64, np.uint8)
+        first = -raw.ctypes.data % 64  # malloc gives 16-byte alignment
+        return [raw[first + o: first + o + n * t.itemsize].view(t) for o, t in zip(offsets, dtypes)]
+
     def _trim(self) -> None:
         """Drop free buffers, largest size class first, while more than `keep_bytes` are held."""
         for size in sorted(self._free, reverse=True):
@@ -99,3 +111,4 @@ class Recycler:
 
 RECYCLER = Recycler()
 empty = RECYCLER.empty
+empty_many = RECYCLER.empty_many

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import errors
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 _POOL: ThreadPoolExecutor | None = None
@@ -148,6 +148,25 @@ def _sfence(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Asks for the cache line at `addr` (an address, `_address`) ahead of its use: for reads the hardware prefetcher
+    cannot see coming -- short runs spread through a tensor, each on another page. Never faults, whatever the
+    address."""
+    _address(addr)
+
+    def codegen(context, builder, signature, args):
+        ptr = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr, _I32, _I32, _I32]),
+                                            "llvm.prefetch.p0")
+        # read, keep in all cache levels, data cache
+        builder.call(fn, [builder.inttoptr(args[0], ptr), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                          ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(addr), codegen
 
 
 def _splat(builder, value, n):
@@ -297,6 +316,20 @@ def _count_changes(new, old, j, e):
     return k
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _window(spill):
+    """(first exponent, count) of the _WINDOW-wide run of exponents holding the most of the counts in `spill` (four
+    interleaved tables)."""
+    lo, best = 0, -1
+    for a in range(256 - _WINDOW + 1):  # (explicit loops: numpy array expressions compile several times slower)
+        inside = 0
+        for e in range(a, a + _WINDOW):
+            inside += spill[0, e] + spill[1, e] + spill[2, e] + spill[3, e]
+        if inside > best:
+            lo, best = a, inside
+    return lo, best
+
+
 @njit(nogil=True, cache=True)
 def exponent_histogram(b, out):
     """out[e] += number of elements of `b` (uint16 bf16 bits) whose exponent field is e. Block by block with one
@@ -309,13 +342,7 @@ def exponent_histogram(b, out):
     spill = np.zeros((4, 256), np.int64)
     head = min(n, 4096)
     _count_exponents(b, 0, head, spill)
-    lo, best = 0, -1
-    for a in range(256 - _WINDOW + 1):  # (explicit loops: numpy array expressions compile several times slower)
-        inside = 0
-        for e in range(a, a + _WINDOW):
-            inside += spill[0, e] + spill[1, e] + spill[2, e] + spill[3, e]
-        if inside > best:
-            lo, best = a, inside
+    lo, best = _window(spill)
     j = head
     if 16 * (head - best) <= head:
         buf = np.empty(_W, np.uint8)
@@ -341,23 +368,60 @@ def exponent_histogram(b, out):
         out[e] += spill[0, e] + spill[1, e] + spill[2, e] + spill[3, e]
 
 
+_SAMPLE_AHEAD = 2  # runs prefetched ahead of the one being counted
+
+
 @njit(nogil=True, cache=True)
 def sample_histogram_changes(new, old, run, stride, out):
     """The detection's look ahead: over the first `run` elements of every `stride` of `old` (all of them with
     ``run == stride``), out[e] += the elements of exponent e; returns (elements read, how many differ in `new`).
-    Four interleaved counters per exponent (`_count_exponents`: a run of one exponent would otherwise wait on one
-    counter -- measured 5 ns per element that way)."""
+    The first run is counted one by one and places a _WINDOW of exponents (as `exponent_histogram`); every later run
+    block by block -- one vector compare for its changes, one class mask per exponent of the window, the few outside
+    one by one -- with the runs `_SAMPLE_AHEAD` strides on prefetched: each run sits on pages of its own, which the
+    hardware prefetcher does not fetch before the run's first misses (measured on the 0.6B embedding, runs of 256
+    every 2048-8192 elements: 3.9-4.4 ns per sampled element before, counting one by one without prefetch; 0.6-0.7
+    with both)."""
+    new, old = np.ascontiguousarray(new), np.ascontiguousarray(old)
     n = min(new.size, old.size)
-    h = np.zeros((4, 256), np.int64)
-    k = 0
-    read = 0
-    for j in range(0, n, stride):
+    if run < 1 or stride < run:
+        raise ValueError("sample_histogram_changes: 1 <= run <= stride")
+    np_, op = new.ctypes.data, old.ctypes.data
+    spill = np.zeros((4, 256), np.int64)
+    h = np.zeros(256, np.int64)
+    buf = np.empty(_W, np.uint8)
+    fp = buf.ctypes.data  # buf stays alive: the loop reads it
+    e = min(run, n)
+    _count_exponents(old, 0, e, spill)
+    k = _count_changes(new, old, 0, e)
+    read = e
+    lo = _window(spill)[0]
+    for j in range(stride, n, stride):
+        ahead = j + _SAMPLE_AHEAD * stride
+        if ahead < n:
+            for b in range(2 * ahead, 2 * min(ahead + run, n), 64):  # bytes: one request per cache line
+                _prefetch(np_ + b)
+                _prefetch(op + b)
         e = min(j + run, n)
-        _count_exponents(old, j, e, h)
-        k += _count_changes(new, old, j, e)
+        x = j
+        while x + _W <= e:
+            k += _popcount(_diff_mask(np_, op, x))
+            _block_classes(op, x, 0, 255, fp)
+            inside = np.uint64(0)
+            for c in range(lo, lo + _WINDOW):
+                m = _class_mask(fp, c)
+                inside |= m
+                h[c] += _popcount(m)
+            outside = ~inside
+            while outside:
+                u = _lowest(outside)
+                outside &= outside - _ONE
+                spill[0, buf[u]] += 1
+            x += _W
+        _count_exponents(old, x, e, spill)
+        k += _count_changes(new, old, x, e)
         read += e - j
     for x in range(256):
-        out[x] += h[0, x] + h[1, x] + h[2, x] + h[3, x]
+        out[x] += h[x] + spill[0, x] + spill[1, x] + spill[2, x] + spill[3, x]
     return read, k
 
 

@@ -28,6 +28,29 @@ def test_a_buffer_is_lent_again_only_after_every_array_on_it_is_gone():
     assert pool.held_bytes == held and c.flags.writeable and c.size == MB
 
 
+def test_empty_many_carves_disjoint_aligned_arrays_from_one_loan_held_by_each():
+    pool = Recycler()
+    kinds = [np.int64, np.uint16, np.uint16, np.int32, np.int16]
+    n = MB + 3  # not a multiple of the line: every array still starts on one
+    arrays = pool.empty_many(n, kinds)
+    assert [a.dtype for a in arrays] == [np.dtype(t) for t in kinds] and all(a.size == n for a in arrays)
+    assert all(a.ctypes.data % 64 == 0 and a.flags.c_contiguous and a.flags.writeable for a in arrays)
+    for i, a in enumerate(arrays):
+        a[:] = i + 1
+    for i, a in enumerate(arrays):  # no array overlaps another
+        assert (a == i + 1).all() and not any(np.shares_memory(a, b) for b in arrays[i + 1:])
+    held = pool.held_bytes
+    last = arrays[-1]
+    del arrays, a
+    again = pool.empty_many(n, kinds)  # the one buffer is still held by `last`: a new one
+    assert pool.held_bytes > held and (last == len(kinds)).all()
+    assert not any(np.shares_memory(last, b) for b in again)
+    held = pool.held_bytes
+    del last, again
+    pool.empty_many(n, kinds)
+    assert pool.held_bytes == held  # both loans came back once nothing reached them
+
+
 def test_a_torch_tensor_on_a_lent_array_keeps_it():
     torch = pytest.importorskip("torch")
     pool = Recycler()

@@ -173,15 +173,27 @@ def test_ranked_out_refuses_a_chunk_outside_its_slot():
         K.ranked_out(*scratch, row, 6, *outs, row.copy(), row.copy())
 
 
-@pytest.mark.parametrize("run,stride", [(64, 64), (64, 4096), (1000, 4096)])
-def test_sample_histogram_changes_reads_a_run_of_every_stride(run, stride):
+@pytest.mark.parametrize("run,stride", [(64, 64), (64, 4096), (1000, 4096), (100, 333), (256, 2048), (1, 7),
+                                        (20000, 20000)])
+@pytest.mark.parametrize("spread", [False, True], ids=["weights", "any-exponent"])
+def test_sample_histogram_changes_reads_a_run_of_every_stride(run, stride, spread):
+    """Every run (partial blocks, the partial last run, a run longer than the tensor) counted exactly, exponents
+    outside the window placed by the first run included (`spread`: bit patterns with any exponent)."""
     b = weights(3 * 4096 + 100, 5)
+    if spread:
+        b = np.random.default_rng(3).integers(0, 1 << 16, b.size, dtype=np.uint16)
     new = b.copy()
     new[::3] ^= np.uint16(1)
     idx = np.concatenate([np.arange(j, min(j + run, b.size)) for j in range(0, b.size, stride)])
     out = np.zeros(256, np.int64)
     assert K.sample_histogram_changes(new, b, run, stride, out) == (idx.size, int((new[idx] != b[idx]).sum()))
     np.testing.assert_array_equal(out, np.bincount((b[idx] >> 7) & 0xFF, minlength=256))
+
+
+def test_sample_histogram_changes_refuses_a_run_longer_than_its_stride():
+    b = weights(1000, 1)
+    with pytest.raises(ValueError, match="run <= stride"):
+        K.sample_histogram_changes(b, b, 64, 32, np.zeros(256, np.int64))
 
 
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
