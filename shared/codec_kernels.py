@@ -1017,6 +1017,25 @@ def residual_streams(res, runs, signs, buckets, extra):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _run_sums(v, prev, k_lo, from_sorted):
+    """`_rice_sums` over one run, given as its own 1-D view: indices from 0 are known non-negative, so the loads
+    carry no negative-index wraparound and the loop vectorizes (measured 0.46 ns per value this way, 1.4-1.6 when
+    the runs were index ranges into the whole array). Returns the five sums and the run's last value."""
+    s0 = s1 = s2 = s3 = s4 = np.int64(0)
+    for i in range(v.size):
+        g = np.int64(v[i])
+        if from_sorted:  # loop-invariant: LLVM unswitches it
+            g, prev = g - prev - 1, g
+        g >>= k_lo
+        s0 += g
+        s1 += g >> 1
+        s2 += g >> 2
+        s3 += g >> 3
+        s4 += g >> 4
+    return s0, s1, s2, s3, s4, prev
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _rice_sums(gaps, runs, k_lo, from_sorted):
     """sum(g >> (k_lo + t)) for t = 0..4 over the elements of `gaps` in `runs` ((start, length) rows, in order) in
     one pass (five plain accumulators: the loop vectorizes). With `from_sorted`, they are sorted unique values v whose
@@ -1025,16 +1044,13 @@ def _rice_sums(gaps, runs, k_lo, from_sorted):
     s0 = s1 = s2 = s3 = s4 = np.int64(0)
     prev = np.int64(-1)
     for r in range(runs.shape[0]):
-        for i in range(runs[r, 0], runs[r, 0] + runs[r, 1]):
-            g = np.int64(gaps[i])
-            if from_sorted:  # loop-invariant: LLVM unswitches it
-                g, prev = g - prev - 1, g
-            g >>= k_lo
-            s0 += g
-            s1 += g >> 1
-            s2 += g >> 2
-            s3 += g >> 3
-            s4 += g >> 4
+        a = runs[r, 0]
+        t0, t1, t2, t3, t4, prev = _run_sums(gaps[a: a + runs[r, 1]], prev, k_lo, from_sorted)
+        s0 += t0
+        s1 += t1
+        s2 += t2
+        s3 += t3
+        s4 += t4
     return s0, s1, s2, s3, s4
 
 
