@@ -977,9 +977,10 @@ def residual_streams(res, runs, signs, buckets, extra):
     sb = 0
     i = -1
     for t in range(runs.shape[0]):
-        for x in range(runs[t, 0], runs[t, 0] + runs[t, 1]):
+        run = res[runs[t, 0]: runs[t, 0] + runs[t, 1]]  # a view: indices from 0, no wraparound (`_run_sums`)
+        for x in range(run.size):
             i += 1
-            r = np.int64(res[x])
+            r = np.int64(run[x])
             neg = (r >> 63) & 1  # branch-free: signs are coin flips
             m = (r ^ -neg) + neg
             if m < 4:
@@ -1105,8 +1106,9 @@ def _rice_write(vals, runs, k, unary, rem):
     mask = (np.int64(1) << k) - 1
     prev = np.int64(-1)
     for r in range(runs.shape[0]):
-        for i in range(runs[r, 0], runs[r, 0] + runs[r, 1]):
-            v = np.int64(vals[i])
+        run = vals[runs[r, 0]: runs[r, 0] + runs[r, 1]]  # a view: indices from 0, no wraparound (`_run_sums`)
+        for i in range(run.size):
+            v = np.int64(run[i])
             g = v - prev - 1
             prev = v
             ubit += (g >> k) + 1
@@ -1145,8 +1147,9 @@ def _complement_into(ranks, runs, n, out):
     k = 0
     r = 0
     for t in range(runs.shape[0]):
-        for i in range(runs[t, 0], runs[t, 0] + runs[t, 1]):
-            x = ranks[i]
+        run = ranks[runs[t, 0]: runs[t, 0] + runs[t, 1]]  # a view: indices from 0, no wraparound (`_run_sums`)
+        for i in range(run.size):
+            x = run[i]
             while r < x:
                 out[k] = r
                 k += 1
