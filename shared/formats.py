@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as st_save_numpy
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
@@ -159,17 +160,17 @@ def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int
                                    lambda n: changes[n].positions.size)
     else:
         coded = [_encode_tensor(changes[n], candidates, verify) for n in names]
-    arrays: dict[str, torch.Tensor] = {}
+    arrays: dict[str, np.ndarray] = {}
+    values: set[str] = set()  # bf16 in the file (TRL's readers expect them so): numpy has no bf16
     info: dict[str, dict] = {}
     changed = 0
     for name, (used, out) in zip(names, coded):
         ch = changes[name]
         for suffix, arr in out.arrays.items():
             key = f"{name}.{suffix}" if suffix else name
+            arrays[key] = np.ascontiguousarray(arr)
             if suffix == "values" and arr.dtype == np.uint16:
-                arrays[key] = from_bits(arr)
-            else:
-                arrays[key] = torch.from_numpy(np.ascontiguousarray(arr))
+                values.add(key)
         info[name] = {"shape": list(ch.shape), "params": out.params}
         if used != encoding:
             info[name]["encoding"] = used
@@ -187,7 +188,9 @@ def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int
     if encoding == "raw":
         # TRL's delta-sync readers look for exactly these keys.
         meta.update({"sparse": "True", "model_version": str(version), "changed_params": json.dumps(sorted(info))})
-    return st_save(arrays, metadata=meta)
+    if not values:  # ctx: bytes only -- safetensors' numpy path skips torch's per-tensor checks (11 -> 7 ms at 0.6B)
+        return st_save_numpy(arrays, metadata=meta)
+    return st_save({k: from_bits(a) if k in values else torch.from_numpy(a) for k, a in arrays.items()}, metadata=meta)
 
 
 def write_anchor(tensors: Mapping[str, torch.Tensor], dest: str | Path, *, version: int) -> int:
