@@ -330,6 +330,24 @@ def _window(spill):
     return lo, best
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _window_block(bp, j, lo, buf, fp, h, spill):
+    """Counts the exponents of the whole block at j of the uint16 bits at address `bp`: those in the _WINDOW from `lo`
+    by class masks into h, the few outside one by one into spill[0] (buf, at address `fp`, takes the block's
+    exponents)."""
+    _block_classes(bp, j, 0, 255, fp)
+    inside = np.uint64(0)
+    for e in range(lo, lo + _WINDOW):
+        m = _class_mask(fp, e)
+        inside |= m
+        h[e] += _popcount(m)
+    outside = ~inside
+    while outside:
+        u = _lowest(outside)
+        outside &= outside - _ONE
+        spill[0, buf[u]] += 1
+
+
 @njit(nogil=True, cache=True)
 def exponent_histogram(b, out):
     """out[e] += number of elements of `b` (uint16 bf16 bits) whose exponent field is e. Block by block with one
@@ -349,17 +367,7 @@ def exponent_histogram(b, out):
         bp, fp = b.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
         h = np.zeros(256, np.int64)
         while j + _W <= n:
-            _block_classes(bp, j, 0, 255, fp)
-            inside = np.uint64(0)
-            for e in range(lo, lo + _WINDOW):
-                m = _class_mask(fp, e)
-                inside |= m
-                h[e] += _popcount(m)
-            outside = ~inside
-            while outside:
-                u = _lowest(outside)
-                outside &= outside - _ONE
-                spill[0, buf[u]] += 1
+            _window_block(bp, j, lo, buf, fp, h, spill)
             j += _W
         for e in range(256):
             spill[0, e] += h[e]
@@ -405,17 +413,7 @@ def sample_histogram_changes(new, old, run, stride, out):
         x = j
         while x + _W <= e:
             k += _popcount(_diff_mask(np_, op, x))
-            _block_classes(op, x, 0, 255, fp)
-            inside = np.uint64(0)
-            for c in range(lo, lo + _WINDOW):
-                m = _class_mask(fp, c)
-                inside |= m
-                h[c] += _popcount(m)
-            outside = ~inside
-            while outside:
-                u = _lowest(outside)
-                outside &= outside - _ONE
-                spill[0, buf[u]] += 1
+            _window_block(op, x, lo, buf, fp, h, spill)
             x += _W
         _count_exponents(old, x, e, spill)
         k += _count_changes(new, old, x, e)
