@@ -79,26 +79,29 @@ def _address(typ) -> None:
         raise errors.TypingError(f"vector block loads take an address (a.ctypes.data), got {typ}")
 
 
+def _element_ptr(builder, args, it):
+    """A pointer to element ``args[1]`` of type `it` of the array at address ``args[0]``."""
+    return builder.gep(builder.inttoptr(args[0], it.as_pointer()), [args[1]])
+
+
 def _memory(width: int):
     """(load, store) of the `width`-bit integer at index i of the array at an address (`_address`): the hot loops'
     per-class state and flag words, without numba's negative-index wraparound (a shift, an and and an add per access
     on a signed index -- the flag walk measured 0.71 ns per element with them)."""
     it, nbt = ir.IntType(width), getattr(types, f"int{width}")
 
-    def pointer(builder, args):
-        return builder.gep(builder.inttoptr(args[0], it.as_pointer()), [args[1]])
-
     @intrinsic
     def load(typingctx, addr, i):
         _address(addr)
-        return nbt(addr, types.int64), lambda context, builder, signature, args: builder.load(pointer(builder, args))
+        return nbt(addr, types.int64), lambda context, builder, signature, args: builder.load(
+            _element_ptr(builder, args, it))
 
     @intrinsic
     def store(typingctx, addr, i, v):
         _address(addr)
 
         def codegen(context, builder, signature, args):
-            builder.store(context.cast(builder, args[2], signature.args[2], nbt), pointer(builder, args))
+            builder.store(context.cast(builder, args[2], signature.args[2], nbt), _element_ptr(builder, args, it))
             return context.get_dummy_value()
 
         return types.void(addr, types.int64, v), codegen
@@ -116,7 +119,7 @@ def _streaming(width: int):
     """A non-temporal store of the `width`-bit integer at index i of the array at an address: written around the
     caches (movnti), for outputs written once, far larger than the caches and read only after the pass -- a normal
     store first reads each cache line it fills (measured: 8-byte sequential writes into a 200 MB array 1.3-1.5 ns
-    per element that way, 0.34 streaming). Weakly ordered: a kernel that streams ends with `_sfence`."""
+    per element that way, 0.34 streaming). Weakly ordered: a kernel that streams ends with `_fence`."""
     it, nbt = ir.IntType(width), getattr(types, f"int{width}")
 
     @intrinsic
@@ -124,8 +127,7 @@ def _streaming(width: int):
         _address(addr)
 
         def codegen(context, builder, signature, args):
-            ptr = builder.gep(builder.inttoptr(args[0], it.as_pointer()), [args[1]])
-            st = builder.store(context.cast(builder, args[2], signature.args[2], nbt), ptr)
+            st = builder.store(context.cast(builder, args[2], signature.args[2], nbt), _element_ptr(builder, args, it))
             st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
             return context.get_dummy_value()
 
@@ -138,7 +140,7 @@ _stream64 = _streaming(64)
 
 
 @intrinsic
-def _sfence(typingctx):
+def _fence(typingctx):
     """Orders every streaming store before it ahead of what follows, so the thread that takes the result next sees
     it: a sequentially consistent fence (mfence on x86-64, which drains the write-combining buffers; once per call,
     not per store), portable where an x86 sfence intrinsic would not compile."""
@@ -776,7 +778,7 @@ def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out
         if k >= 0:
             k = _emit(f2, fp + _W, j + _W, offset, bp, pp, vp, op, ov, k, cap)
         if k < 0:
-            _sfence()
+            _fence()
             return -1
         j += 2 * _W
     while j < n and (full or k < cap):  # the last whole block and the partial one
@@ -792,7 +794,7 @@ def flag_positions(b, lo, hi, flags, state, zero, p, residual, offset, full, out
         if k < 0:
             break
         j += _W
-    _sfence()  # the streamed positions (`_emit`)
+    _fence()  # the streamed positions (`_emit`)
     return k
 
 
@@ -912,7 +914,7 @@ def _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at):
         new_at[off + i] = new_s[i]
         old_at[off + i] = old_s[i]
         i += 1
-    _sfence()
+    _fence()
 
 
 @njit(nogil=True, cache=True)
