@@ -924,6 +924,8 @@ def changes_out(pos_s, new_s, old_s, off, pos, new_at, old_at):
     k = pos_s.size
     if off < 0 or off + k > min(pos.size, new_at.size, old_at.size) or min(new_s.size, old_s.size) < k:
         raise ValueError("changes_out: the chunk does not fit its slot")
+    if not (pos.flags.c_contiguous and new_at.flags.c_contiguous and old_at.flags.c_contiguous):
+        raise ValueError("changes_out: outputs must be contiguous")  # streamed through their addresses
     _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at)
 
 
@@ -939,6 +941,8 @@ def ranked_out(pos_s, new_s, old_s, cls_s, rank_s, before, off, pos, new_at, old
     if (off < 0 or off + k > min(pos.size, new_at.size, old_at.size, rank_cm.size, res_cm.size)
             or min(new_s.size, old_s.size, cls_s.size, rank_s.size) < k or min(before.size, seg.size, cnt.size) < 256):
         raise ValueError("ranked_out: the chunk does not fit its slot")
+    if not (pos.flags.c_contiguous and new_at.flags.c_contiguous and old_at.flags.c_contiguous):
+        raise ValueError("ranked_out: outputs must be contiguous")  # streamed through their addresses
     for c in range(256):
         cnt[c] = 0
     for i in range(k):

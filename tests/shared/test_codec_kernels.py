@@ -165,12 +165,17 @@ def test_changes_out_streams_every_element_into_its_slot(off, k):
         K.changes_out(*src, n - k + 1, *out)
 
 
-def test_ranked_out_refuses_a_chunk_outside_its_slot():
+def test_ranked_out_refuses_a_chunk_outside_its_slot_or_strided_outputs():
     scratch = [np.zeros(10, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
     outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16, np.int64, np.int16)]
     row = np.zeros(256, np.int64)
     with pytest.raises(ValueError, match="does not fit its slot"):
         K.ranked_out(*scratch, row, 6, *outs, row.copy(), row.copy())
+    strided = [np.zeros(30, np.int64)[::2], *outs[1:]]  # streamed stores would land between its elements
+    with pytest.raises(ValueError, match="contiguous"):
+        K.ranked_out(*scratch, row, 0, *strided, row.copy(), row.copy())
+    with pytest.raises(ValueError, match="contiguous"):
+        K.changes_out(*scratch[:3], 0, np.zeros(30, np.int64)[::2], *outs[1:3])
 
 
 @pytest.mark.parametrize("run,stride", [(64, 64), (64, 4096), (1000, 4096), (100, 333), (256, 2048), (1, 7),
