@@ -120,16 +120,20 @@ def timed(fn, repeats: int) -> dict:
     return _stats(times)
 
 
-def timed_rounds(fns: dict, repeats: int, *, reference: str) -> dict:
+def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = False) -> dict:
     """`timed` for several functions side by side: each round runs every one once, in order, and each gets, next to
     its own statistics, the median over rounds of its time over `reference`'s in the same round. This machine's speed
     drifts by tens of percent within a minute (its memory state: fresh pages cost 0.4-7 us each); a ratio of two
-    medians taken minutes apart carried that drift, a per-round ratio cancels what lasts longer than a round."""
+    medians taken minutes apart carried that drift, a per-round ratio cancels what lasts longer than a round.
+    `alternate`: every other round runs them in reverse order, so that two functions compared with each other take
+    turns going first and neither always inherits the other's memory state (two same-process comparisons of this
+    round, the new code always first, put it 26 % behind in one and 16 % ahead in the next)."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        order = list(fns.items())
+        for name, fn in (order[::-1] if alternate and r % 2 else order):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -232,7 +236,8 @@ def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=
     """`timed_rounds` of one `torch.ne` pass over the model, the publisher's detect + encode and a replica's decode +
     resolve for each of `CODECS` (`paths[encoding]`: the delta from `prev` to `cur` written in it). `against`:
     another implementation's `formats` module (`synthetic.py --against`), timed in the same rounds under names
-    ending in ``@against`` -- two revisions compared side by side in one process and memory state."""
+    ending in ``@against`` -- two revisions compared side by side in one process and memory state, taking turns at
+    going first (`timed_rounds`' `alternate`)."""
     total = sum(t.numel() for t in cur.values())
 
     def ne_pass():
@@ -263,7 +268,7 @@ def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=
     fns = {"ne_pass": ne_pass, **codec_fns(formats, "")}
     if against is not None:
         fns |= codec_fns(against, "@against")
-    return timed_rounds(fns, repeats, reference="ne_pass")
+    return timed_rounds(fns, repeats, reference="ne_pass", alternate=against is not None)
 
 
 def gpu_rows(prev, cur, repeats: int) -> dict:

@@ -71,3 +71,17 @@ def test_synthetic_times_another_checkout_in_the_same_rounds(tmp_path):
     assert all(t["over_ne_pass"] > 0 for t in times.values())
     bad = subprocess.run([*cmd, "--against", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "holds no shared/formats.py" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_timed_rounds_alternate_the_order_every_other_round():
+    """`--against` comparisons take turns going first; the plain bench keeps one order. The ratio to the reference
+    is still taken within each round."""
+    sys.path.insert(0, str(REPO))
+    from bench.run import timed_rounds
+
+    for alternate, want in ((False, ["ref", "a", "b"] * 4), (True, ["ref", "a", "b", "b", "a", "ref"] * 2)):
+        calls: list[str] = []
+        fns = {name: (lambda n=name: calls.append(n)) for name in ("ref", "a", "b")}
+        res = timed_rounds(fns, 4, reference="ref", alternate=alternate)
+        assert calls[3:] == want  # after one warm-up call each
+        assert res["ref"]["over_ref"] == 1.0 and res["a"]["over_ref"] > 0
