@@ -45,18 +45,21 @@ async def sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     JSON carries unescaped inside generated text -- a data line cut there no longer parses, and the client gets it
     cut too. A stream that ends without a line end still yields its last line.
     """
-    buf = b""
+    buf = bytearray()
     async for chunk in chunks:
+        # What is held has no line end but perhaps a last CR: only that and the new chunk are searched (a long line
+        # arriving in many chunks is not rescanned, nor copied whole, per chunk).
+        scan = max(len(buf) - 1, 0)
         buf += chunk
         start = 0
-        for m in _SSE_EOL.finditer(buf):
+        for m in _SSE_EOL.finditer(buf, scan):
             if m.end() == len(buf) and m.group() == b"\r":
                 break  # may be the first half of a CRLF the next chunk completes
-            yield buf[start:m.start()]
+            yield bytes(buf[start:m.start()])
             start = m.end()
-        buf = buf[start:]
+        del buf[:start]
     if buf:
-        yield buf[:-1] if buf.endswith(b"\r") else buf
+        yield bytes(buf[:-1] if buf.endswith(b"\r") else buf)
 
 
 @dataclass
