@@ -39,8 +39,10 @@ Encodings (a registry, like vLLM's weight-transfer backends; the name is stored 
   Encoding and decoding read the *whole* base tensor (its exponents), O(numel) per changed tensor: compiled passes
   (`codec_kernels`) that count every element's class, chunk by chunk on every core. The encoder's pass can be the
   change detection itself: `diff_bits(new, old, context=True)` (`diff_many` for a model) ranks each changed element
-  while it finds it, in the same single read of both versions, and hands the encoder a `BaseBits` (base bits + class
-  sizes + ranks and residuals), so encoding reads nothing model-sized.
+  while it finds it, in the same single read of both versions, and each chunk codes its part of every stream while
+  it is in cache (per class: the Rice codes of its ranks, its residuals' streams; with the mode and Rice parameter
+  each class's rate in the detection's sample calls for) -- the last chunk of a tensor joins the parts. The encoder
+  gets a `BaseBits` (base bits + class sizes + the finished tensor) and has nothing left to do.
   ``warm_up()`` loads the compiled code (numba's on-disk cache) before a process's first publish or sync.
 
 Base-context decode API (what a replica calls):
@@ -108,33 +110,28 @@ def bf16_from_bits(a: np.ndarray):
 
 
 @dataclass(frozen=True)
-class ClassRanks:
-    """What `diff_bits(context=True)` finds while it reads the base, so the ctx encoder need not read it again: the
-    changed elements' ranks in their exponent class (pooled to ``[lo, hi]``) and residuals ``new - base`` (int16,
-    wrapping), chunk by chunk in each chunk's class-major order -- chunk i's class c at ``seg[i, c]``, ``cnt[i, c]``
-    of them (the encoder reads these runs class by class where they are: `_class_runs`)."""
+class Precoded:
+    """A ctx tensor `diff_bits(context=True)` encoded while it read the base (each chunk coded its part of every
+    stream while the chunk was in cache, `codec_kernels.coded_out`; the chunk that finished last joined them,
+    `codec_kernels.assemble_classes`), so the encoder has nothing left to read or code. Valid only with the very
+    arrays the detection returned."""
 
-    positions: np.ndarray  # the arrays diff_bits returned: their residuals are only valid with them
+    positions: np.ndarray
     new_at: np.ndarray
     old_at: np.ndarray
-    rank: np.ndarray  # int32 (int64 for tensors of 2**31 elements or more)
-    res: np.ndarray  # int16
-    seg: np.ndarray  # int64 [chunks, 256]
-    cnt: np.ndarray  # int64 [chunks, 256]
-    lo: int
-    hi: int
+    tensor: "EncodedTensor"
 
 
 @dataclass(frozen=True)
 class BaseBits:
     """A base tensor's flat uint16 bits with what `diff_bits(context=True)` counted while reading them: the class
-    sizes per `_BaseClasses.chunk` elements (exponents pooled to the ranks' ``[lo, hi]``) and the changed elements'
-    class ranks."""
+    sizes per `_BaseClasses.chunk` elements (exponents pooled to the ctx header's ``[lo, hi]``) and the changes
+    already ctx-encoded."""
 
     bits: np.ndarray
     histogram: np.ndarray  # int64 [chunks, 256]: class sizes (exponents, or classes once pooled)
     chunk: int
-    ranks: ClassRanks | None = None
+    precoded: Precoded | None = None
 
     def reshape(self, *shape) -> np.ndarray:
         return self.bits.reshape(*shape)
@@ -150,17 +147,18 @@ _SAMPLE_MIN = 1 << 15
 _SAMPLE_ALL_BELOW = 1 << 18
 
 
-def _scratch(n: int, *, ranked: bool = False) -> tuple[np.ndarray, ...]:
-    """This thread's chunk-sized output buffers for one chunk of `diff_bits` (positions, new, old; `ranked` adds
-    classes and chunk-local ranks), reused: a chunk writes only its few changed elements, and fresh model-sized
-    buffers would fault in (and zero) a whole huge page per chunk and array for them -- measured up to seconds per
-    0.6B model when memory is fragmented."""
+def _scratch(n: int, *, coded: bool = False) -> tuple[np.ndarray, ...]:
+    """This thread's chunk-sized buffers for one chunk of `diff_bits` (positions, new, old; `coded` adds classes,
+    chunk-local ranks, and the ranks, residuals and complements `coded_out` sorts class by class), reused: a chunk
+    writes only its few changed elements, and fresh model-sized buffers would fault in (and zero) a whole huge page
+    per chunk and array for them -- measured up to seconds per 0.6B model when memory is fragmented."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None or bufs[0].size < n:
+        # Ranks are chunk-local: below the chunk size.
         bufs = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.uint8),
-                np.empty(n, np.int32))  # chunk-local ranks: below the chunk size
+                np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int16), np.empty(n, np.int32))
         _SCRATCH.bufs = bufs
-    return tuple(a[:n] for a in bufs[: 5 if ranked else 3])
+    return tuple(a[:n] for a in bufs[: 8 if coded else 3])
 
 
 def diff_bits(new: np.ndarray, old: np.ndarray, *,
@@ -202,17 +200,18 @@ class _Diff:
     """One tensor's change detection, chunk by chunk, in one read of both versions.
 
     Each chunk is diffed (with `context`: and ranked *locally*, among its own class elements) into this thread's
-    scratch; then, in chunk order, it takes its slot in the tensor's outputs (and the class sizes of the chunks
-    before it) and copies its changes there (`codec_kernels.ranked_out` makes the ranks global; the scratch is still
-    in cache). No pass counts first -- the ctx detection's counting pass cost a full read of both versions, 90 of
-    230 ms of kernel time at 0.6B -- and no per-chunk results are joined afterwards. What a chunk cannot know ahead
-    comes from a sample read before (`sample`: 1/256 of a large tensor, at least 32 Ki elements, all of a tensor
-    under 2**18): the outputs' size, with room to spare (a tensor that outgrows it runs again with the exact size it
-    counted), and for ctx the pooling bounds the ranks depend on -- any bounds decode, the header carries them; a
-    sample only risks a slightly larger file.
+    scratch; then, in chunk order, it takes its slot in the tensor's outputs and copies its changes there; for ctx
+    it also codes its part of every stream while the scratch is
+    still in cache (`codec_kernels.coded_out`; the encoder only joins the parts). No pass counts first -- the ctx
+    detection's counting pass cost a full read of both versions, 90 of 230 ms of kernel time at 0.6B. What a chunk
+    cannot know ahead comes from a sample read before (`sample`: 1/256 of a large tensor, at least 32 Ki elements,
+    all of a tensor under 2**18): the outputs' size, with room to spare (a tensor that outgrows it runs again with
+    the exact size it counted), and for ctx the pooling bounds and each class's Rice parameter and mode
+    (`_rice_choices`) -- any of them decode, the header carries them; a sample only risks a slightly larger file.
 
-    Chunks of one tensor wait for their predecessor's slot (`chunk`), never for anything queued after them: the
-    kernel pool takes tasks first in, first out, so a chunk's predecessor is always already running or done."""
+    Chunks of one tensor wait for their predecessor's slot (`chunk`), never for anything started after them:
+    `codec_kernels.run_chunks` starts calls in index order, so a chunk's predecessor is always already running or
+    done."""
 
     def __init__(self, new: Any, old: Any, *, context: bool):
         self.new, self.old = bf16_bits(new).reshape(-1), bf16_bits(old).reshape(-1)
@@ -222,7 +221,7 @@ class _Diff:
         self.numel = numel = self.new.size
         chunk = _BaseClasses.chunk
         self.bounds = [(s, min(s + chunk, numel)) for s in range(0, numel, chunk)]
-        self.shist = np.zeros(_N_CLASSES, np.int64)
+        self.shist, self.schanged = np.zeros((2, _N_CLASSES), np.int64)
         self.sampled = (0, 0)  # elements read, changes among them
 
     def sample(self) -> None:
@@ -232,7 +231,8 @@ class _Diff:
         stride = _SAMPLE_RUN
         if self.numel >= _SAMPLE_ALL_BELOW:
             stride = min(_SAMPLE_STRIDE, self.numel * _SAMPLE_RUN // _SAMPLE_MIN // _SAMPLE_RUN * _SAMPLE_RUN)
-        self.sampled = _kernels().sample_histogram_changes(self.new, self.old, _SAMPLE_RUN, stride, self.shist)
+        self.sampled = _kernels().sample_histogram_changes(self.new, self.old, _SAMPLE_RUN, stride, self.shist,
+                                                           self.schanged)
 
     def allocate(self, *, exact: bool = False) -> None:
         nch, numel = len(self.bounds), self.numel
@@ -244,26 +244,24 @@ class _Diff:
             if self.context:
                 self.lo, self.hi = _pooling_bounds(self.shist * numel // max(read, 1), numel)
                 self.table = _class_table(self.lo, self.hi)
-        kinds = [np.int64, np.uint16, np.uint16]
+                self.ks, self.modes = _rice_choices(self.shist, self.schanged, self.lo, self.hi)
         if self.context:
-            # Ranks are below numel: int32 for tensors under 2**31 elements (every one of a 0.6B model), 4 bytes per
-            # changed element less to write than int64.
-            kinds += [np.int32 if numel < 2**31 else np.int64, np.int16]
-            self.hist, self.seg, self.cnt = np.zeros((3, nch, _N_CLASSES), np.int64)
-        self.pos, self.new_at, self.old_at, *ranked = _buffers.empty_many(self.room, kinds)
-        if self.context:
-            self.rank, self.res = ranked
-        self.turn = {"next": 0, "off": 0, "before": np.zeros(_N_CLASSES, np.int64)}
+            self.hist = np.zeros((nch, _N_CLASSES), np.int64)
+            self.rows = np.zeros((nch, _N_CLASSES, _kernels().P_FIELDS), np.int64)
+            self.pieces = [None] * nch
+            self.done, self.encoded = 0, None
+        self.pos, self.new_at, self.old_at = _buffers.empty_many(self.room, [np.int64, np.uint16, np.uint16])
+        self.turn = {"next": 0, "off": 0}
         self.ordered = threading.Condition()
 
     def chunk(self, i: int) -> None:
         K = _kernels()
         s, e = self.bounds[i]
-        scratch = _scratch(_BaseClasses.chunk, ranked=self.context)
+        scratch = _scratch(_BaseClasses.chunk, coded=self.context)
         k = 0
         try:
             if self.context:
-                k = K.diff_ranks(self.new[s:e], self.old[s:e], s, self.table, self.hist[i], *scratch)
+                k = K.diff_ranks(self.new[s:e], self.old[s:e], s, self.table, self.hist[i], *scratch[:5])
             else:
                 k = K.diff_bits(self.new[s:e], self.old[s:e], s, *scratch)
         finally:
@@ -272,19 +270,23 @@ class _Diff:
                 self.ordered.wait_for(lambda: self.turn["next"] == i)
                 off = self.turn["off"]
                 self.turn["off"] += max(k, 0)
-                if self.context:
-                    before = self.turn["before"].copy()
-                    self.turn["before"] += self.hist[i]
                 self.turn["next"] = i + 1
                 self.ordered.notify_all()
         if k < 0:  # more changes than the chunk has elements: only if it changed meanwhile
             raise ValueError("the tensors changed while they were being compared")
-        if k == 0 or off + k > self.room:
+        if off + k > self.room:
             return
-        if self.context:
-            K.ranked_out(*(a[:k] for a in scratch), before, off, self.pos, self.new_at, self.old_at, self.rank,
-                         self.res, self.seg[i], self.cnt[i])
-        else:
+        if self.context:  # even without a change here: a class coded by its unchanged ranks has some in every chunk
+            self.pieces[i] = K.coded_out(*(a[:k] for a in scratch[:5]), self.hist[i], off, self.pos, self.new_at,
+                                         self.old_at, self.ks, self.modes, *scratch[5:], self.rows[i])
+            with self.ordered:
+                self.done += 1
+                last = self.done == len(self.bounds)
+            # The tensor's last chunk joins the pieces here, among the other tensors' chunks on the kernel pool, not
+            # in the encoder afterwards: the join's zstd and Python steps fill the cores' gaps between kernels.
+            if last and self.turn["off"] <= self.room and self.turn["off"]:
+                self.encoded = _join_pieces(self)
+        elif k:
             K.changes_out(*(a[:k] for a in scratch), off, self.pos, self.new_at, self.old_at)
 
     def overflowed(self) -> bool:
@@ -297,8 +299,8 @@ class _Diff:
         pos, new_at, old_at = self.pos[:m], self.new_at[:m], self.old_at[:m]
         if not self.context:
             return pos, new_at, old_at, self.old
-        ranks = ClassRanks(pos, new_at, old_at, self.rank[:m], self.res[:m], self.seg, self.cnt, self.lo, self.hi)
-        return pos, new_at, old_at, BaseBits(self.old, self.hist, _BaseClasses.chunk, ranks)
+        return pos, new_at, old_at, BaseBits(self.old, self.hist, _BaseClasses.chunk,
+                                             Precoded(pos, new_at, old_at, self.encoded))
 
 
 def warm_up() -> float:
@@ -753,6 +755,14 @@ def _class_table(lo: int, hi: int) -> np.ndarray:
     return np.clip(np.arange(_N_CLASSES), lo, hi).astype(np.uint8)
 
 
+def _rice_choices(hist: np.ndarray, changed: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, from a sample's elements and changes per exponent: the Rice parameter and mode the detection codes
+    with before it has seen the whole tensor (`codec_kernels.rice_choices`)."""
+    ks, modes = np.zeros((2, _N_CLASSES), np.int64)
+    _kernels().rice_choices(hist, changed, lo, hi, ks, modes)
+    return ks, modes
+
+
 class _BaseClasses:
     """The exponent classes of one base tensor: class sizes, and ranks of elements inside their class.
 
@@ -786,7 +796,6 @@ class _BaseClasses:
         `counts` stay None until `walk` returns them. Classes exist once the caller has set the pooling bounds
         (`pool`): every caller does so next, so none is pooled twice."""
         self._torch = None
-        self.known = base.ranks if isinstance(base, BaseBits) else None
         device = getattr(getattr(base, "device", None), "type", None)
         if device is not None and (device != "cpu" or self.torch_on_cpu):
             import torch
@@ -863,13 +872,8 @@ class _BaseClasses:
         """For sorted, unique, in-range `positions` (base values `base_at`, new values `new_at` there): each changed
         element's rank in its class and its int16 residual ``new - base`` (wrapping), class-major in runs -- returns
         (rank, res, seg, cnt): part i's class c is ``rank[seg[i, c]: seg[i, c] + cnt[i, c]]`` (res likewise), the
-        parts in position order (`_class_runs` lists them class by class). The detection's ranks come as its chunks
-        left them; ranks found here are one part (``seg``/``cnt`` one row)."""
-        kn = self.known
-        if kn is not None and kn.lo == self.lo and kn.hi == self.hi and all(
-                a is b or np.array_equal(a, b)
-                for a, b in ((kn.positions, positions), (kn.new_at, new_at), (kn.old_at, base_at))):
-            return kn.rank, kn.res, kn.seg, kn.cnt  # ranked by diff_bits while it read the base: nothing to do
+        parts in position order (`_class_runs` lists them class by class); here one part (``seg``/``cnt`` one
+        row)."""
         # int32 ranks below 2**31 elements: 4 bytes per changed element less to write and read.
         rank = _buffers.empty(positions.size, np.int32 if numel < 2**31 else np.int64)
         res = _buffers.empty(positions.size, np.int16)
@@ -1224,6 +1228,24 @@ def _class_runs(seg: np.ndarray, cnt: np.ndarray, present: np.ndarray) -> tuple[
     return runs, np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
 
 
+def _join_pieces(d: "_Diff") -> EncodedTensor:
+    """A ctx tensor's encoding from the pieces its detection's chunks coded (`codec_kernels.assemble_classes`: the
+    streams `ContextEncoding.encode` writes from ranks, with the per-class Rice parameters and modes the detection
+    chose from its sample)."""
+    K = _kernels()
+    lens = np.fromiter((p.size for p in d.pieces), np.int64, len(d.pieces))
+    starts = np.cumsum(lens) - lens
+    chunks = np.concatenate([*d.pieces, np.zeros(8, np.uint8)])  # the bit reader reads 8 bytes at a time
+    present = np.flatnonzero(d.rows[:, :, K.P_CHANGED].sum(axis=0))
+    rows = np.empty((present.size, 6), np.int64)
+    streams, signs, buckets, extra = K.assemble_classes(chunks, starts, d.rows, d.hist, d.ks, d.modes, present, rows)
+    frame = zstandard.ZstdCompressor(level=_ZstdCoder.level, write_content_size=False,
+                                     write_checksum=False).compress(buckets.data)
+    params = {"n": int(buckets.size), "x": int(extra.size), "p": [d.lo, d.hi],
+              "c": np.column_stack([present, rows]).tolist(), "r": "zstd", "z": len(frame)}
+    return EncodedTensor({"": np.concatenate([streams, signs, np.frombuffer(frame, np.uint8), extra])}, params)
+
+
 @register_encoding
 class ContextEncoding:
     """Codec v2: positions and residuals conditioned on each element's base exponent (see the module docstring).
@@ -1251,16 +1273,20 @@ class ContextEncoding:
         base_bits = np.ascontiguousarray(base_bits, dtype=np.uint16)
         if new_bits.shape != positions.shape or base_bits.shape != positions.shape:
             raise ValueError("positions, new and base values must have the same length")
-        known = base_context.ranks if isinstance(base_context, BaseBits) else None
-        # Positions that diff_bits found and ranked (the very array it returned) are sorted, unique and in range by
+        known = base_context.precoded if isinstance(base_context, BaseBits) else None
+        # Positions that diff_bits found and coded (the very array it returned) are sorted, unique and in range by
         # construction; any others are checked (a pass over them: ~1 ns per element).
         if positions.size and (known is None or known.positions is not positions) and (
                 int(positions[0]) < 0 or int(positions[-1]) >= numel
                 or not bool(np.all(positions[1:] > positions[:-1]))):
             raise ValueError("positions must be sorted, unique and inside the tensor")
+        if known is not None and self.coder == "zstd" and all(
+                a is b or np.array_equal(a, b)
+                for a, b in ((known.positions, positions), (known.new_at, new_bits), (known.old_at, base_bits))):
+            return known.tensor  # coded by diff_bits while it read the base
         classes = _BaseClasses(base_context, numel)
-        # Ranked on the way: its bounds (its histogram holds class sizes under them), else the base's own.
-        lo, hi = (known.lo, known.hi) if known is not None else classes.pooling_bounds(numel)
+        # Detected on the way: its bounds (its histogram holds class sizes under them), else the base's own.
+        lo, hi = known.tensor.params["p"] if known is not None else classes.pooling_bounds(numel)
         classes.pool(lo, hi)
         rank, res, seg, cnt = classes.ranks(positions, base_bits, new_bits, numel)
         # Every class's position streams in one compiled call (a class where most changed codes its unchanged

@@ -1,6 +1,6 @@
 """Change detection (`codec.diff_many` / `diff_bits`): one read of both versions, every tensor's chunks on one queue,
 each chunk copied into its slot in chunk order -- against numpy's definitions, across many chunks and tensors, when
-the sample's room estimate is too small (the pass runs again), and with the ctx ranks the encoder trusts."""
+the sample's room estimate is too small (the pass runs again), and with the ctx encoding it codes on the way."""
 
 from __future__ import annotations
 
@@ -19,15 +19,6 @@ def _weights(n: int, seed: int) -> np.ndarray:
 def _expected(new: np.ndarray, old: np.ndarray):
     pos = np.flatnonzero(new != old)
     return pos, new[pos], old[pos]
-
-
-def _ranks_by_definition(old: np.ndarray, positions: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    cls = np.clip((old >> 7) & 0xFF, lo, hi)
-    rank = np.zeros(old.size, np.int64)
-    for c in np.unique(cls):
-        at = np.flatnonzero(cls == c)
-        rank[at] = np.arange(at.size)
-    return cls[positions], rank[positions]
 
 
 @pytest.mark.parametrize("context", [False, True])
@@ -49,16 +40,15 @@ def test_many_tensors_of_many_chunks_match_the_definition(monkeypatch, context):
             assert np.shares_memory(base, old) and np.array_equal(base, old)  # the base itself, no copy
             continue
         assert isinstance(base, BaseBits)
-        kn = base.ranks
-        cls, rank = _ranks_by_definition(old, pos, kn.lo, kn.hi)
-        order = np.argsort(cls, kind="stable")
-        runs, _ = codec._class_runs(kn.seg, kn.cnt, np.flatnonzero(kn.cnt.sum(axis=0)))
-        out_rank = np.concatenate([kn.rank[a: a + n] for a, n in runs])
-        out_res = np.concatenate([kn.res[a: a + n] for a, n in runs])
-        np.testing.assert_array_equal(out_rank, rank[order])
-        np.testing.assert_array_equal(out_res, (new_at - old_at).view(np.int16)[order])
+        # Encoded on the way (each chunk's pieces, joined by the last): it decodes onto the base to these changes.
+        coded = base.precoded.tensor
+        lo, hi = coded.params["p"]
+        dec = get_encoding("ctx").decode(coded.arrays, coded.params, old.size, base_context=old)
+        np.testing.assert_array_equal(dec.positions, pos)
+        np.testing.assert_array_equal(dec.resolve(old_at), new_at)
         # Class sizes per chunk: what the encoder's header says (n_c) comes from them.
-        sizes = np.bincount(np.clip((old >> 7) & 0xFF, kn.lo, kn.hi), minlength=256)
+        sizes = np.bincount(np.clip((old >> 7) & 0xFF, lo, hi), minlength=256)
+        assert all(n_c == sizes[c] for c, n_c, *_ in coded.params["c"])
         np.testing.assert_array_equal(base.histogram.sum(axis=0), sizes)
 
 
@@ -102,13 +92,13 @@ def test_pooling_bounds_of_a_large_tensor_come_from_its_sample_and_still_decode(
     new = old.copy()
     new[np.random.default_rng(9).random(n) < 0.03] += np.uint16(1)
     pos, new_at, old_at, base = diff_bits(new, old, context=True)
-    kn = base.ranks
+    lo, hi = base.precoded.tensor.params["p"]
     counts = np.bincount((old >> 7) & 0xFF, minlength=256)
     exact = codec._pooling_bounds(counts, n)
-    assert abs(kn.lo - exact[0]) <= 1 and abs(kn.hi - exact[1]) <= 1  # a 1/256 sample lands at or next to them
+    assert abs(lo - exact[0]) <= 1 and abs(hi - exact[1]) <= 1  # a 1/256 sample lands at or next to them
     enc = get_encoding("ctx")
     out = enc.encode(pos, new_at, old_at, n, base_context=base)
-    assert out.params["p"] == [kn.lo, kn.hi]
+    assert out.params["p"] == [lo, hi]
     dec = enc.decode(out.arrays, out.params, n, base_context=old)
     np.testing.assert_array_equal(dec.positions, pos)
     np.testing.assert_array_equal(dec.resolve(old[dec.positions]), new_at)

@@ -1,15 +1,16 @@
 """The ctx encoder's fused passes write exactly the files of the per-class passes they replaced.
 
-`ContextEncoding.encode` now reads the changed elements' ranks and residuals class by class where the detection's
-chunks left them (runs; `class_ranks` puts them class-major when it ranks them from the base itself), makes the
-sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every class's positions in one
-call (`rice_classes`). These tests rebuild each tensor's payload and params from the
-*definitions* -- ranks counted per element with numpy, the class-major order a stable argsort, then the kernels the
-old encoder called one class at a time (`complement`, `_rice_k`'s float formula, the Rice code's definition
-(`rice_reference`), `residual_symbols`, `split_symbols`, `pack_low_bits`) -- and require the same bytes, through both
-encoder paths (ranks found by the detection, ranks found from the base alone), for adversarial bit patterns, every
-residual bucket, one element, all changed and several chunks. Also: a delta file does not depend on how many threads
-wrote it, and tensors coded on several threads at once each get their own result.
+Two paths write a ctx tensor. Given the base alone, `ContextEncoding.encode` ranks the changed elements class-major
+(`class_ranks`), makes the sign bits, bucket bytes and extra bits in one pass (`residual_streams`) and codes every
+class's positions in one call (`rice_classes`). Given the detection's `BaseBits`, the tensor was already encoded
+while it was read: each chunk coded its part of every stream (`coded_out`) with Rice parameters and modes chosen
+from the detection's sample, and the last chunk joined them (`assemble_classes`). These tests rebuild each tensor's
+payload and params from the *definitions* -- ranks counted per element with numpy, the class-major order a stable
+argsort, then the kernels the old encoder called one class at a time (`complement`, `_rice_k`'s float formula or
+the detection's choices from the header, the Rice code's definition (`rice_reference`), `residual_symbols`,
+`split_symbols`, `pack_low_bits`) -- and require the same bytes through both paths, for adversarial bit patterns,
+every residual bucket, one element, all changed and several chunks. Also: a delta file does not depend on how many
+threads wrote it, and tensors coded on several threads at once each get their own result.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ def changes(draw):
     return base, new
 
 
-def reference_encode(positions: np.ndarray, new_at: np.ndarray, base_at: np.ndarray, base: np.ndarray):
+def reference_encode(positions: np.ndarray, new_at: np.ndarray, base_at: np.ndarray, base: np.ndarray, *,
+                     bounds: tuple[int, int] | None = None, choices: dict[int, tuple[int, int]] | None = None):
     """(payload, params) of a ctx tensor from the definitions, through the per-class kernels the encoder used to
-    call (residual coder "zstd")."""
+    call (residual coder "zstd"). `bounds` and `choices` (class -> (mode, k)) stand for the encoder's own pooling
+    and Rice choices (the detection makes them from its sample); by default the base's bounds, and per class the
+    rarer of changed and unchanged ranks with `_rice_k`'s parameter."""
     numel = base.size
     classes = _BaseClasses(base, numel)
-    lo, hi = classes.pooling_bounds(numel)
+    lo, hi = bounds or classes.pooling_bounds(numel)
     classes.pool(lo, hi)
     cls_all = np.clip((base.astype(np.int64) >> 7) & 0xFF, lo, hi)
     rank_all = np.empty(numel, np.int64)
@@ -93,8 +97,9 @@ def reference_encode(positions: np.ndarray, new_at: np.ndarray, base_at: np.ndar
         if k_c == n_c:
             rows.append([int(c), n_c, k_c, 2, 0, 0, 0])
             continue
-        mode, coded = (1, K.complement(rank_cm[a:b], n_c)) if 2 * k_c > n_c else (0, rank_cm[a:b])
-        k = _rice_k(coded, from_sorted=True)
+        mode = (1 if 2 * k_c > n_c else 0) if choices is None else choices[int(c)][0]
+        coded = K.complement(rank_cm[a:b], n_c) if mode == 1 else rank_cm[a:b]
+        k = _rice_k(coded, from_sorted=True) if choices is None else choices[int(c)][1]
         unary, rem = rice_reference(coded, k)
         rows.append([int(c), n_c, k_c, mode, k, int(unary.size), int(rem.size)])
         streams += [unary, rem]
@@ -104,6 +109,13 @@ def reference_encode(positions: np.ndarray, new_at: np.ndarray, base_at: np.ndar
     params = {"n": int(positions.size), "x": int(extra.size), "p": [lo, hi], "c": rows, "r": "zstd",
               "z": len(frame)}
     return np.concatenate([*streams, signs, np.frombuffer(frame, np.uint8), extra]), params
+
+
+def _same_as_detected(out, positions, new_at, base_at, base) -> None:
+    """`out` (a tensor the detection encoded) is the definitions' tensor under its own header's bounds, per-class
+    modes and Rice parameters."""
+    choices = {c: (mode, k) for c, n_c, k_c, mode, k, *_ in out.params["c"] if mode != 2}
+    _same(out, reference_encode(positions, new_at, base_at, base, bounds=tuple(out.params["p"]), choices=choices))
 
 
 def _same(out, ref) -> None:
@@ -121,12 +133,15 @@ def test_fused_encoder_writes_the_bytes_of_the_per_class_passes(case, chunk):
     _BaseClasses.chunk = chunk  # several chunks: ranks that continue across them
     try:
         enc = get_encoding("ctx")
-        positions, new_at, old_at, ctx = diff_bits(new, base, context=True)  # the detection ranked them
-        ref = reference_encode(positions, new_at, old_at, base)
-        _same(enc.encode(positions, new_at, old_at, base.size, base_context=ctx), ref)
-        # The base alone (no ranks from the detection): the chunked class_ranks path, positions checked.
-        _same(enc.encode(positions.copy(), new_at, old_at, base.size, base_context=base), ref)
-        assert isinstance(ctx, BaseBits) and ctx.ranks.rank.dtype == np.int32
+        positions, new_at, old_at, ctx = diff_bits(new, base, context=True)  # the detection coded them
+        # The base alone (no pieces from the detection): the chunked class_ranks path, positions checked.
+        _same(enc.encode(positions.copy(), new_at, old_at, base.size, base_context=base),
+              reference_encode(positions, new_at, old_at, base))
+        # The detection's pieces, joined: the same definitions under the bounds, modes and Rice parameters its
+        # sample chose (in its header).
+        out = enc.encode(positions, new_at, old_at, base.size, base_context=ctx)
+        assert isinstance(ctx, BaseBits) and out is ctx.precoded.tensor
+        _same_as_detected(out, positions, new_at, old_at, base)
     finally:
         _BaseClasses.chunk = saved
 
@@ -207,7 +222,7 @@ def test_one_changed_element_and_a_whole_changed_tensor():
         for new in (base + np.uint16(1), np.where(np.arange(n) == n - 1, base + np.uint16(3), base).astype(np.uint16)):
             ch = TensorChange.between((n,), new, base, encoding="ctx")
             out = enc.encode(ch.positions, ch.new_bits, ch.base_bits, n, base_context=ch.base)
-            _same(out, reference_encode(ch.positions, ch.new_bits, ch.base_bits, base))
+            _same_as_detected(out, ch.positions, ch.new_bits, ch.base_bits, base)
             dec = enc.decode(out.arrays, out.params, n, base_context=base)
             np.testing.assert_array_equal(dec.positions, ch.positions)
             np.testing.assert_array_equal(dec.resolve(ch.base_bits), ch.new_bits)

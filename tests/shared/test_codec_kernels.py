@@ -108,45 +108,6 @@ def test_diff_ranks_refuses_counts_it_cannot_store_into():
             K.diff_ranks(b ^ np.uint16(1), b, 0, clamp_table(110, 125), counts, *outs)
 
 
-@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
-def test_ranked_chunks_join_into_the_whole_tensors_class_major_order(name, b, lo, hi):
-    """The ctx detection's one pass, cut in chunks: each chunk ranked locally (`diff_ranks` from zero counts), copied
-    to its slot with its ranks made global (`ranked_out`), the chunks' runs read class by class (as the encoder reads
-    them) -- exactly the tensor's changed elements in class-major order with their global ranks and residuals."""
-    n = b.size
-    pos = changed_at(n, 21, 0.2)
-    new = b.copy()
-    new[pos] += np.uint16(3)  # wraps at 0xFFFF ("wide"): residual 3 either way
-    new[pos[::5]] -= np.uint16(700)
-    cls = classes(b, lo, hi)
-    table = clamp_table(lo, hi)
-    cuts = sorted({0, min(64, n), min(65, n), max(65, n // 2) if n > 65 else n, n})  # one element, uneven ones
-    m = pos.size
-    outs = [np.full(m, -1, np.int64), np.zeros(m, np.uint16), np.zeros(m, np.uint16), np.full(m, -1, np.int64),
-            np.zeros(m, np.int16)]
-    seg, cnt = np.zeros((len(cuts) - 1, 256), np.int64), np.zeros((len(cuts) - 1, 256), np.int64)
-    before, off = np.zeros(256, np.int64), 0
-    for i, (s, e) in enumerate(zip(cuts[:-1], cuts[1:])):
-        scratch = [np.zeros(e - s, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
-        counts = np.zeros(256, np.int64)
-        k = K.diff_ranks(new[s:e], b[s:e], s, table, counts, *scratch)
-        K.ranked_out(*(a[:k] for a in scratch), before, off, *outs, seg[i], cnt[i])
-        before += counts
-        off += k
-    assert off == m
-    np.testing.assert_array_equal(outs[0], pos)
-    np.testing.assert_array_equal(outs[1], new[pos])
-    np.testing.assert_array_equal(outs[2], b[pos])
-    present = np.flatnonzero(cnt.sum(axis=0))
-    runs, rs = codec._class_runs(seg, cnt, present)
-    rank_out = np.concatenate([np.zeros(0, np.int64), *[outs[3][a: a + n] for a, n in runs]])
-    res_out = np.concatenate([np.zeros(0, np.int16), *[outs[4][a: a + n] for a, n in runs]])
-    order = np.argsort(cls[pos], kind="stable")
-    np.testing.assert_array_equal(np.diff(rs), [(cnt[:, c] > 0).sum() for c in present])
-    np.testing.assert_array_equal(rank_out, ranks_in_class(cls)[pos][order])
-    np.testing.assert_array_equal(res_out, (new[pos] - b[pos]).view(np.int16)[order])
-
-
 @pytest.mark.parametrize("off", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("k", [0, 1, 3, 4, 5, 8, 9, 103])
 def test_changes_out_streams_every_element_into_its_slot(off, k):
@@ -165,17 +126,117 @@ def test_changes_out_streams_every_element_into_its_slot(off, k):
         K.changes_out(*src, n - k + 1, *out)
 
 
-def test_ranked_out_refuses_a_chunk_outside_its_slot_or_strided_outputs():
+def coded_reference(b: np.ndarray, new: np.ndarray, lo: int, hi: int, ks: np.ndarray, modes: np.ndarray):
+    """A ctx tensor's (rows, position streams, signs, buckets, extra) from the definitions: ranks per element, the
+    class-major order a stable argsort, each class's changed ranks (mode 0) or the others (mode 1; nothing when all
+    changed) Rice-coded with ks[c] (`rice_reference`), the residual streams of the class-major residuals."""
+    cls = classes(b, lo, hi)
+    pos = np.flatnonzero(new != b)
+    rank = ranks_in_class(cls)
+    rows, streams = [], []
+    for c in np.unique(cls[pos]):
+        members = np.flatnonzero(cls == c)
+        changed = rank[pos[cls[pos] == c]]
+        mode = 2 if changed.size == members.size else int(modes[c])
+        coded = changed if mode == 0 else np.setdiff1d(np.arange(members.size), changed)
+        k = int(ks[c]) if mode != 2 else 0
+        unary, rem = rice_reference(coded, k) if mode != 2 else (np.zeros(0, np.uint8), np.zeros(0, np.uint8))
+        rows.append([int(c), members.size, changed.size, mode, k, unary.size, rem.size])
+        streams += [unary, rem]
+    order = np.argsort(cls[pos], kind="stable")
+    res = (new[pos] - b[pos]).view(np.int16)[order]
+    n = pos.size
+    signs, buckets, extra = np.zeros((n + 7) // 8, np.uint8), np.zeros(n, np.uint8), np.zeros(2 * n + 8, np.uint8)
+    x = K.residual_streams(res, np.array([[0, n]], np.int64), signs, buckets, extra)
+    return rows, np.concatenate([np.zeros(0, np.uint8), *streams]), signs, buckets, extra[:x]
+
+
+@pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
+def test_coded_chunks_assemble_into_the_whole_tensors_streams(name, b, lo, hi, density):
+    """The ctx detection's one pass, cut in chunks: each chunk ranked locally (`diff_ranks` from zero counts), copied
+    to its slot and coded class by class into pieces (`coded_out`: the Rice codes after each piece's first rank,
+    its residuals' streams), the pieces joined (`assemble_classes`) -- the changes in position order, and exactly the
+    streams of the whole tensor's definitions, for either mode and any Rice parameter, in classes cut anywhere."""
+    n = b.size
+    pos = changed_at(n, 21, density) if density < 1 else np.arange(n)
+    new = b.copy()
+    new[pos] += np.uint16(3)  # wraps at 0xFFFF ("wide"): residual 3 either way
+    new[pos[::5]] -= np.uint16(700)
+    table = clamp_table(lo, hi)
+    rng = np.random.default_rng(n)
+    ks, modes = rng.integers(0, 12, 256), rng.integers(0, 2, 256)
+    cuts = sorted({0, min(64, n), min(65, n), max(65, n // 2) if n > 65 else n, n})  # one element, uneven ones
+    m = pos.size
+    outs = [np.full(m, -1, np.int64), np.zeros(m, np.uint16), np.zeros(m, np.uint16)]
+    metas = np.zeros((len(cuts) - 1, 256, K.P_FIELDS), np.int64)
+    sizes = np.zeros((len(cuts) - 1, 256), np.int64)
+    pieces, off = [], 0
+    for i, (s, e) in enumerate(zip(cuts[:-1], cuts[1:])):
+        scratch = [np.zeros(e - s, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32, np.int32,
+                                                  np.int16, np.int32)]
+        k = K.diff_ranks(new[s:e], b[s:e], s, table, sizes[i], *scratch[:5])
+        pieces.append(K.coded_out(*(a[:k] for a in scratch[:5]), sizes[i], off, *outs, ks, modes, *scratch[5:],
+                                  metas[i]))
+        off += k
+    assert off == m
+    np.testing.assert_array_equal(outs[0], pos)
+    np.testing.assert_array_equal(outs[1], new[pos])
+    np.testing.assert_array_equal(outs[2], b[pos])
+    lens = np.array([p.size for p in pieces], np.int64)
+    present = np.flatnonzero(metas[:, :, K.P_CHANGED].sum(axis=0))
+    rows = np.empty((present.size, 6), np.int64)
+    got = K.assemble_classes(np.concatenate([*pieces, np.zeros(8, np.uint8)]), np.cumsum(lens) - lens, metas,
+                             sizes, ks, modes, present, rows)
+    want = coded_reference(b, new, lo, hi, ks, modes)
+    assert np.column_stack([present, rows]).tolist() == want[0]
+    for g, w in zip(got, want[1:]):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_coded_out_refuses_a_chunk_outside_its_slot_or_strided_outputs():
     scratch = [np.zeros(10, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
-    outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16, np.int64, np.int16)]
-    row = np.zeros(256, np.int64)
+    sorts = [np.zeros(10, t) for t in (np.int32, np.int16, np.int32)]
+    outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16)]
+    row, meta = np.zeros(256, np.int64), np.zeros((256, K.P_FIELDS), np.int64)
     with pytest.raises(ValueError, match="does not fit its slot"):
-        K.ranked_out(*scratch, row, 6, *outs, row.copy(), row.copy())
+        K.coded_out(*scratch, row, 6, *outs, row, row, *sorts, meta)
     strided = [np.zeros(30, np.int64)[::2], *outs[1:]]  # streamed stores would land between its elements
     with pytest.raises(ValueError, match="contiguous"):
-        K.ranked_out(*scratch, row, 0, *strided, row.copy(), row.copy())
+        K.coded_out(*scratch, row, 0, *strided, row, row, *sorts, meta)
     with pytest.raises(ValueError, match="contiguous"):
         K.changes_out(*scratch[:3], 0, np.zeros(30, np.int64)[::2], *outs[1:3])
+    sizes = row.copy()
+    sizes[3] = 11  # more elements than the complements' scratch holds
+    with pytest.raises(ValueError, match="spare"):
+        K.coded_out(*(a[:0] for a in scratch), sizes, 0, *outs, row, row, *sorts, meta)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.7, 1.0])
+def test_rice_choices_follow_the_sampled_rates(density):
+    """Per class: the mode codes the rarer of changed and unchanged ranks, and the Rice parameter is the cheapest
+    for geometric gaps at the class's rate -- measured here against the exact Rice size of such gaps."""
+    hist, changed = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    hist[100:110] = 100_000
+    changed[100:110] = (np.linspace(0.2, 1.8, 10) * density * 100_000).clip(0, 100_000).astype(np.int64)
+    hist[90], changed[90] = 50, 50  # a pooled tail: counted in class lo
+    ks, modes = np.zeros((2, 256), np.int64)
+    K.rice_choices(hist, changed, 101, 108, ks, modes)
+    assert not ks[:101].any() and not ks[109:].any() and not modes[:101].any() and not modes[109:].any()
+    rng = np.random.default_rng(1)
+    for c in range(101, 109):
+        lo_part = slice(0, 102) if c == 101 else slice(c, c + 1)
+        hi_part = slice(108, 256) if c == 108 else slice(c, c + 1)
+        part = lo_part if c == 101 else hi_part
+        p = (changed[part].sum() + 0.5) / (hist[part].sum() + 1)
+        assert modes[c] == (p > 0.5)
+        d = min(p, 1 - p)
+        if d < 1e-3:
+            continue
+        flags = rng.random(200_000) < d
+        coded = np.flatnonzero(flags)
+        size = {k: sum(a.size for a in rice_reference(coded, k)) for k in range(0, 16)}
+        assert size[int(ks[c])] <= 1.01 * min(size.values())
 
 
 @pytest.mark.parametrize("run,stride", [(64, 64), (64, 4096), (1000, 4096), (100, 333), (256, 2048), (1, 7),
@@ -190,15 +251,18 @@ def test_sample_histogram_changes_reads_a_run_of_every_stride(run, stride, sprea
     new = b.copy()
     new[::3] ^= np.uint16(1)
     idx = np.concatenate([np.arange(j, min(j + run, b.size)) for j in range(0, b.size, stride)])
-    out = np.zeros(256, np.int64)
-    assert K.sample_histogram_changes(new, b, run, stride, out) == (idx.size, int((new[idx] != b[idx]).sum()))
+    out, changed = np.zeros((2, 256), np.int64)
+    assert K.sample_histogram_changes(new, b, run, stride, out, changed) == (idx.size,
+                                                                             int((new[idx] != b[idx]).sum()))
     np.testing.assert_array_equal(out, np.bincount((b[idx] >> 7) & 0xFF, minlength=256))
+    moved = idx[new[idx] != b[idx]]
+    np.testing.assert_array_equal(changed, np.bincount((b[moved] >> 7) & 0xFF, minlength=256))
 
 
 def test_sample_histogram_changes_refuses_a_run_longer_than_its_stride():
     b = weights(1000, 1)
     with pytest.raises(ValueError, match="run <= stride"):
-        K.sample_histogram_changes(b, b, 64, 32, np.zeros(256, np.int64))
+        K.sample_histogram_changes(b, b, 64, 32, np.zeros(256, np.int64), np.zeros(256, np.int64))
 
 
 @pytest.mark.parametrize("name,b,lo,hi", BASES, ids=IDS)
