@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared import formats  # noqa: E402
 from shared.follower import apply_to_state  # noqa: E402
-from shared.formats import TensorChange, bits, encode_delta, read_patch_file  # noqa: E402
+from shared.formats import TensorChange, bits, diff_state, encode_delta, read_patch_file  # noqa: E402
 
 # --mid: the 4-layer, hidden-1024 transformer of issue 16's first measurements (~86 M parameters), for scenarios the
 # 0.6B run cannot fit on a shared machine in time.
@@ -199,8 +199,10 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
     changed = sum(c.positions.size for c in changes.values())
     header = json.dumps({n: {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [0, 0]} for n, t in cur.items()})
     raw = encode_delta(changes, version=version, base=version - 1, total=total, encoding="raw")
-    blobs = {name: encode_delta(changes, version=version, base=version - 1, total=total, encoding=name)
-             for name in CODECS}
+    # Each codec's file as the publisher writes it: its own detection (ctx is encoded on the way, with per-class
+    # Rice parameters from the detection's sample), then encode_delta.
+    blobs = {name: encode_delta(diff_state(cur, prev, encoding=name), version=version, base=version - 1, total=total,
+                                encoding=name) for name in CODECS}
     floor0, floor_ctx = floors(changes)
     signs, repeat = sign_repeat(prev_signs, changes)
     sizes = {"full_bf16": 8 + len(header) + 2 * total, "trl_raw": len(raw),
