@@ -755,3 +755,35 @@ def test_same_results_when_compiled_for_cpus_without_avx512(cpu, tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_run_chunks_starts_calls_in_order_and_stops_after_a_failure():
+    """The detection's chunks wait for their predecessor's slot, so `run_chunks` must start calls in index order
+    (on the caller and the pool's threads); results come back in order; after a call raises no further index is
+    started, the running ones finish, and the first exception reaches the caller -- then the pool still serves."""
+    import threading
+    import time
+
+    started, lock = [], threading.Lock()
+
+    def record(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.001 * (i % 3))  # uneven calls: a later one may finish first
+        return i * i
+
+    assert K.run_chunks(record, 40) == [i * i for i in range(40)]
+    assert started == sorted(started) and len(started) == 40
+    started.clear()
+
+    def failing(i):
+        record(i)
+        if i == 5:
+            raise RuntimeError("chunk 5 failed")
+        return i
+
+    with pytest.raises(RuntimeError, match="chunk 5 failed"):
+        K.run_chunks(failing, 200)
+    assert 5 in started and max(started) < 5 + 2 * (os.cpu_count() or 1)  # no index handed out after the failure
+    assert K.run_chunks(lambda i: -i, 3) == [0, -1, -2]
+    assert K.run_chunks(lambda i: i, 1) == [0] and K.run_chunks(lambda i: i, 0) == []
