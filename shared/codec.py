@@ -247,7 +247,7 @@ class _Diff:
                 self.ks, self.modes = _rice_choices(self.shist, self.schanged, self.lo, self.hi)
         if self.context:
             self.hist = np.zeros((nch, _N_CLASSES), np.int64)
-            self.rows = np.zeros((nch, _N_CLASSES, _kernels().P_FIELDS), np.int64)
+            self.rows = np.empty((nch, _N_CLASSES, _kernels().P_FIELDS), np.int64)  # coded_out sets every row
             self.pieces = [None] * nch
             self.done, self.encoded = 0, None
         self.pos, self.new_at, self.old_at = _buffers.empty_many(self.room, [np.int64, np.uint16, np.uint16])

@@ -1095,14 +1095,12 @@ def coded_out(pos_s, new_s, old_s, cls_s, rank_s, sizes, off, pos, new_at, old_a
         meta[c, P_SIGNS], meta[c, P_BUCKETS], meta[c, P_EXTRA] = at[2], at[3], at[4]
         unary, rem = buf[at[0]: start[1]], buf[at[1]: start[2]]
         signs, buckets, extra = buf[at[2]: start[3]], buf[at[3]: start[4]], buf[at[4]: start[5]]
-        res = res_l[a: a + cnt]
-        if m:
-            meta[c, P_FIRST], meta[c, P_LAST] = vals[0], vals[m - 1]
         ubits = 0
         if m:
+            meta[c, P_FIRST], meta[c, P_LAST] = vals[0], vals[m - 1]
             rest = vals[1:]
             ubits = _rice_write(rest, _whole(rest), kc, unary, rem, vals[0])
-        i, o, acc, nacc, sb = _residual_run(res, -1, 0, np.int64(0), 0, 0, signs, buckets, extra)
+        i, o, acc, nacc, sb = _residual_run(res_l[a: a + cnt], -1, 0, np.int64(0), 0, 0, signs, buckets, extra)
         if i == -2:
             raise ValueError("coded_out: a changed element with a residual of 0")
         meta[c, P_UBITS] = ubits
