@@ -247,6 +247,36 @@ def _class_mask(typingctx, buf, c):
     return types.uint64(buf, types.int64), codegen
 
 
+def _count_group(width: int):
+    """An intrinsic ``(buf, base, counts)``: counts[base + t] += the block's elements of class base + t, t < `width`
+    (buf: the block's classes, `counts`: int64 with room up to base + width; both addresses) -- the class vector
+    loaded once and compared with `width` constants, each count added in place, no mask kept (a changed element's is
+    made again, `_class_mask`): 4-5 instructions a class against ~11 for `_count_block`'s loop (measured: diff_ranks
+    0.35 -> 0.24 ns per element on one chunk in cache). A class above 255 wraps to below ``base - 240``: never one of
+    the block's (they are clamped to at least the first base)."""
+
+    @intrinsic
+    def count(typingctx, buf, base, counts):
+        _address(buf), _address(counts)
+
+        def codegen(context, builder, signature, args):
+            v = builder.load(_block_ptr(builder, args[0], ir.Constant(_I64, 0), 8), align=1)
+            b8 = builder.trunc(args[1], _I8)
+            cp = builder.inttoptr(args[2], _I64.as_pointer())
+            for t in range(width):
+                eq = builder.icmp_unsigned("==", v, _splat(builder, builder.add(b8, ir.Constant(_I8, t)), _W))
+                ptr = builder.gep(cp, [builder.add(args[1], ir.Constant(_I64, t))])
+                builder.store(builder.add(builder.load(ptr), builder.ctpop(builder.bitcast(eq, _I64))), ptr)
+            return context.get_dummy_value()
+
+        return types.void(buf, types.int64, counts), codegen
+
+    return count
+
+
+_count16, _count4 = _count_group(16), _count_group(4)
+
+
 @intrinsic
 def _diff_mask(typingctx, new, old, j):
     """Bit u set where new[j + u] != old[j + u], u < _W (uint16 arrays given as addresses)."""
@@ -898,38 +928,56 @@ def diff_bits(new, old, offset, pos, new_at, old_at):
 def diff_ranks(new, old, offset, table, counts, pos, new_at, old_at, cls, rank):
     """`diff_bits` that also gives each changed element its class ``table[exponent of old]`` and its rank among the
     class's elements -- the ctx encoder's whole O(numel) work in the same read, block by block: one vector compare
-    finds a block's changes, the class masks (`_count_block`) count its classes and rank them. `counts` (int64, 256)
-    holds each class's elements before this chunk on entry (the ranks' base: zeros for chunk-local ranks) and after
-    it on return. Returns the count, or -1 when there are more changes than `pos` has room for (a block whose changes
+    finds a block's changes, class-mask popcounts count its classes (`_count16` / `_count4`), and a changed element's
+    rank is its class's count after the block less its class mask's set bits from it on. `counts` (int64, 256) holds
+    each class's elements before this chunk on entry (the ranks' base: zeros for chunk-local ranks) and after it on
+    return. Returns the count, or -1 when there are more changes than `pos` has room for (a block whose changes
     do not all fit is not written, nor anything past the outputs' end)."""
     new, old = np.ascontiguousarray(new), np.ascontiguousarray(old)
     lo, hi = _clamp_bounds(table)
     buf = np.empty(_W, np.uint8)
     np_, op, fp = new.ctypes.data, old.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
-    masks = np.zeros(256, np.uint64)
+    h = np.zeros(256 + 16, np.int64)  # the counts as the loop keeps them: `_count16` may count 15 classes past hi
     # Outputs and per-class state through raw addresses: indexed stores carry numba's negative-index wraparound
     # (measured 0.45 -> 0.42 ns per element at 4 % changed, one thread).
     pp, vp, wp, cp, rp = pos.ctypes.data, new_at.ctypes.data, old_at.ctypes.data, cls.ctypes.data, rank.ctypes.data
-    hp, mp = counts.ctypes.data, masks.ctypes.data
+    hp = h.ctypes.data
     wide = rank.itemsize == 8
     room = pos.size
     if old.size != new.size or min(new_at.size, old_at.size, cls.size, rank.size) < room:
         raise ValueError("diff_ranks: inputs of one length, outputs as long as pos")  # raw stores: no bounds checks
     if counts.size < 256 or counts.itemsize != 8 or not counts.flags.c_contiguous:
         raise ValueError("diff_ranks: counts must be 256 contiguous int64")
+    for c in range(256):
+        h[c] = counts[c]
     k = 0
     n = new.size
     j = 0
     while j < n:
         changed = _changes(new, old, np_, op, j)
-        _count_block(buf, fp, _classes(old, op, j, lo, hi, buf, fp), lo, hi, counts, masks)
+        valid = ~np.uint64(0)
+        if j + _W <= n:
+            _block_classes(op, j, lo, hi, fp)
+            g = lo
+            while g + 16 <= hi + 1:
+                _count16(fp, g, hp)
+                g += 16
+            while g <= hi:  # the rest four by four: a typical weight matrix has 10-14 classes
+                _count4(fp, g, hp)
+                g += 4
+        else:  # the last, partial block: buf holds the previous block's classes past its end
+            valid = _classes(old, op, j, lo, hi, buf, fp)
+            for c in range(lo, hi + 1):
+                h[c] += _popcount(_class_mask(fp, c) & valid)
         if k + _popcount(changed) > room:
+            for c in range(256):
+                counts[c] = h[c]
             return -1
         while changed:
             u = _lowest(changed)
             changed &= changed - _ONE
             c = np.int64(_ld8(fp, u)) & 0xFF  # the load is signed: class 255 would read as -1
-            r = _ld64(hp, c) - _popcount_from(np.uint64(_ld64(mp, c)), u)
+            r = _ld64(hp, c) - _popcount_from(_class_mask(fp, c) & valid, u)
             i = j + u
             _st64(pp, k, i + offset)
             _st16(vp, k, _ld16(np_, i))
@@ -941,6 +989,8 @@ def diff_ranks(new, old, offset, table, counts, pos, new_at, old_at, cls, rank):
                 _st32(rp, k, r)
             k += 1
         j += _W
+    for c in range(256):
+        counts[c] = h[c]
     return k
 
 

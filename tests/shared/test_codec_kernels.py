@@ -60,6 +60,8 @@ def bases() -> list[tuple[str, np.ndarray, int, int]]:
     out.append(("one-class-hi", b, 255, 255))
     out.append(("unpooled", b, 0, 255))
     out.append(("wide", np.random.default_rng(3).integers(0, 1 << 16, 2 * W * 9 + 5).astype(np.uint16), 40, 200))
+    # The top classes: block counting runs past class 255 (its compare constants wrap to small classes, never present)
+    out.append(("top", np.random.default_rng(4).integers(0, 1 << 16, 2 * W * 9 + 5).astype(np.uint16), 245, 255))
     return out
 
 
@@ -100,7 +102,7 @@ def test_diff_ranks_matches_per_element_definition(name, b, lo, hi, density, ran
 
 
 def test_diff_ranks_refuses_counts_it_cannot_store_into():
-    """It stores the class counts through their address: anything but 256 contiguous int64 is refused."""
+    """The class counts are a detection chunk's row of 256 int64: anything else is refused, not half-read."""
     b = weights(300, 3)
     outs = [np.zeros(300, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
     for counts in (np.zeros(256, np.int32), np.zeros(255, np.int64), np.zeros(512, np.int64)[::2]):
