@@ -1026,7 +1026,7 @@ def _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at):
 @njit(nogil=True, cache=True)
 def changes_out(pos_s, new_s, old_s, off, pos, new_at, old_at):
     """One chunk's changes (`diff_bits` into scratch) copied into its slot of the tensor's arrays at `off`, in
-    streaming stores: the compact detection's copy-out (numpy's copy read every destination line first)."""
+    streaming stores: the detection's copy-out (either encoding) (numpy's copy read every destination line first)."""
     k = pos_s.size
     if off < 0 or off + k > min(pos.size, new_at.size, old_at.size) or min(new_s.size, old_s.size) < k:
         raise ValueError("changes_out: the chunk does not fit its slot")
@@ -1073,24 +1073,20 @@ P_FIELDS = 11
 
 
 @njit(nogil=True, cache=True)
-def coded_out(pos_s, new_s, old_s, cls_s, rank_s, sizes, off, pos, new_at, old_at, ks, modes, rank_l, res_l, spare,
-              meta):
-    """One chunk's changes (`diff_ranks` into scratch: position order, classes, chunk-local ranks) into its slot of
-    the tensor's arrays at `off` (positions and both values, streaming stores), and the chunk's part of every ctx
-    stream coded while it is in cache: per class c with elements here (``sizes[c]``: the chunk's class sizes), the
-    Rice codes of its ranks -- the changed ones (``modes[c] == 0``) or the unchanged ones (1), with ``ks[c]`` --
-    except the first, which only the whole tensor's order can code (`assemble_classes` does), and the sign bits,
-    bucket bytes and extra bits of its residuals (`residual_streams`). The ranks and residuals are sorted class by
-    class in `rank_l` / `res_l` (chunk-sized scratch; `spare` takes the complements). meta[c] gets the class's
-    piece (the P_* fields); returns the chunk's bytes: every piece's unary codes, then every piece's remainders,
-    signs, buckets and extra bits, each piece starting on a byte."""
-    k = pos_s.size
-    if (off < 0 or off + k > min(pos.size, new_at.size, old_at.size)
-            or min(new_s.size, old_s.size, cls_s.size, rank_s.size, rank_l.size, res_l.size) < k
+def coded_out(new_s, old_s, cls_s, rank_s, sizes, ks, modes, rank_l, res_l, spare, meta):
+    """One chunk's part of every ctx stream, coded from its changes (`diff_ranks` into scratch: position order,
+    classes, chunk-local ranks) while they are in cache: per class c with elements here (``sizes[c]``: the chunk's
+    class sizes), the Rice codes of its ranks -- the changed ones (``modes[c] == 0``) or the unchanged ones (1), with
+    ``ks[c]`` -- except the first, which only the whole tensor's order can code (`assemble_classes` does), and the
+    sign bits, bucket bytes and extra bits of its residuals (`residual_streams`). Needs nothing from the chunks
+    before it (the changes' copy into the tensor's arrays, `changes_out`, does: their count). The ranks and
+    residuals are sorted class by class in `rank_l` / `res_l` (chunk-sized scratch; `spare` takes the complements).
+    meta[c] gets the class's piece (the P_* fields); returns the chunk's bytes: every piece's unary codes, then every
+    piece's remainders, signs, buckets and extra bits, each piece starting on a byte."""
+    k = new_s.size
+    if (min(old_s.size, cls_s.size, rank_s.size, rank_l.size, res_l.size) < k
             or min(sizes.size, ks.size, modes.size, meta.shape[0]) < 256 or meta.shape[1] < P_FIELDS):
-        raise ValueError("coded_out: the chunk does not fit its slot")
-    if not (pos.flags.c_contiguous and new_at.flags.c_contiguous and old_at.flags.c_contiguous):
-        raise ValueError("coded_out: outputs must be contiguous")  # streamed through their addresses
+        raise ValueError("coded_out: the chunk's arrays are shorter than its changes")
     meta[:, :] = 0
     slot = np.zeros(257, np.int64)
     for i in range(k):
@@ -1120,7 +1116,6 @@ def coded_out(pos_s, new_s, old_s, cls_s, rank_s, sizes, off, pos, new_at, old_a
         slot[c] = o + 1
         rank_l[o] = rank_s[i]
         res_l[o] = (np.int64(new_s[i]) - np.int64(old_s[i])) & 0xFFFF
-    _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at)
     start = np.zeros(6, np.int64)
     for s in range(5):
         start[s + 1] = start[s] + room[s]

@@ -113,8 +113,10 @@ def test_diff_ranks_refuses_counts_it_cannot_store_into():
 @pytest.mark.parametrize("off", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("k", [0, 1, 3, 4, 5, 8, 9, 103])
 def test_changes_out_streams_every_element_into_its_slot(off, k):
-    """The compact copy-out's streaming stores: positions one by one, the uint16 arrays four at a time from the
-    first multiple of 4 -- every offset and length around those edges, nothing written outside the slot."""
+    """The detection's copy-out (both encodings) in streaming stores: positions one by one, the uint16 arrays four at
+    a time from the first multiple of 4 -- every offset and length around those edges, nothing written outside the
+    slot; a slot past the outputs' end, or a strided output (streamed stores would land between its elements), is
+    refused."""
     rng = np.random.default_rng(off * 100 + k)
     src = [rng.integers(0, 2**40, k), rng.integers(0, 2**16, k).astype(np.uint16),
            rng.integers(0, 2**16, k).astype(np.uint16)]
@@ -126,6 +128,8 @@ def test_changes_out_streams_every_element_into_its_slot(off, k):
         assert (got[:off] == fill).all() and (got[off + k:] == fill).all()
     with pytest.raises(ValueError, match="does not fit its slot"):
         K.changes_out(*src, n - k + 1, *out)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.changes_out(*src, 0, np.zeros(2 * n, np.int64)[::2], *out[1:])
 
 
 def coded_reference(b: np.ndarray, new: np.ndarray, lo: int, hi: int, ks: np.ndarray, modes: np.ndarray):
@@ -178,8 +182,8 @@ def test_coded_chunks_assemble_into_the_whole_tensors_streams(name, b, lo, hi, d
         scratch = [np.zeros(e - s, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32, np.int32,
                                                   np.int16, np.int32)]
         k = K.diff_ranks(new[s:e], b[s:e], s, table, sizes[i], *scratch[:5])
-        pieces.append(K.coded_out(*(a[:k] for a in scratch[:5]), sizes[i], off, *outs, ks, modes, *scratch[5:],
-                                  metas[i]))
+        pieces.append(K.coded_out(*(a[:k] for a in scratch[1:5]), sizes[i], ks, modes, *scratch[5:], metas[i]))
+        K.changes_out(*(a[:k] for a in scratch[:3]), off, *outs)
         off += k
     assert off == m
     np.testing.assert_array_equal(outs[0], pos)
@@ -196,22 +200,20 @@ def test_coded_chunks_assemble_into_the_whole_tensors_streams(name, b, lo, hi, d
         np.testing.assert_array_equal(g, w)
 
 
-def test_coded_out_refuses_a_chunk_outside_its_slot_or_strided_outputs():
-    scratch = [np.zeros(10, t) for t in (np.int64, np.uint16, np.uint16, np.uint8, np.int32)]
+def test_coded_out_refuses_scratch_shorter_than_the_chunk_or_its_complements():
+    """It writes its sorted ranks, residuals and complements without bounds checks: arrays shorter than the chunk's
+    changes, or a `spare` shorter than a class's elements, are refused before anything is written."""
+    scratch = [np.zeros(10, t) for t in (np.uint16, np.uint16, np.uint8, np.int32)]
     sorts = [np.zeros(10, t) for t in (np.int32, np.int16, np.int32)]
-    outs = [np.zeros(15, t) for t in (np.int64, np.uint16, np.uint16)]
     row, meta = np.zeros(256, np.int64), np.zeros((256, K.P_FIELDS), np.int64)
-    with pytest.raises(ValueError, match="does not fit its slot"):
-        K.coded_out(*scratch, row, 6, *outs, row, row, *sorts, meta)
-    strided = [np.zeros(30, np.int64)[::2], *outs[1:]]  # streamed stores would land between its elements
-    with pytest.raises(ValueError, match="contiguous"):
-        K.coded_out(*scratch, row, 0, *strided, row, row, *sorts, meta)
-    with pytest.raises(ValueError, match="contiguous"):
-        K.changes_out(*scratch[:3], 0, np.zeros(30, np.int64)[::2], *outs[1:3])
+    with pytest.raises(ValueError, match="shorter than its changes"):
+        K.coded_out(*scratch[:3], scratch[3][:9], row, row, row, *sorts, meta)
+    with pytest.raises(ValueError, match="shorter than its changes"):
+        K.coded_out(*scratch, row, row, row, sorts[0][:9], *sorts[1:], meta)
     sizes = row.copy()
     sizes[3] = 11  # more elements than the complements' scratch holds
     with pytest.raises(ValueError, match="spare"):
-        K.coded_out(*(a[:0] for a in scratch), sizes, 0, *outs, row, row, *sorts, meta)
+        K.coded_out(*(a[:0] for a in scratch), sizes, row, row, *sorts, meta)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.7, 1.0])
