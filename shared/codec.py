@@ -200,9 +200,9 @@ class _Diff:
     """One tensor's change detection, chunk by chunk, in one read of both versions.
 
     Each chunk is diffed (with `context`: and ranked *locally*, among its own class elements) into this thread's
-    scratch; then, in chunk order, it takes its slot in the tensor's outputs and copies its changes there; for ctx
-    it also codes its part of every stream while the scratch is
-    still in cache (`codec_kernels.coded_out`; the encoder only joins the parts). No pass counts first -- the ctx
+    scratch -- for ctx it then codes its part of every stream while the scratch is still in cache
+    (`codec_kernels.coded_out`; the encoder only joins the parts) -- and then, in chunk order, it takes its slot in
+    the tensor's outputs and copies its changes there (`codec_kernels.changes_out`). No pass counts first -- the ctx
     detection's counting pass cost a full read of both versions, 90 of 230 ms of kernel time at 0.6B. What a chunk
     cannot know ahead comes from a sample read before (`sample`: 1/256 of a large tensor, at least 32 Ki elements,
     all of a tensor under 2**18): the outputs' size, with room to spare (a tensor that outgrows it runs again with

@@ -994,12 +994,18 @@ def diff_ranks(new, old, offset, table, counts, pos, new_at, old_at, cls, rank):
     return k
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at):
-    """pos/new_at/old_at[off: off + k] = the first k of pos_s/new_s/old_s, in streaming stores (`_streaming`): the
-    positions one by one; the two uint16 arrays four elements at a time, packed little-endian (every host numpy and
-    numba run on here), from the first index that is a multiple of 4 (8-byte aligned: numpy's buffers are), the few
-    before and after in plain stores. Ends with the fence."""
+@njit(nogil=True, cache=True)
+def changes_out(pos_s, new_s, old_s, off, pos, new_at, old_at):
+    """One chunk's changes (`diff_bits` / `diff_ranks` into scratch) copied into its slot of the tensor's arrays at
+    `off` in streaming stores (`_streaming`; numpy's copy read every destination line first): the positions one by
+    one; the two uint16 arrays four elements at a time, packed little-endian (every host numpy and numba run on
+    here), from the first index that is a multiple of 4 (8-byte aligned: numpy's buffers are), the few before and
+    after in plain stores. Ends with the fence."""
+    k = pos_s.size
+    if off < 0 or off + k > min(pos.size, new_at.size, old_at.size) or min(new_s.size, old_s.size) < k:
+        raise ValueError("changes_out: the chunk does not fit its slot")
+    if not (pos.flags.c_contiguous and new_at.flags.c_contiguous and old_at.flags.c_contiguous):
+        raise ValueError("changes_out: outputs must be contiguous")  # streamed through their addresses
     pp, np_, op = pos.ctypes.data, new_at.ctypes.data, old_at.ctypes.data
     for i in range(k):
         _stream64(pp, off + i, pos_s[i])
@@ -1021,18 +1027,6 @@ def _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at):
         old_at[off + i] = old_s[i]
         i += 1
     _fence()
-
-
-@njit(nogil=True, cache=True)
-def changes_out(pos_s, new_s, old_s, off, pos, new_at, old_at):
-    """One chunk's changes (`diff_bits` into scratch) copied into its slot of the tensor's arrays at `off`, in
-    streaming stores: the detection's copy-out (either encoding) (numpy's copy read every destination line first)."""
-    k = pos_s.size
-    if off < 0 or off + k > min(pos.size, new_at.size, old_at.size) or min(new_s.size, old_s.size) < k:
-        raise ValueError("changes_out: the chunk does not fit its slot")
-    if not (pos.flags.c_contiguous and new_at.flags.c_contiguous and old_at.flags.c_contiguous):
-        raise ValueError("changes_out: outputs must be contiguous")  # streamed through their addresses
-    _stream_changes(pos_s, new_s, old_s, k, off, pos, new_at, old_at)
 
 
 @njit(nogil=True, cache=True)
