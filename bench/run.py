@@ -120,14 +120,16 @@ def timed(fn, repeats: int) -> dict:
     return _stats(times)
 
 
-def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = False) -> dict:
+def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = False,
+                 pairs: dict[str, str] | None = None) -> dict:
     """`timed` for several functions side by side: each round runs every one once, in order, and each gets, next to
     its own statistics, the median over rounds of its time over `reference`'s in the same round. This machine's speed
     drifts by tens of percent within a minute (its memory state: fresh pages cost 0.4-7 us each); a ratio of two
     medians taken minutes apart carried that drift, a per-round ratio cancels what lasts longer than a round.
     `alternate`: every other round runs them in reverse order, so that two functions compared with each other take
     turns going first and neither always inherits the other's memory state (two same-process comparisons of this
-    round, the new code always first, put it 26 % behind in one and 16 % ahead in the next)."""
+    round, the new code always first, put it 26 % behind in one and 16 % ahead in the next). `pairs` (name -> the
+    name it is compared with) adds ``over_pair``: the median over rounds of its time over its partner's."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -137,8 +139,11 @@ def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = F
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    ref = times[reference]
-    return {name: _stats(ts) | {f"over_{reference}": statistics.median(t / r for t, r in zip(ts, ref))}
+    def over(name: str, other: str) -> float:
+        return statistics.median(t / r for t, r in zip(times[name], times[other]))
+
+    return {name: _stats(ts) | {f"over_{reference}": over(name, reference)}
+            | ({"over_pair": over(name, pairs[name])} if name in (pairs or {}) else {})
             for name, ts in times.items()}
 
 
@@ -268,9 +273,11 @@ def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=
                 **{f"decode_{k}{suffix}": decode(k) for k in CODECS}}
 
     fns = {"ne_pass": ne_pass, **codec_fns(formats, "")}
+    pairs = {}
     if against is not None:
         fns |= codec_fns(against, "@against")
-    return timed_rounds(fns, repeats, reference="ne_pass", alternate=against is not None)
+        pairs = {name: f"{name}@against" for name in fns if name != "ne_pass" and not name.endswith("@against")}
+    return timed_rounds(fns, repeats, reference="ne_pass", alternate=against is not None, pairs=pairs)
 
 
 def gpu_rows(prev, cur, repeats: int) -> dict:

@@ -9,8 +9,9 @@ encoding; every ratio is the median of the rounds' ratios (`run.codec_rounds`, w
 
 To compare two revisions, time them in the same process: ``--against CHECKOUT`` imports that checkout's `shared`
 package under another name (``shared_against``: a copy with its imports of `shared` renamed) and times its detect +
-encode and decode in the same rounds (``...@against``), on the same states -- runs in two processes minutes apart
-differ by tens of percent on this VM whatever the code.
+encode and decode in the same rounds (``...@against``), on the same states, taking turns going first; each of ours
+also gets its time over its counterpart's, the median of per-round ratios (``over_pair``) -- runs in two processes
+minutes apart differ by tens of percent on this VM whatever the code.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     print(f"synthetic: {total:,} weights, {changed:,} changed ({100 * changed / max(total, 1):.2f} %), "
           f"{torch.get_num_threads()} threads, medians of {args.repeats} rounds")
     for name, r in res.items():
-        print(f"  {name:30s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne")
+        pair = f"  {r['over_pair']:5.3f}x its @against (median of per-round ratios)" if "over_pair" in r else ""
+        print(f"  {name:30s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne{pair}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "changed": int(changed), "total": int(total),
                                               "time": res}, indent=1))

@@ -69,6 +69,10 @@ def test_synthetic_times_another_checkout_in_the_same_rounds(tmp_path):
     ours = {"detect_encode_compact", "detect_encode_ctx", "decode_compact", "decode_ctx"}
     assert set(times) == {"ne_pass", *ours, *(f"{k}@against" for k in ours)}
     assert all(t["over_ne_pass"] > 0 for t in times.values())
+    # Each of ours also gets its time over its @against counterpart's, round by round.
+    assert all(times[k]["over_pair"] > 0 for k in ours) and not any("over_pair" in times[k] for k in times
+                                                                  if k not in ours)
+    assert "x its @against" in proc.stdout
     bad = subprocess.run([*cmd, "--against", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "holds no shared/formats.py" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -85,3 +89,23 @@ def test_timed_rounds_alternate_the_order_every_other_round():
         res = timed_rounds(fns, 4, reference="ref", alternate=alternate)
         assert calls[3:] == want  # after one warm-up call each
         assert res["ref"]["over_ref"] == 1.0 and res["a"]["over_ref"] > 0
+
+
+def test_timed_rounds_pair_ratio_is_the_median_of_per_round_ratios(monkeypatch):
+    """`pairs` gives a function its time over its partner's in each round, then the median -- on a fake clock, each
+    call advancing it by that function's cost in that round."""
+    sys.path.insert(0, str(REPO))
+    import bench.run as bench_run
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_run.time, "perf_counter", lambda: clock[0])
+    costs = {"ref": [0, 1, 1, 1], "a": [0, 1, 3, 1], "b": [0, 2, 2, 4]}  # the warm-up call, then three rounds
+    left = {name: iter(c) for name, c in costs.items()}
+
+    def call(name: str) -> None:
+        clock[0] += next(left[name])
+
+    res = bench_run.timed_rounds({n: (lambda n=n: call(n)) for n in costs}, 3, reference="ref", pairs={"a": "b"})
+    assert res["a"]["over_pair"] == 0.5  # a / b per round: 0.5, 1.5, 0.25
+    assert res["a"]["over_ref"] == 1.0 and res["b"]["over_ref"] == 2.0
+    assert "over_pair" not in res["b"] and "over_pair" not in res["ref"]
