@@ -252,8 +252,10 @@ def _count_group(width: int):
     (buf: the block's classes, `counts`: int64 with room up to base + width; both addresses) -- the class vector
     loaded once and compared with `width` constants, each count added in place, no mask kept (a changed element's is
     made again, `_class_mask`): 4-5 instructions a class against ~11 for `_count_block`'s loop (measured: diff_ranks
-    0.35 -> 0.24 ns per element on one chunk in cache). A class above 255 wraps to below ``base - 240``: never one of
-    the block's (they are clamped to at least the first base)."""
+    0.35 -> 0.24 ns per element on one chunk in cache). The compare constants are bytes, so a class past 255 would
+    wrap to a small one; `diff_ranks`' groups never let that meet a real class: a group of 16 ends at or below hi, and
+    a group of 4 wraps (to 0-2) only when it starts at 253-255, a multiple of 4 above lo -- so lo is above the
+    wrapped classes, and no block holds a class below lo."""
 
     @intrinsic
     def count(typingctx, buf, base, counts):
