@@ -251,8 +251,9 @@ def _count_group(width: int):
     """An intrinsic ``(buf, base, counts)``: counts[base + t] += the block's elements of class base + t, t < `width`
     (buf: the block's classes, `counts`: int64 with room up to base + width; both addresses) -- the class vector
     loaded once and compared with `width` constants, each count added in place, no mask kept (a changed element's is
-    made again, `_class_mask`): 4-5 instructions a class against ~11 for `_count_block`'s loop (measured: diff_ranks
-    0.35 -> 0.24 ns per element on one chunk in cache). The compare constants are bytes, so a class past 255 would
+    made again, `_class_mask`): 4-5 instructions a class against ~11 for the per-class loop it replaced, which
+    reloaded the classes and kept every mask (measured: diff_ranks 0.35 -> 0.24 ns per element on one chunk in
+    cache). The compare constants are bytes, so a class past 255 would
     wrap to a small one; `diff_ranks`' groups never let that meet a real class: a group of 16 ends at or below hi, and
     a group of 4 wraps (to 0-2) only when it starts at 253-255, a multiple of 4 above lo -- so lo is above the
     wrapped classes, and no block holds a class below lo."""
@@ -543,13 +544,13 @@ def residual_symbols(starts, residual, sym, hist):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _count_block(buf, fp, valid, lo, hi, h, masks):
-    """Adds each class's elements in a block (its classes in buf, `valid` masking a partial one) to h and keeps
-    their masks: an element at bit i of class c then has rank ``h[c] - _popcount_from(masks[c], i)`` before `start`."""
+def _count_block(fp, valid, lo, hi, h):
+    """Adds each class's elements in a block (its classes at address fp, `valid` masking a partial one) to h: an
+    element at bit i of class c then has rank ``h[c] - _popcount_from(_class_mask(fp, c) & valid, i)`` (the mask
+    made again for the few changed elements, not kept for every class). `diff_ranks` counts whole blocks with
+    `_count16` / `_count4` instead."""
     for c in range(lo, hi + 1):
-        m = _class_mask(fp, c) & valid
-        masks[c] = m
-        h[c] += _popcount(m)
+        h[c] += _popcount(_class_mask(fp, c) & valid)
 
 
 @njit(nogil=True, cache=True)
@@ -563,7 +564,6 @@ def class_ranks(b, table, start, positions, residual, slot, rank_out, res_out):
     buf = np.empty(_W, np.uint8)
     bp, fp = b.ctypes.data, buf.ctypes.data  # buf stays alive: the loop reads it
     h = np.zeros(256, np.int64)
-    masks = np.zeros(256, np.uint64)
     n, m = b.size, positions.size
     i = 0
     j = 0
@@ -573,14 +573,15 @@ def class_ranks(b, table, start, positions, residual, slot, rank_out, res_out):
         while i < m and positions[i] < j + _W:
             changed |= _ONE << np.uint64(positions[i] - j)
             i += 1
-        _count_block(buf, fp, _classes(b, bp, j, lo, hi, buf, fp), lo, hi, h, masks)
+        valid = _classes(b, bp, j, lo, hi, buf, fp)
+        _count_block(fp, valid, lo, hi, h)
         while changed:
             u = _lowest(changed)
             changed &= changed - _ONE
             c = buf[u]
             o = slot[c]
             slot[c] = o + 1
-            rank_out[o] = start[c] + h[c] - _popcount_from(masks[c], u)
+            rank_out[o] = start[c] + h[c] - _popcount_from(_class_mask(fp, c) & valid, u)
             res_out[o] = residual[first]
             first += 1
         j += _W
@@ -969,8 +970,7 @@ def diff_ranks(new, old, offset, table, counts, pos, new_at, old_at, cls, rank):
                 g += 4
         else:  # the last, partial block: buf holds the previous block's classes past its end
             valid = _classes(old, op, j, lo, hi, buf, fp)
-            for c in range(lo, hi + 1):
-                h[c] += _popcount(_class_mask(fp, c) & valid)
+            _count_block(fp, valid, lo, hi, h)
         if k + _popcount(changed) > room:
             for c in range(256):
                 counts[c] = h[c]
