@@ -120,7 +120,7 @@ def timed(fn, repeats: int) -> dict:
     return _stats(times)
 
 
-def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = False,
+def timed_rounds(fns: dict, repeats: int, *, reference: str | tuple[str, ...], alternate: bool = False,
                  pairs: dict[str, str] | None = None) -> dict:
     """`timed` for several functions side by side: each round runs every one once, in order, and each gets, next to
     its own statistics, the median over rounds of its time over `reference`'s in the same round. This machine's speed
@@ -129,7 +129,9 @@ def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = F
     `alternate`: every other round runs them in reverse order, so that two functions compared with each other take
     turns going first and neither always inherits the other's memory state (two same-process comparisons of this
     round, the new code always first, put it 26 % behind in one and 16 % ahead in the next). `pairs` (name -> the
-    name it is compared with) adds ``over_pair``: the median over rounds of its time over its partner's."""
+    name it is compared with) adds ``over_pair``: the median over rounds of its time over its partner's. Several
+    `reference` names give an ``over_<name>`` for each."""
+    refs = (reference,) if isinstance(reference, str) else tuple(reference)
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -142,7 +144,7 @@ def timed_rounds(fns: dict, repeats: int, *, reference: str, alternate: bool = F
     def over(name: str, other: str) -> float:
         return statistics.median(t / r for t, r in zip(times[name], times[other]))
 
-    return {name: _stats(ts) | {f"over_{reference}": over(name, reference)}
+    return {name: _stats(ts) | {f"over_{ref}": over(name, ref) for ref in refs}
             | ({"over_pair": over(name, pairs[name])} if name in (pairs or {}) else {})
             for name, ts in times.items()}
 
@@ -240,7 +242,8 @@ def measure_delta(prev, cur, *, version: int, repeats: int, tmp: Path, timing: b
 
 
 def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=None) -> dict:
-    """`timed_rounds` of one `torch.ne` pass over the model, the publisher's detect + encode and a replica's decode +
+    """`timed_rounds` of one `torch.ne` pass over the model (as written, and into outputs kept between rounds), the
+    publisher's detect + encode and a replica's decode +
     resolve for each of `CODECS` (`paths[encoding]`: the delta from `prev` to `cur` written in it). `against`:
     another implementation's `formats` module (`synthetic.py --against`), timed in the same rounds under names
     ending in ``@against`` -- two revisions compared side by side in one process and memory state, taking turns at
@@ -250,6 +253,15 @@ def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=
     def ne_pass():
         for name, c in cur.items():
             torch.ne(c.view(torch.int16), prev[name].view(torch.int16))
+
+    # The same pass into outputs kept between rounds: no allocator in it. The allocating pass (the issue's reference,
+    # what a user writes) measured 105-342 ms within one scenario's rounds on this VM, by whether its 600 MB of bool
+    # outputs came from resident memory or fresh pages; this one is the memory floor it stands for.
+    kept = {name: torch.empty(c.shape, dtype=torch.bool) for name, c in cur.items()}
+
+    def ne_kept():
+        for name, c in cur.items():
+            torch.ne(c.view(torch.int16), prev[name].view(torch.int16), out=kept[name])
 
     base_bits = {name: bits(t).reshape(-1) for name, t in prev.items()}
 
@@ -272,12 +284,12 @@ def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=
         return {**{f"detect_encode_{k}{suffix}": detect_encode(k) for k in CODECS},
                 **{f"decode_{k}{suffix}": decode(k) for k in CODECS}}
 
-    fns = {"ne_pass": ne_pass, **codec_fns(formats, "")}
+    fns = {"ne_pass": ne_pass, "ne_kept": ne_kept, **codec_fns(formats, "")}
     pairs = {}
     if against is not None:
         fns |= codec_fns(against, "@against")
-        pairs = {name: f"{name}@against" for name in fns if name != "ne_pass" and not name.endswith("@against")}
-    return timed_rounds(fns, repeats, reference="ne_pass", alternate=against is not None, pairs=pairs)
+        pairs = {name: f"{name}@against" for name in fns if not name.startswith("ne_") and not name.endswith("@against")}
+    return timed_rounds(fns, repeats, reference=("ne_pass", "ne_kept"), alternate=against is not None, pairs=pairs)
 
 
 def gpu_rows(prev, cur, repeats: int) -> dict:
@@ -433,12 +445,13 @@ def summarize(res: dict) -> list[dict]:
         med = lambda f, xs=ds: statistics.median(f(d) for d in xs)  # noqa: E731
         t = lambda key: med(lambda d: d["time"][key]["median_s"], timed_d) if timed_d else math.nan  # noqa: E731
 
-        def over_ne(key: str) -> float:
-            """The per-round ratio (`timed_rounds`); results written before it: the ratio of the medians."""
-            if not timed_d:
+        def over_ne(key: str, ref: str = "ne_pass") -> float:
+            """The per-round ratio (`timed_rounds`); results written before it: the ratio of the medians (and
+            before `ne_kept` was timed: nan for it)."""
+            if not timed_d or ref not in timed_d[0]["time"]:
                 return math.nan
-            return med(lambda d: d["time"][key].get("over_ne_pass", d["time"][key]["median_s"]
-                                                     / d["time"]["ne_pass"]["median_s"]), timed_d)
+            return med(lambda d: d["time"][key].get(f"over_{ref}", d["time"][key]["median_s"]
+                                                     / d["time"][ref]["median_s"]), timed_d)
 
         repeats = [d["sign_repeat"] for d in ds if d.get("sign_repeat")]
         rows.append({
@@ -447,10 +460,13 @@ def summarize(res: dict) -> list[dict]:
             "ctx_vs_floor": med(lambda d: d["bytes"]["ctx"] / max(d["bytes"]["entropy_floor"], 1)),
             "ctx_vs_compact": med(lambda d: d["bytes"]["ctx"] / d["bytes"]["compact"]),
             "ne_ms": 1e3 * t("ne_pass"),
+            "ne_kept_ms": 1e3 * t("ne_kept") if timed_d and "ne_kept" in timed_d[0]["time"] else math.nan,
             **{f"encode_{k}_ms": 1e3 * t(f"detect_encode_{k}") for k in CODECS},
             **{f"decode_{k}_ms": 1e3 * t(f"decode_{k}") for k in CODECS},
             **{f"encode_{k}_over_ne": over_ne(f"detect_encode_{k}") for k in CODECS},
             **{f"decode_{k}_over_ne": over_ne(f"decode_{k}") for k in CODECS},
+            **{f"{op}_{k}_over_ne_kept": over_ne(f"{'detect_encode' if op == 'encode' else op}_{k}", "ne_kept")
+               for op in ("encode", "decode") for k in CODECS},
             "sign_repeat_bits_saved": statistics.median(r["bits_saved_per_changed"] for r in repeats) if repeats
             else None,
             "bit_exact": all(all(d["bit_exact"].values()) for d in ds),
@@ -467,21 +483,29 @@ def table(rows: list[dict], gpu: dict | None) -> str:
                      f" {r['bpce_compact']:.3f} | **{r['bpce_ctx']:.3f}** | {r['bpce_entropy_floor']:.3f} |"
                      f" {r['bpce_conditional_floor']:.3f} | {r['ctx_vs_floor']:.2f} | {'yes' if r['bit_exact'] else 'NO'} |")
     lines += ["", "(bytes per changed element, medians over each scenario's deltas)", "",
-              "| scenario | torch.ne ms | encode compact ms (×ne) | encode ctx ms (×ne) | decode compact ms (×ne) |"
-              " decode ctx ms (×ne) | sign-repeat context would save (bits/changed) |",
+              "| scenario | torch.ne ms (kept output) | encode compact ms (×ne, ×kept) | encode ctx ms (×ne, ×kept) |"
+              " decode compact ms (×ne, ×kept) | decode ctx ms (×ne, ×kept) | sign-repeat context would save"
+              " (bits/changed) |",
               "|" + "---|" * 7]
+
+    def cell(r: dict, op: str, k: str) -> str:
+        kept = r[f"{op}_{k}_over_ne_kept"]
+        return (f"{r[f'{op}_{k}_ms']:.0f} ({r[f'{op}_{k}_over_ne']:.1f}×"
+                + ("" if math.isnan(kept) else f", {kept:.1f}×") + ")")
+
     for r in rows:
         sr = r["sign_repeat_bits_saved"]
         if math.isnan(r["ne_ms"]):
             lines.append(f"| {r['scenario']} | not timed (--time) | | | | | {'-' if sr is None else f'{sr:.3f}'} |")
             continue
-        lines.append(f"| {r['scenario']} | {r['ne_ms']:.1f} | {r['encode_compact_ms']:.0f} ({r['encode_compact_over_ne']:.1f}×) |"
-                     f" {r['encode_ctx_ms']:.0f} ({r['encode_ctx_over_ne']:.1f}×) | {r['decode_compact_ms']:.0f}"
-                     f" ({r['decode_compact_over_ne']:.1f}×) | {r['decode_ctx_ms']:.0f} ({r['decode_ctx_over_ne']:.1f}×) |"
-                     f" {'-' if sr is None else f'{sr:.3f}'} |")
+        ne = f"{r['ne_ms']:.1f}" + ("" if math.isnan(r["ne_kept_ms"]) else f" ({r['ne_kept_ms']:.1f})")
+        lines.append(f"| {r['scenario']} | {ne} | {cell(r, 'encode', 'compact')} | {cell(r, 'encode', 'ctx')} |"
+                     f" {cell(r, 'decode', 'compact')} | {cell(r, 'decode', 'ctx')} | {'-' if sr is None else f'{sr:.3f}'} |")
     lines.append("")
     lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU; ×ne: the median"
-                 " of each round's ratio, every function timed once per round)")
+                 " of each round's ratio to one `torch.ne` pass, every function timed once per round; ×kept: the same"
+                 " against `torch.ne` into outputs kept between rounds -- the allocating pass swings 105-342 ms on this"
+                 " VM by whether its 600 MB of outputs land on resident or fresh pages)")
     if gpu and gpu.get("available"):
         lines.append(f"GPU ({gpu['device']}): torch.ne pass {gpu['ne_pass']['median_s'] * 1e3:.2f} ms, detect + copy to "
                      f"host {gpu['detect_to_host']['median_s'] * 1e3:.2f} ms, detect + encode compact "

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, medians of {args.repeats} rounds")
     for name, r in res.items():
         pair = f"  {r['over_pair']:5.3f}x its @against (median of per-round ratios)" if "over_pair" in r else ""
-        print(f"  {name:30s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne{pair}")
+        print(f"  {name:30s} {1e3 * r['median_s']:8.1f} ms  {r['over_ne_pass']:5.2f}x torch.ne"
+              f"  {r['over_ne_kept']:5.2f}x kept{pair}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "changed": int(changed), "total": int(total),
                                               "time": res}, indent=1))

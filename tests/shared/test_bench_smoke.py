@@ -32,8 +32,8 @@ def test_bench_quick_runs_and_reports_every_format(tmp_path):
     timed = [d["time"] for sc in res["scenarios"] for d in sc["deltas"] if "time" in d]
     assert timed, "the last delta of a scenario is timed"
     for t in timed:  # side by side: every function's ratio to torch.ne is taken round by round
-        assert t["ne_pass"]["over_ne_pass"] == 1.0
-        assert all(t[k]["over_ne_pass"] > 0 and t[k]["median_s"] > 0 for k in t)
+        assert t["ne_pass"]["over_ne_pass"] == 1.0 and t["ne_kept"]["over_ne_kept"] == 1.0
+        assert all(t[k]["over_ne_pass"] > 0 and t[k]["over_ne_kept"] > 0 and t[k]["median_s"] > 0 for k in t)
     assert any(sc["warmup_steps"] for sc in res["scenarios"]), "the warm scenario must be part of the run"
     assert "| scenario |" in proc.stdout
     assert "GPU rows: no GPU" in proc.stdout or "GPU (" in proc.stdout
@@ -50,9 +50,10 @@ def test_synthetic_side_by_side_runs_and_reports_ratios(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert 0 < res["changed"] < res["total"]
-    assert set(res["time"]) == {"ne_pass", "detect_encode_compact", "detect_encode_ctx", "decode_compact",
-                                "decode_ctx"}
-    assert all(t["over_ne_pass"] > 0 for t in res["time"].values()) and "x torch.ne" in proc.stdout
+    assert set(res["time"]) == {"ne_pass", "ne_kept", "detect_encode_compact", "detect_encode_ctx",
+                                "decode_compact", "decode_ctx"}
+    assert all(t["over_ne_pass"] > 0 and t["over_ne_kept"] > 0 for t in res["time"].values())
+    assert "x torch.ne" in proc.stdout and "x kept" in proc.stdout
     bad = subprocess.run([*cmd, "--lr", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--lr > 0" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -67,7 +68,7 @@ def test_synthetic_times_another_checkout_in_the_same_rounds(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     times = json.loads(out.read_text())["time"]
     ours = {"detect_encode_compact", "detect_encode_ctx", "decode_compact", "decode_ctx"}
-    assert set(times) == {"ne_pass", *ours, *(f"{k}@against" for k in ours)}
+    assert set(times) == {"ne_pass", "ne_kept", *ours, *(f"{k}@against" for k in ours)}
     assert all(t["over_ne_pass"] > 0 for t in times.values())
     # Each of ours also gets its time over its @against counterpart's, round by round.
     assert all(times[k]["over_pair"] > 0 for k in ours) and not any("over_pair" in times[k] for k in times
@@ -92,8 +93,9 @@ def test_timed_rounds_alternate_the_order_every_other_round():
 
 
 def test_timed_rounds_pair_ratio_is_the_median_of_per_round_ratios(monkeypatch):
-    """`pairs` gives a function its time over its partner's in each round, then the median -- on a fake clock, each
-    call advancing it by that function's cost in that round."""
+    """`pairs` gives a function its time over its partner's in each round, then the median (and each of several
+    references, its ratio to each) -- on a fake clock, each call advancing it by that function's cost in that
+    round."""
     sys.path.insert(0, str(REPO))
     import bench.run as bench_run
 
@@ -105,7 +107,9 @@ def test_timed_rounds_pair_ratio_is_the_median_of_per_round_ratios(monkeypatch):
     def call(name: str) -> None:
         clock[0] += next(left[name])
 
-    res = bench_run.timed_rounds({n: (lambda n=n: call(n)) for n in costs}, 3, reference="ref", pairs={"a": "b"})
+    res = bench_run.timed_rounds({n: (lambda n=n: call(n)) for n in costs}, 3, reference=("ref", "b"),
+                                 pairs={"a": "b"})
     assert res["a"]["over_pair"] == 0.5  # a / b per round: 0.5, 1.5, 0.25
     assert res["a"]["over_ref"] == 1.0 and res["b"]["over_ref"] == 2.0
+    assert res["a"]["over_b"] == 0.5 and res["ref"]["over_b"] == 0.5  # a second reference: a ratio to each
     assert "over_pair" not in res["b"] and "over_pair" not in res["ref"]
