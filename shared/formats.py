@@ -32,12 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save as st_save_numpy
-from safetensors.torch import save as st_save
-from safetensors.torch import save_file as st_save_file
 
 from shared.codec import ContextTensor, DecodedTensor, EncodedTensor, StreamedTensor, bf16_bits, bf16_from_bits, \
     _kernels, check_positions, diff_bits, diff_many, get_encoding
+from shared import stfile
 from shared.errors import FormatError
 
 DELTA_FORMAT = "dws-delta"
@@ -188,9 +186,7 @@ def encode_delta(changes: Mapping[str, TensorChange], *, version: int, base: int
     if encoding == "raw":
         # TRL's delta-sync readers look for exactly these keys.
         meta.update({"sparse": "True", "model_version": str(version), "changed_params": json.dumps(sorted(info))})
-    if not values:  # ctx: bytes only -- safetensors' numpy path skips torch's per-tensor checks (11 -> 7 ms at 0.6B)
-        return st_save_numpy(arrays, metadata=meta)
-    return st_save({k: from_bits(a) if k in values else torch.from_numpy(a) for k, a in arrays.items()}, metadata=meta)
+    return stfile.to_bytes(arrays, metadata=meta, bf16=frozenset(values))
 
 
 def write_anchor(tensors: Mapping[str, torch.Tensor], dest: str | Path, *, version: int) -> int:
@@ -198,9 +194,7 @@ def write_anchor(tensors: Mapping[str, torch.Tensor], dest: str | Path, *, versi
     for name, t in tensors.items():
         if t.dtype != torch.bfloat16:
             raise TypeError(f"anchor tensor {name} must be bf16, got {t.dtype}")
-    st_save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(dest),
-                 metadata={"format": "pt", "dws_kind": "anchor", "version": str(version)})
-    return Path(dest).stat().st_size
+    return stfile.write(tensors, dest, metadata={"format": "pt", "dws_kind": "anchor", "version": str(version)})
 
 
 def header_metadata(path: str | Path) -> dict[str, str]:
@@ -272,9 +266,7 @@ def _kind_of(meta: Mapping[str, str]) -> str:
     return kind
 
 
-_ST_NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "BOOL": np.bool_,
-             "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32,
-             "U64": np.uint64, "I64": np.int64}  # safetensors dtype -> numpy (bf16 as its uint16 bit patterns)
+_ST_NUMPY = stfile.ST_NUMPY  # safetensors dtype -> numpy (bf16 as its uint16 bit patterns)
 
 
 class _PreadArrays:

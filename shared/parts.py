@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
+from shared import stfile
 from shared.errors import FormatError
 from shared.formats import PatchFile, header_metadata, read_patch_file
 from shared.manifest import LAYOUT_DIM0_CHUNKS, chunk_rows
-
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def encode_anchor_part(tensors: Mapping[str, torch.Tensor], *, version: int, sha
             raise ValueError(f"anchor part {index}/{count}: {name} is {tuple(t.shape)} {t.dtype}, expected "
                              f"{local_shape(tuple(shapes[name]), want[name])} bf16")
     meta = {"format": "pt", "dws_kind": "anchor", "version": str(version), **part_metadata(shapes, index, count)}
-    return st_save({k: tensors[k].contiguous() for k in sorted(tensors)}, metadata=meta)
+    return stfile.to_bytes(tensors, metadata=meta)
 
 
 def is_part_file(path: str | Path) -> bool:

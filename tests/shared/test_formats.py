@@ -182,3 +182,65 @@ def test_a_decoded_delta_is_freed_with_its_last_reference_not_by_the_garbage_col
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("encoding", ["raw", "compact", "ctx"])
+def test_the_same_delta_is_written_byte_for_byte_the_same(tmp_path, encoding):
+    """A delta encoded twice is the same file (safetensors' own serializer ordered the header metadata differently
+    on every call: the same version had a different sha256 each time it was written), readable by safetensors
+    itself, every tensor starting on a multiple of its item size; an anchor likewise."""
+    import hashlib
+
+    from shared.formats import diff_state
+
+    g = torch.Generator().manual_seed(3)
+    old = {"a.weight": (torch.randn(64, 32, generator=g) * 0.02).bfloat16(),
+           "b.bias": (torch.randn(40, generator=g) * 0.02).bfloat16()}
+    new = {k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).bfloat16() for k, v in old.items()}
+    blobs = [encode_delta(diff_state(new, old, encoding=encoding), version=2, base=1, total=64 * 32 + 40,
+                          encoding=encoding) for _ in range(4)]
+    assert len({hashlib.sha256(b).hexdigest() for b in blobs}) == 1
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(blobs[0])
+    n = int.from_bytes(blobs[0][:8], "little")
+    header = json.loads(blobs[0][8:8 + n])
+    assert n % 8 == 0 and next(iter(header)) == "__metadata__"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == header["__metadata__"] and sorted(f.keys()) == sorted(k for k in header if k != "__metadata__")
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            t = f.get_tensor(key)
+            assert entry["data_offsets"][0] % t.element_size() == 0 and list(t.shape) == entry["shape"]
+    st = {k: v.clone() for k, v in old.items()}
+    apply_to_state(st, read_patch_file(path))
+    assert all(torch.equal(st[k], new[k]) for k in st)
+    anchors = [tmp_path / f"a{i}.safetensors" for i in range(3)]
+    for a in anchors:
+        write_anchor(new, a, version=2)
+    assert len({a.read_bytes() for a in anchors}) == 1
+    with safe_open(str(anchors[0]), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(k), new[k]) for k in new) and f.metadata()["dws_kind"] == "anchor"
+
+
+def test_stfile_writes_every_dtype_safetensors_reads_and_refuses_what_it_cannot_store(tmp_path):
+    from safetensors.numpy import load_file
+
+    from shared import stfile
+
+    arrays = {"empty": np.zeros(0, np.int64), "flags": np.array([True, False]), "big": np.arange(5, dtype=">i4"),
+              "strided": np.arange(12, dtype=np.int16)[::3], "f": np.linspace(0, 1, 7, dtype=np.float32)}
+    path = tmp_path / "x.safetensors"
+    stfile.write(arrays, path, metadata={"z": "1", "a": "2"})
+    assert path.read_bytes() == stfile.to_bytes(arrays, metadata={"z": "1", "a": "2"})
+    back = load_file(str(path))
+    assert all(np.array_equal(back[k], v) for k, v in arrays.items())
+    assert back["big"].dtype == np.int32  # stored little-endian
+    raw = path.read_bytes()
+    assert list(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]) == ["z", "a"]  # as given
+    with pytest.raises(TypeError, match="no safetensors dtype"):
+        stfile.to_bytes({"c": np.zeros(2, np.complex64)})
+    with pytest.raises(TypeError, match="uint16 bit patterns"):
+        stfile.to_bytes({"v": np.zeros(2, np.int32)}, bf16=frozenset({"v"}))
+    with pytest.raises(TypeError, match="strings to strings"):
+        stfile.to_bytes({"v": np.zeros(2, np.int32)}, metadata={"n": 1})
