@@ -445,7 +445,7 @@ def summarize(res: dict) -> list[dict]:
         med = lambda f, xs=ds: statistics.median(f(d) for d in xs)  # noqa: E731
         t = lambda key: med(lambda d: d["time"][key]["median_s"], timed_d) if timed_d else math.nan  # noqa: E731
 
-        def over_ne(key: str, ref: str = "ne_pass") -> float:
+        def over_ne(key: str, ref: str = "ne_pass", timed_d: list = timed_d) -> float:
             """The per-round ratio (`timed_rounds`); results written before it: the ratio of the medians (and
             before `ne_kept` was timed: nan for it)."""
             if not timed_d or ref not in timed_d[0]["time"]:

@@ -93,6 +93,5 @@ def write(tensors: Mapping[str, Any], path: str | Path, *, metadata: Mapping[str
     head, arrays = _layout(tensors, metadata, bf16)
     with open(path, "wb") as f:
         f.write(head)
-        for a in arrays:
-            f.write(_buffer(a))
+        f.writelines(_buffer(a) for a in arrays)
     return Path(path).stat().st_size

@@ -15,6 +15,7 @@ hook driven by the environment variable `DWS_TEST_FAULT_NAN_AT_STEP`, not by a f
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -348,6 +349,12 @@ def train(cfg: TrainerConfig, *, state: RunState | None = None,
         state.set(full_bf16_bytes=2 * sum(p.numel() for p in model.parameters()), start_version=start,
                   phase="training")
         log.info("starting at version v%d", start)
+        # What exists now (torch, transformers, TRL, datasets, the model's modules: ~430 k objects) lives for the
+        # whole run. Out of the collector's sight, a full collection -- it holds the GIL, stalling the training loop
+        # and the publisher's thread alike -- scans only what the run makes: measured 360-390 ms per full collection
+        # of this process's start-up heap, ~0 frozen. (Unfrozen when the run ends.)
+        gc.collect()
+        gc.freeze()
         trainer.train()
         if cfg.steps % cfg.weight_sync_steps:
             # TRL syncs every weight_sync_steps steps: the last steps of the run are not yet in the bucket.
@@ -367,6 +374,7 @@ def train(cfg: TrainerConfig, *, state: RunState | None = None,
         state.set(phase="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        gc.unfreeze()  # a later run in this process must not keep this one's objects out of the collector
         try:
             if publisher is not None:
                 publisher.close()
