@@ -255,7 +255,7 @@ def codec_rounds(prev, cur, paths: dict, *, version: int, repeats: int, against=
             torch.ne(c.view(torch.int16), prev[name].view(torch.int16))
 
     # The same pass into outputs kept between rounds: no allocator in it. The allocating pass (the reference,
-    # what a user writes) measured 105-342 ms within one scenario's rounds on this VM, by whether its 600 MB of bool
+    # what a user writes) measured 105-434 ms within one scenario's rounds on this VM, by whether its 600 MB of bool
     # outputs came from resident memory or fresh pages; this one is the memory floor it stands for.
     kept = {name: torch.empty(c.shape, dtype=torch.bool) for name, c in cur.items()}
 
@@ -504,7 +504,7 @@ def table(rows: list[dict], gpu: dict | None) -> str:
     lines.append("")
     lines.append("(times: medians over repeats on the last delta of each scenario, this machine's CPU; ×ne: the median"
                  " of each round's ratio to one `torch.ne` pass, every function timed once per round; ×kept: the same"
-                 " against `torch.ne` into outputs kept between rounds -- the allocating pass swings 105-342 ms on this"
+                 " against `torch.ne` into outputs kept between rounds -- the allocating pass swings 105-434 ms on this"
                  " VM by whether its 600 MB of outputs land on resident or fresh pages)")
     if gpu and gpu.get("available"):
         lines.append(f"GPU ({gpu['device']}): torch.ne pass {gpu['ne_pass']['median_s'] * 1e3:.2f} ms, detect + copy to "
