@@ -34,7 +34,7 @@ _NUMPY_ST = {np.dtype(v): k for k, v in ST_NUMPY.items() if k != "BF16"}
 def _as_array(value: Any) -> tuple[np.ndarray, str | None]:
     """A C-contiguous numpy view of `value`, and "BF16" for a torch bf16 tensor (its bits as uint16)."""
     if isinstance(value, np.ndarray):
-        arr = np.ascontiguousarray(value)
+        arr = value if value.flags.c_contiguous else np.ascontiguousarray(value)  # (that one makes a 0-d array 1-d)
         if arr.dtype.byteorder == ">":  # the format is little-endian
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         return arr, None

@@ -229,12 +229,13 @@ def test_stfile_writes_every_dtype_safetensors_reads_and_refuses_what_it_cannot_
     from shared import stfile
 
     arrays = {"empty": np.zeros(0, np.int64), "flags": np.array([True, False]), "big": np.arange(5, dtype=">i4"),
-              "strided": np.arange(12, dtype=np.int16)[::3], "f": np.linspace(0, 1, 7, dtype=np.float32)}
+              "strided": np.arange(12, dtype=np.int16)[::3], "f": np.linspace(0, 1, 7, dtype=np.float32),
+              "scalar": np.array(2.5, np.float64), "grid": np.arange(6, dtype=np.uint32).reshape(2, 3)}
     path = tmp_path / "x.safetensors"
     stfile.write(arrays, path, metadata={"z": "1", "a": "2"})
     assert path.read_bytes() == stfile.to_bytes(arrays, metadata={"z": "1", "a": "2"})
     back = load_file(str(path))
-    assert all(np.array_equal(back[k], v) for k, v in arrays.items())
+    assert all(np.array_equal(back[k], v) and back[k].shape == v.shape for k, v in arrays.items())
     assert back["big"].dtype == np.int32  # stored little-endian
     raw = path.read_bytes()
     assert list(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]) == ["z", "a"]  # as given
