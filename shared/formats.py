@@ -266,9 +266,6 @@ def _kind_of(meta: Mapping[str, str]) -> str:
     return kind
 
 
-_ST_NUMPY = stfile.ST_NUMPY  # safetensors dtype -> numpy (bf16 as its uint16 bit patterns)
-
-
 class _PreadArrays:
     """A safetensors file's arrays read with ``pread`` into fresh numpy buffers (bf16 as uint16 bit patterns). Not
     ``safe_open(...).get_tensor``: that reads through a memory map, and every page read stays mapped -- counted in
@@ -292,7 +289,7 @@ class _PreadArrays:
 
     def get(self, key: str) -> np.ndarray:
         e = self._entries[key]
-        dtype = _ST_NUMPY.get(e.get("dtype"))
+        dtype = stfile.ST_NUMPY.get(e.get("dtype"))
         if dtype is None:
             raise FormatError(f"{self._name}: {key} has an unsupported dtype {e.get('dtype')!r}")
         shape = tuple(int(s) for s in e["shape"])

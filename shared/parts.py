@@ -82,9 +82,8 @@ def part_metadata(shapes: Mapping[str, tuple[int, ...]], index: int, count: int)
 
 
 def add_metadata(blob: bytes, extra: Mapping[str, str]) -> bytes:
-    """The same safetensors file with `extra` added to its header metadata. Offsets in the header are relative to
-    the data section, so only the header is rewritten; it is padded with spaces to 8 bytes as safetensors does,
-    which keeps the tensor data aligned for readers that memory-map it."""
+    """The same safetensors file with `extra` added to its header metadata: only the header is rewritten
+    (`stfile.header_bytes`: the data offsets stay valid, the data stays aligned)."""
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
     meta = dict(header.get("__metadata__") or {})
@@ -93,9 +92,7 @@ def add_metadata(blob: bytes, extra: Mapping[str, str]) -> bytes:
         raise ValueError(f"header metadata already has {sorted(clash)}")
     meta.update(extra)
     header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
+    return stfile.header_bytes(header) + blob[8 + n:]
 
 
 def encode_anchor_part(tensors: Mapping[str, torch.Tensor], *, version: int, shapes: Mapping[str, tuple[int, ...]],

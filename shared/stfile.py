@@ -71,9 +71,16 @@ def _layout(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None,
     for name, st, arr in entries:
         header[name] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
+    return header_bytes(header), [arr for _, _, arr in entries]
+
+
+def header_bytes(header: Mapping[str, Any]) -> bytes:
+    """A file's first bytes for a header (its ``__metadata__`` and tensor entries, in order): the 8-byte length and
+    the compact JSON padded with spaces to a multiple of 8 bytes -- the data section starts 8-byte aligned. Offsets in
+    a header are relative to the data section, so a header rewritten this way keeps the data after it valid."""
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw, [arr for _, _, arr in entries]
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def _buffer(arr: np.ndarray) -> memoryview:
