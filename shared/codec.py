@@ -1237,12 +1237,10 @@ def _join_pieces(d: "_Diff") -> EncodedTensor:
     streams `ContextEncoding.encode` writes from ranks, with the per-class Rice parameters and modes the detection
     chose from its sample)."""
     K = _kernels()
-    lens = np.fromiter((p.size for p in d.pieces), np.int64, len(d.pieces))
-    starts = np.cumsum(lens) - lens
-    chunks = np.concatenate([*d.pieces, np.zeros(8, np.uint8)])  # the bit reader reads 8 bytes at a time
+    addrs = np.fromiter((p.ctypes.data for p in d.pieces), np.int64, len(d.pieces))  # d.pieces keeps them alive
     present = np.flatnonzero(d.rows[:, :, K.P_CHANGED].sum(axis=0))
     rows = np.empty((present.size, 6), np.int64)
-    streams, signs, buckets, extra = K.assemble_classes(chunks, starts, d.rows, d.hist, d.ks, d.modes, present, rows)
+    streams, signs, buckets, extra = K.assemble_classes(addrs, d.rows, d.hist, d.ks, d.modes, present, rows)
     frame = zstandard.ZstdCompressor(level=_ZstdCoder.level, write_content_size=False,
                                      write_checksum=False).compress(buckets.data)
     params = {"n": int(buckets.size), "x": int(extra.size), "p": [d.lo, d.hi],

@@ -1077,8 +1077,9 @@ def coded_out(new_s, old_s, cls_s, rank_s, sizes, ks, modes, rank_l, res_l, spar
     sign bits, bucket bytes and extra bits of its residuals (`residual_streams`). Needs nothing from the chunks
     before it (the changes' copy into the tensor's arrays, `changes_out`, does: their count). The ranks and
     residuals are sorted class by class in `rank_l` / `res_l` (chunk-sized scratch; `spare` takes the complements).
-    meta[c] gets the class's piece (the P_* fields); returns the chunk's bytes: every piece's unary codes, then every
-    piece's remainders, signs, buckets and extra bits, each piece starting on a byte."""
+    meta[c] gets the class's piece (the P_* fields, offsets into the returned bytes); returns the chunk's bytes: five
+    regions -- every piece's unary codes, then every piece's remainders, signs, buckets and extra bits, each piece
+    starting on a byte -- each with room to spare after its pieces, and 8 readable bytes after the last."""
     k = new_s.size
     if (min(old_s.size, cls_s.size, rank_s.size, rank_l.size, res_l.size) < k
             or min(sizes.size, ks.size, modes.size, meta.shape[0]) < 256 or meta.shape[1] < P_FIELDS):
@@ -1115,7 +1116,10 @@ def coded_out(new_s, old_s, cls_s, rank_s, sizes, ks, modes, rank_l, res_l, spar
     start = np.zeros(6, np.int64)
     for s in range(5):
         start[s + 1] = start[s] + room[s]
-    buf = np.empty(start[5], np.uint8)
+    # The regions stay where they are: `assemble_classes` reads each piece's streams at its offsets (a join of the
+    # regions without their slack was a second copy of every piece, and `_join_pieces` a third). 8 bytes past the
+    # last region: the bit readers' word loads.
+    buf = np.empty(start[5] + 8, np.uint8)
     at = start[:5].copy()
     for c in range(256):
         n_c, cnt = sizes[c], meta[c, P_CHANGED]
@@ -1152,19 +1156,7 @@ def coded_out(new_s, old_s, cls_s, rank_s, sizes, ks, modes, rank_l, res_l, spar
             at[4] += _residual_end(cnt, o, acc, nacc, sb, signs, extra)
             at[2] += (cnt + 7) >> 3
             at[3] += cnt
-    # Join the regions: each piece's offsets move by the slack of the regions before its own.
-    out = np.empty((at - start[:5]).sum(), np.uint8)
-    shift = np.zeros(5, np.int64)
-    o = 0
-    for s in range(5):
-        used = at[s] - start[s]
-        out[o: o + used] = buf[start[s]: at[s]]
-        shift[s] = o - start[s]
-        o += used
-    for c in range(256):
-        for s, f in enumerate((P_UNARY, P_REM, P_SIGNS, P_BUCKETS, P_EXTRA)):
-            meta[c, f] += shift[s]
-    return out
+    return buf
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -1215,15 +1207,14 @@ def _bits_end(addr, o, acc, nacc):
 
 
 @njit(nogil=True, cache=True)
-def assemble_classes(chunks, starts, metas, sizes, ks, modes, present, rows):
-    """A ctx tensor's streams from its chunks' pieces (`coded_out`: the bytes of chunk i at ``chunks[starts[i]:]``,
-    8 readable bytes past the last chunk's,
-    its rows ``metas[i]``, its class sizes ``sizes[i]``): for every class of `present` (those with changes), in
-    order, its unary then its remainder stream -- each piece's first rank coded as its gap from the previous piece's
-    last, then the piece's own codes appended -- and then, class after class, every change's sign bit, bucket byte
-    and extra bits. A class whose elements all changed codes nothing (mode 2), whatever its mode was. rows[j] =
-    (class size, changed, mode, k, unary bytes, remainder bytes) of class present[j]. Returns (position streams,
-    signs, buckets, extra)."""
+def assemble_classes(addrs, metas, sizes, ks, modes, present, rows):
+    """A ctx tensor's streams from its chunks' pieces (`coded_out`: the bytes of chunk i at the address ``addrs[i]``
+    -- the caller keeps them alive -- its rows ``metas[i]``, its class sizes ``sizes[i]``): for every class of
+    `present` (those with changes), in order, its unary then its remainder stream -- each piece's first rank coded
+    as its gap from the previous piece's last, then the piece's own codes appended -- and then, class after class,
+    every change's sign bit, bucket byte and extra bits. A class whose elements all changed codes nothing (mode 2),
+    whatever its mode was. rows[j] = (class size, changed, mode, k, unary bytes, remainder bytes) of class
+    present[j]. Returns (position streams, signs, buckets, extra)."""
     nch = metas.shape[0]
     npos = 0
     n = 0
@@ -1260,9 +1251,11 @@ def assemble_classes(chunks, starts, metas, sizes, ks, modes, present, rows):
     # every stream's end).
     streams = np.empty(npos + 8, np.uint8)
     signs = np.empty(((n + 7) >> 3) + 8, np.uint8)
-    buckets = np.empty(n, np.uint8)
+    buckets = np.empty(n + 8, np.uint8)  # copied 8 bytes at a time: up to 7 past a piece's, overwritten next
     extra = np.empty(((xbits + 7) >> 3) + 8, np.uint8)
-    sa, ga, xa, ca = streams.ctypes.data, signs.ctypes.data, extra.ctypes.data, chunks.ctypes.data
+    if addrs.size < nch:
+        raise ValueError("assemble_classes: an address per chunk")  # read unchecked below
+    sa, ga, xa, ba = streams.ctypes.data, signs.ctypes.data, extra.ctypes.data, buckets.ctypes.data
     o = 0
     go, gacc, gn = 0, np.uint64(0), 0
     xo, xacc, xn = 0, np.uint64(0), 0
@@ -1278,14 +1271,14 @@ def assemble_classes(chunks, starts, metas, sizes, ks, modes, present, rows):
                 m = metas[i, c, P_CODED]
                 if m:
                     g = base + metas[i, c, P_FIRST] - prev - 1
-                    p = 8 * (starts[i] + metas[i, c, P_UNARY if part == 0 else P_REM])
+                    p = 8 * metas[i, c, P_UNARY if part == 0 else P_REM]
                     if part == 0:
                         w, acc, nacc = _bits_zeros(sa, w, acc, nacc, g >> kc)
                         w, acc, nacc = _bits_put(sa, w, acc, nacc, np.uint64(1), 1)
-                        w, acc, nacc = _bits_stream(sa, w, acc, nacc, ca, p, metas[i, c, P_UBITS])
+                        w, acc, nacc = _bits_stream(sa, w, acc, nacc, addrs[i], p, metas[i, c, P_UBITS])
                     elif kc:
                         w, acc, nacc = _bits_put(sa, w, acc, nacc, np.uint64(g & ((np.int64(1) << kc) - 1)), kc)
-                        w, acc, nacc = _bits_stream(sa, w, acc, nacc, ca, p, (m - 1) * kc)
+                        w, acc, nacc = _bits_stream(sa, w, acc, nacc, addrs[i], p, (m - 1) * kc)
                     prev = base + metas[i, c, P_LAST]
                 base += sizes[i, c]
             _bits_end(sa, w, acc, nacc)
@@ -1293,15 +1286,16 @@ def assemble_classes(chunks, starts, metas, sizes, ks, modes, present, rows):
         for i in range(nch):
             cnt = metas[i, c, P_CHANGED]
             if cnt:
-                p = starts[i]
-                go, gacc, gn = _bits_stream(ga, go, gacc, gn, ca, 8 * (p + metas[i, c, P_SIGNS]), cnt)
-                q = p + metas[i, c, P_BUCKETS]
-                buckets[bo: bo + cnt] = chunks[q: q + cnt]
+                a = addrs[i]
+                go, gacc, gn = _bits_stream(ga, go, gacc, gn, a, 8 * metas[i, c, P_SIGNS], cnt)
+                q = a + metas[i, c, P_BUCKETS]
+                for w8 in range(0, cnt, 8):  # (a piece's region is followed by readable bytes: see coded_out)
+                    _st64(ba + bo + w8, 0, _ld64(q + w8, 0))
                 bo += cnt
-                xo, xacc, xn = _bits_stream(xa, xo, xacc, xn, ca, 8 * (p + metas[i, c, P_EXTRA]), metas[i, c, P_XBITS])
+                xo, xacc, xn = _bits_stream(xa, xo, xacc, xn, a, 8 * metas[i, c, P_EXTRA], metas[i, c, P_XBITS])
     _bits_end(ga, go, gacc, gn)
     _bits_end(xa, xo, xacc, xn)
-    return streams[:npos], signs[: (n + 7) >> 3], buckets, extra[: (xbits + 7) >> 3]
+    return streams[:npos], signs[: (n + 7) >> 3], buckets[:n], extra[: (xbits + 7) >> 3]
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -189,11 +189,10 @@ def test_coded_chunks_assemble_into_the_whole_tensors_streams(name, b, lo, hi, d
     np.testing.assert_array_equal(outs[0], pos)
     np.testing.assert_array_equal(outs[1], new[pos])
     np.testing.assert_array_equal(outs[2], b[pos])
-    lens = np.array([p.size for p in pieces], np.int64)
     present = np.flatnonzero(metas[:, :, K.P_CHANGED].sum(axis=0))
     rows = np.empty((present.size, 6), np.int64)
-    got = K.assemble_classes(np.concatenate([*pieces, np.zeros(8, np.uint8)]), np.cumsum(lens) - lens, metas,
-                             sizes, ks, modes, present, rows)
+    got = K.assemble_classes(np.array([p.ctypes.data for p in pieces], np.int64), metas, sizes, ks, modes, present,
+                             rows)
     want = coded_reference(b, new, lo, hi, ks, modes)
     assert np.column_stack([present, rows]).tolist() == want[0]
     for g, w in zip(got, want[1:]):
