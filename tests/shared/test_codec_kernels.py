@@ -780,9 +780,13 @@ def test_run_chunks_starts_calls_in_order_and_stops_after_a_failure():
     started.clear()
 
     def failing(i):
-        record(i)
         if i == 5:
+            with lock:
+                started.append(i)
             raise RuntimeError("chunk 5 failed")
+        record(i)
+        if i > 5:  # long enough for the failure to be recorded while it runs, even on a loaded machine
+            time.sleep(0.05)
         return i
 
     with pytest.raises(RuntimeError, match="chunk 5 failed"):
