@@ -1089,7 +1089,7 @@ def coded_out(new_s, old_s, cls_s, rank_s, sizes, ks, modes, rank_l, res_l, spar
     for i in range(k):
         slot[np.int64(cls_s[i]) + 1] += 1
     # Room per stream, from bounds (the unary codes of m ranks below n take at most m + n >> k bits): each stream is
-    # written into a region of its own, then the regions are joined without their slack.
+    # written into a region of its own, sized so no piece can overrun it before its offsets are known.
     room = np.zeros(5, np.int64)
     n = 0
     for c in range(256):
@@ -1116,9 +1116,9 @@ def coded_out(new_s, old_s, cls_s, rank_s, sizes, ks, modes, rank_l, res_l, spar
     start = np.zeros(6, np.int64)
     for s in range(5):
         start[s + 1] = start[s] + room[s]
-    # The regions stay where they are: `assemble_classes` reads each piece's streams at its offsets (a join of the
-    # regions without their slack was a second copy of every piece, and `_join_pieces` a third). 8 bytes past the
-    # last region: the bit readers' word loads.
+    # The regions stay where they are, slack and all: `assemble_classes` reads each piece at its offsets (joining
+    # them here copied every piece once more). 8 bytes past the last region: its bit readers' and bucket copy's
+    # 8-byte loads.
     buf = np.empty(start[5] + 8, np.uint8)
     at = start[:5].copy()
     for c in range(256):
